@@ -1,0 +1,70 @@
+"""One definition of "the same address": ``normalize``, and how to mask one for display."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from email_validator import EmailNotValidError, validate_email
+
+from .errors import InvalidAddress
+
+# a plain dot-atom local part of ASCII letters, digits and the usual punctuation:
+# a strict subset of what email-validator accepts, with the same 64-octet limit
+_PLAIN_LOCAL = re.compile(r"[A-Za-z0-9_+\-]+(?:\.[A-Za-z0-9_+\-]+)*\Z")
+_MAX_LOCAL = 64
+_MAX_ADDRESS = 254
+
+
+def normalize(address: str) -> str:
+    """Return the one stored form of an address, or raise ``InvalidAddress``.
+
+    Trimmed, checked for syntax by email-validator (no DNS), lower-cased, with the
+    domain IDNA-encoded.  The common plain-ASCII address takes a fast path whose
+    result equals the slow path's; the property tests compare the two.
+    """
+    if not isinstance(address, str):
+        raise InvalidAddress("the address must be text")
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if at and len(local) <= _MAX_LOCAL and _PLAIN_LOCAL.match(local):
+        ascii_domain = _domain(domain)
+        if ascii_domain is not None and len(local) + 1 + len(ascii_domain) <= _MAX_ADDRESS:
+            return local.lower() + "@" + ascii_domain
+    return _validated(address)
+
+
+def _validated(address: str) -> str:
+    if len(address) > 1000:
+        raise InvalidAddress("the address is too long")
+    try:
+        result = validate_email(address, check_deliverability=False)
+    except EmailNotValidError as err:
+        raise InvalidAddress(str(err)) from None
+    return result.local_part.lower() + "@" + result.ascii_domain
+
+
+@lru_cache(maxsize=8192)
+def _domain(domain: str) -> str | None:
+    """Return the checked ASCII form of a domain, or None to leave it to the slow path."""
+    if not domain.isascii() or len(domain) > 253:
+        return None
+    try:
+        result = validate_email("a@" + domain, check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    return str(result.ascii_domain)
+
+
+def normalize_or_none(address: str) -> str | None:
+    """Return the normalized address, or None where it is not valid."""
+    try:
+        return normalize(address)
+    except InvalidAddress:
+        return None
+
+
+def mask(address: str) -> str:
+    """Show enough of an address for its owner to recognise it: ``a***@example.com``."""
+    local, _, domain = address.partition("@")
+    return (local[:1] or "*") + "***@" + domain

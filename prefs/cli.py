@@ -1,0 +1,210 @@
+"""The ``flask --app prefs`` commands for operators, support staff and cron."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
+from flask_migrate import upgrade
+from werkzeug.serving import run_simple
+
+from . import keys as api_keys
+from . import ledger, links, topics
+from .addresses import normalize
+from .errors import DomainError, UnknownSubscriber
+from .extensions import session
+from .ledger import Origin
+from .rules import TRANSACTIONAL
+
+TRANSACTIONAL_DESCRIPTION = "Account and service email: receipts, password resets, security notices"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Turn a domain error into one clear line and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DomainError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+topics_group = AppGroup("topics", help="Create, list and archive marketing topics.")
+keys_group = AppGroup("keys", help="Create, list and revoke API keys for mailers.")
+
+
+@topics_group.command("create")
+@click.argument("key")
+@click.option("--name", required=True, help="What people see in the preference center.")
+@click.option("--description", default="", help="One sentence on what the topic sends.")
+@click.option(
+    "--opt-in",
+    is_flag=True,
+    help="Send only to those who chose it (default: all until they opt out).",
+)
+@reports_errors
+def topics_create(key: str, name: str, description: str, opt_in: bool) -> None:
+    """Create a marketing topic."""
+    topic = topics.create_topic(session(), key, name, description, opt_in)
+    click.echo(f"created topic {topic.key} ({'opt-in' if topic.opt_in else 'opt-out'})")
+
+
+@topics_group.command("list")
+def topics_list() -> None:
+    """List the topics."""
+    click.echo(f"{TRANSACTIONAL}\talways sent\t{TRANSACTIONAL_DESCRIPTION}")
+    for topic in topics.list_topics(session()):
+        policy = "opt-in" if topic.opt_in else "opt-out"
+        state = "\tarchived" if topic.archived else ""
+        click.echo(f"{topic.key}\t{policy}\t{topic.name}{state}")
+
+
+@topics_group.command("archive")
+@click.argument("key")
+@reports_errors
+def topics_archive(key: str) -> None:
+    """Hide a topic from the preference center; its links still unsubscribe."""
+    topics.archive_topic(session(), key)
+    click.echo(f"archived topic {key}")
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(api_keys.SCOPES))
+@reports_errors
+def keys_create(name: str, scopes: tuple[str, ...]) -> None:
+    """Create an API key; its secret is printed once, on the last line."""
+    key, secret = api_keys.create_key(session(), name, list(scopes))
+    click.echo(
+        f"created key {key.name} with scopes {key.scopes}; store the secret now, it is not shown again:"
+    )
+    click.echo(secret)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """List the API keys (never their secrets)."""
+    for key in api_keys.list_keys(session()):
+        state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        click.echo(f"{key.name}\t{key.scopes}\t{state}\tcreated {key.created_at:%Y-%m-%d}")
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+@reports_errors
+def keys_revoke(name: str) -> None:
+    """Revoke an API key at once."""
+    api_keys.revoke_key(session(), name)
+    click.echo(f"revoked key {name}")
+
+
+@click.command("link")
+@with_appcontext
+@click.argument("email")
+@click.option("--topic", default=None, help="Unsubscribe from this topic only (default: all marketing).")
+@click.option("--campaign", default=None, help="The campaign id the link carries.")
+@reports_errors
+def link(email: str, topic: str | None, campaign: str | None) -> None:
+    """Print the unsubscribe link, then the preferences link, for an address."""
+    address = normalize(email)
+    if topic is not None:
+        topics.get_topic(session(), topic)
+    subscriber = ledger.ensure_subscriber(session(), address)
+    service = links.tokens()
+    click.echo(links.unsubscribe_url(service.unsubscribe(subscriber.public_id, topic, campaign)))
+    click.echo(links.preferences_url(service.preferences(subscriber.public_id)))
+
+
+@click.command("check")
+@with_appcontext
+@click.argument("email")
+@click.argument("category")
+@reports_errors
+def check(email: str, category: str) -> None:
+    """Print "allowed" or "suppressed REASON" for a category and an address."""
+    verdict = ledger.verdict_for(session(), normalize(email), category)
+    click.echo("allowed" if verdict.allowed else f"suppressed {verdict.reason}")
+
+
+@click.command("unsubscribe")
+@with_appcontext
+@click.argument("email")
+@click.option("--topic", default=None, help="Only this topic (default: all marketing).")
+@reports_errors
+def unsubscribe(email: str, topic: str | None) -> None:
+    """Record an opt-out received by phone or by mail."""
+    address = normalize(email)
+    if topic is not None:
+        topics.get_topic(session(), topic)
+    try:
+        subscriber = ledger.ensure_subscriber(session(), address)
+    except UnknownSubscriber as err:
+        click.echo(f"nothing to do: {err}")
+        return
+    changed = ledger.record_opt_out(session(), subscriber.public_id, topic, Origin("cli"), reason="support")
+    scope = topic or "all marketing"
+    click.echo(f"unsubscribed from {scope}" if changed else f"already unsubscribed from {scope}")
+
+
+@click.command("resubscribe")
+@with_appcontext
+@click.argument("email")
+@click.option("--topic", default=None, help="Only this topic (default: undo leaving all marketing).")
+@reports_errors
+def resubscribe(email: str, topic: str | None) -> None:
+    """Record a re-subscription asked for by phone or by mail."""
+    address = normalize(email)
+    if topic is not None:
+        topics.get_topic(session(), topic)
+    subscriber = ledger.ensure_subscriber(session(), address)
+    changed = ledger.record_resubscribe(session(), subscriber.public_id, topic, Origin("cli"))
+    scope = topic or "all marketing"
+    click.echo(f"resubscribed to {scope}" if changed else f"already subscribed to {scope}")
+
+
+DEMO_TOPICS = (
+    ("news", "Company news", "What we are building and why, about once a month.", False),
+    ("promotions", "Offers and promotions", "Discounts and seasonal offers.", False),
+    ("events", "Events", "Invitations to webinars and meet-ups near you.", True),
+    ("partners", "Affiliates and partners", "Offers from companies we work with.", True),
+)
+
+
+@click.command("demo")
+@with_appcontext
+@click.option("--serve/--no-serve", default=True, help="Run the development server afterwards.")
+@click.option("--port", default=5000, show_default=True)
+@reports_errors
+def demo(serve: bool, port: int) -> None:
+    """Build the schema, add sample topics and print a link to open, then serve."""
+    upgrade()
+    db = session()
+    existing = {t.key for t in topics.list_topics(db)}
+    for key, name, description, opt_in in DEMO_TOPICS:
+        if key not in existing:
+            topics.create_topic(db, key, name, description, opt_in)
+    subscriber = ledger.ensure_subscriber(db, "demo@example.com")
+    service = links.tokens()
+    base = current_app.config["BASE_URL"] or f"http://127.0.0.1:{port}"
+    click.echo("Demo ready. Open these links in a browser:")
+    click.echo(f"  unsubscribe page:  {base}/u/{service.unsubscribe(subscriber.public_id, 'news', 'demo')}")
+    click.echo(f"  preference center: {base}/p/{service.preferences(subscriber.public_id)}")
+    if serve:
+        # app.run() is a no-op under the flask command; serve the way `flask run` does
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        run_simple("127.0.0.1", port, app, threaded=True)
+
+
+def register(app: Flask) -> None:
+    """Add the commands to ``flask --app prefs``."""
+    for command in (topics_group, keys_group, link, check, unsubscribe, resubscribe, demo):
+        app.cli.add_command(command)

@@ -1,0 +1,43 @@
+"""The domain's own exceptions; each surface maps them to its responses once."""
+
+
+class DomainError(Exception):
+    """Something the caller asked for cannot be done; the message says why."""
+
+    code = "invalid_request"
+
+
+class InvalidAddress(DomainError):
+    """The text is not a valid email address."""
+
+    code = "invalid_address"
+
+
+class InvalidToken(DomainError):
+    """A link's token is tampered, truncated, of another purpose or signed by an unknown key."""
+
+    code = "invalid_token"
+
+
+class UnknownTopic(DomainError):
+    """No topic has this key."""
+
+    code = "unknown_topic"
+
+
+class UnknownSubscriber(DomainError):
+    """No subscriber has this address or public id (it may have been erased)."""
+
+    code = "unknown_subscriber"
+
+
+class Conflict(DomainError):
+    """The thing to be created exists already."""
+
+    code = "conflict"
+
+
+class InvalidValue(DomainError):
+    """A value is not of the expected form."""
+
+    code = "invalid_value"

@@ -1,0 +1,34 @@
+"""Create the Flask extensions; ``create_app`` binds them with ``init_app``."""
+
+from pathlib import Path
+
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import MetaData
+from sqlalchemy.orm import DeclarativeBase, Session
+
+# stable constraint names keep alembic migrations identical on SQLite and PostgreSQL
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate(
+    directory=str(Path(__file__).resolve().parent.parent / "migrations"),
+    render_as_batch=True,
+    compare_type=True,
+)
+
+
+def session() -> Session:
+    """Return this app context's database session, the one the surfaces pass to the domain."""
+    return db.session()

@@ -1,0 +1,301 @@
+"""Record opt-outs and re-subscriptions with their audit events, and read state for verdicts.
+
+Each recording function runs in one write transaction that is committed before it
+returns: an acknowledged opt-out is never lost.  A request that changes nothing
+records nothing, so every audit event is a real change.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, exists, literal_column, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .db import write_transaction
+from .errors import InvalidValue, UnknownSubscriber
+from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
+from .privacy import address_fingerprint, fingerprint_key
+from .rules import LEFT_ALL_REASONS, STRANGER, Category, State, Verdict, verdict
+from .topics import get_topic, resolve
+
+SOURCES = ("one-click", "page", "preferences", "mailto", "api", "import", "cli")
+UNSUBSCRIBE = "unsubscribe"
+RESUBSCRIBE = "resubscribe"
+# a stronger reason replaces a weaker one; a weaker one never hides a complaint
+_RANK = {"complained": 3, "bounced": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a change came from, for the audit event."""
+
+    source: str
+    campaign: str | None = None
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InvalidValue(f"unknown source {self.source!r}")
+
+
+def new_public_id() -> str:
+    """Return a random public id of 96 bits, never derived from the row id or the address."""
+    return secrets.token_urlsafe(12)
+
+
+def insert_for(session: Session) -> Any:
+    """Return the dialect's ``insert`` construct, which knows ``ON CONFLICT``."""
+    name = session.get_bind().dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
+
+
+def txid_for(session: Session) -> Any:
+    """Return the value of ``events.txid`` for rows written in this transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        return literal_column("pg_current_xact_id()::text::bigint")
+    return 0
+
+
+def find_subscriber(session: Session, email: str) -> Subscriber | None:
+    """Return the subscriber with this normalized address, if any."""
+    return session.scalar(select(Subscriber).where(Subscriber.email == email))
+
+
+def subscriber_by_public_id(session: Session, public_id: str) -> Subscriber:
+    """Return the subscriber a link names, or raise ``UnknownSubscriber``."""
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.public_id == public_id))
+    if subscriber is None:
+        raise UnknownSubscriber("nobody is on file for this link")
+    return subscriber
+
+
+def is_erased(session: Session, email: str) -> bool:
+    """Tell whether this normalized address was erased."""
+    fingerprint = address_fingerprint(fingerprint_key(session), email)
+    return session.get(ErasedAddress, fingerprint) is not None
+
+
+def ensure_subscriber(session: Session, email: str) -> Subscriber:
+    """Return the subscriber for a normalized address, creating it once if it is new."""
+    subscriber = find_subscriber(session, email)
+    if subscriber is not None:
+        return subscriber
+    if is_erased(session, email):
+        raise UnknownSubscriber("this address was erased and is kept out of all marketing")
+    insert = insert_for(session)
+    with write_transaction(session):
+        session.execute(
+            insert(Subscriber)
+            .values(email=email, public_id=new_public_id(), created_at=utcnow(), version=0)
+            .on_conflict_do_nothing(index_elements=[Subscriber.email])
+        )
+    subscriber = find_subscriber(session, email)
+    assert subscriber is not None
+    return subscriber
+
+
+def state_of(session: Session, subscriber: Subscriber | None, category: Category) -> State:
+    """Read what is recorded for one subscriber and category."""
+    if subscriber is None or category.transactional:
+        return STRANGER
+    row = session.execute(
+        select(Preference.subscribed, Preference.version)
+        .join(Topic, Topic.id == Preference.topic_id)
+        .where(Preference.subscriber_id == subscriber.id, Topic.key == category.key)
+    ).first()
+    return State(
+        left_all_reason=subscriber.left_all_reason,
+        left_all_version=subscriber.left_all_version,
+        subscribed=row.subscribed if row else None,
+        version=row.version if row else None,
+    )
+
+
+def verdict_for(session: Session, email: str, key: str) -> Verdict:
+    """Decide whether the category ``key`` may be sent to a normalized address."""
+    category, _ = resolve(session, key)
+    subscriber = find_subscriber(session, email)
+    if subscriber is None and not category.transactional and is_erased(session, email):
+        return verdict(State(erased=True), category)
+    return verdict(state_of(session, subscriber, category), category)
+
+
+def record_opt_out(
+    session: Session,
+    public_id: str,
+    topic_key: str | None,
+    origin: Origin,
+    reason: str = "unsubscribed",
+) -> bool:
+    """Take a subscriber out of one topic, or of all marketing; return whether anything changed."""
+    with write_transaction(session):
+        if topic_key is None:
+            return _leave_all(session, public_id, reason, origin)
+        return _choose(session, public_id, topic_key, False, origin)
+
+
+def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> bool:
+    """Bring a subscriber back to one topic, or undo leaving all marketing."""
+    with write_transaction(session):
+        if topic_key is None:
+            return _rejoin_all(session, public_id, origin)
+        return _choose(session, public_id, topic_key, True, origin)
+
+
+def record_choices(
+    session: Session, public_id: str, choices: Mapping[str, bool], origin: Origin
+) -> list[str]:
+    """Save a preference center's form in one transaction; return the topics that changed."""
+    changed = []
+    with write_transaction(session):
+        for key, subscribed in choices.items():
+            if _choose(session, public_id, key, subscribed, origin):
+                changed.append(key)
+    return changed
+
+
+def _bump(session: Session, public_id: str) -> Any:
+    # locks the subscriber's row: concurrent changes to one subscriber take turns
+    row = session.execute(
+        update(Subscriber)
+        .where(Subscriber.public_id == public_id)
+        .values(version=Subscriber.version + 1)
+        .returning(Subscriber.id, Subscriber.version, Subscriber.left_all_version)
+    ).first()
+    if row is None:
+        raise UnknownSubscriber("nobody is on file for this link")
+    return row
+
+
+def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
+    topic_id = get_topic(session, topic_key).id
+    subscriber = _bump(session, public_id)
+    now = utcnow()
+    stmt = insert_for(session)(Preference).values(
+        subscriber_id=subscriber.id,
+        topic_id=topic_id,
+        subscribed=subscribed,
+        version=subscriber.version,
+        source=origin.source,
+        updated_at=now,
+    )
+    current = Preference.subscribed.is_(not subscribed)
+    if subscribed and subscriber.left_all_version is not None:
+        # a choice made before leaving all marketing does not count: bring it back
+        current = current | (Preference.version <= subscriber.left_all_version)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Preference.subscriber_id, Preference.topic_id],
+        set_={
+            "subscribed": subscribed,
+            "version": subscriber.version,
+            "source": origin.source,
+            "updated_at": now,
+        },
+        where=current,
+    ).returning(Preference.topic_id)
+    if session.execute(stmt).first() is None:
+        return False
+    action = RESUBSCRIBE if subscribed else UNSUBSCRIBE
+    _event(session, subscriber.id, topic_id, action, None, origin)
+    return True
+
+
+def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) -> bool:
+    if reason not in LEFT_ALL_REASONS:
+        raise InvalidValue(f"unknown reason {reason!r}")
+    rank = _RANK.get(reason, 1)
+    current_rank = case(
+        (Subscriber.left_all_reason == "complained", 3),
+        (Subscriber.left_all_reason == "bounced", 2),
+        else_=1,
+    )
+    chose_since = exists().where(
+        Preference.subscriber_id == Subscriber.id,
+        Preference.subscribed.is_(True),
+        Preference.version > Subscriber.left_all_version,
+    )
+    now = utcnow()
+    values: dict[str, Any] = {
+        "version": Subscriber.version + 1,
+        "left_all_version": Subscriber.version + 1,
+        "left_all_reason": reason,
+        "left_all_at": now,
+    }
+    if reason == "bounced":
+        values["bounced_at"] = now
+    row = session.execute(
+        update(Subscriber)
+        .where(
+            Subscriber.public_id == public_id,
+            Subscriber.left_all_reason.is_(None) | (current_rank < rank) | chose_since,
+        )
+        .values(**values)
+        .returning(Subscriber.id)
+    ).first()
+    if row is None:
+        _bump(session, public_id)  # raises for an unknown subscriber
+        if reason == "bounced":
+            session.execute(
+                update(Subscriber).where(Subscriber.public_id == public_id).values(bounced_at=now)
+            )
+        return False
+    _event(session, row.id, None, UNSUBSCRIBE, reason, origin)
+    return True
+
+
+def _rejoin_all(session: Session, public_id: str, origin: Origin) -> bool:
+    row = session.execute(
+        update(Subscriber)
+        .where(Subscriber.public_id == public_id, Subscriber.left_all_reason.is_not(None))
+        .values(
+            version=Subscriber.version + 1,
+            left_all_reason=None,
+            left_all_at=None,
+            left_all_version=None,
+        )
+        .returning(Subscriber.id)
+    ).first()
+    if row is None:
+        _bump(session, public_id)
+        return False
+    _event(session, row.id, None, RESUBSCRIBE, None, origin)
+    return True
+
+
+def _event(
+    session: Session,
+    subscriber_id: int,
+    topic_id: int | None,
+    action: str,
+    reason: str | None,
+    origin: Origin,
+) -> None:
+    session.execute(
+        insert_for(session)(Event).values(
+            txid=txid_for(session),
+            subscriber_id=subscriber_id,
+            topic_id=topic_id,
+            action=action,
+            reason=reason,
+            source=origin.source,
+            campaign=origin.campaign,
+            fingerprint=origin.fingerprint,
+            created_at=utcnow(),
+        )
+    )
+
+
+def history(session: Session, subscriber: Subscriber) -> list[tuple[Event, str | None]]:
+    """Return every audit event of a subscriber, oldest first, with its topic key."""
+    rows = session.execute(
+        select(Event, Topic.key)
+        .outerjoin(Topic, Topic.id == Event.topic_id)
+        .where(Event.subscriber_id == subscriber.id)
+        .order_by(Event.id)
+    )
+    return [(event, key) for event, key in rows]

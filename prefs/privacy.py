@@ -1,0 +1,64 @@
+"""Keyed, non-reversible fingerprints: of an erased address, of a client, of an API key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .db import write_transaction
+from .models import InstanceSecret
+
+_KEY_NAME = "fingerprint-key"
+_keys: dict[str, bytes] = {}
+
+
+def fingerprint_key(session: Session) -> bytes:
+    """Return the key every host shares for fingerprints, made once per database.
+
+    It lives in the database, not in ``PREFS_SECRET_KEYS``: an erased address must stay
+    recognisable after the signing keys have been rotated away.
+    """
+    url = str(session.get_bind().engine.url)
+    key = _keys.get(url)
+    if key is None:
+        value = session.scalar(select(InstanceSecret.value).where(InstanceSecret.name == _KEY_NAME))
+        if value is None:
+            value = _create_key(session)
+        key = _keys[url] = bytes.fromhex(value)
+    return key
+
+
+def _create_key(session: Session) -> str:
+    with write_transaction(session):
+        value = session.scalar(select(InstanceSecret.value).where(InstanceSecret.name == _KEY_NAME))
+        if value is None:
+            value = secrets.token_hex(32)
+            session.add(InstanceSecret(name=_KEY_NAME, value=value))
+    return value
+
+
+def forget_cached_keys() -> None:
+    """Drop the cached keys (tests make a new database with the same URL)."""
+    _keys.clear()
+
+
+def address_fingerprint(key: bytes, address: str) -> str:
+    """Return the fingerprint of a normalized address."""
+    return hmac.new(key, b"address:" + address.encode(), hashlib.sha256).hexdigest()
+
+
+def client_fingerprint(key: bytes, ip: str | None, user_agent: str | None) -> str | None:
+    """Return a short fingerprint of a client for the audit trail; never the raw IP."""
+    if not ip and not user_agent:
+        return None
+    data = f"client:{ip or ''}|{user_agent or ''}".encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
+
+
+def secret_hash(secret: str) -> str:
+    """Return the stored form of an API key's secret (high-entropy, so a plain hash suffices)."""
+    return hashlib.sha256(secret.encode()).hexdigest()

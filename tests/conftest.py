@@ -1,0 +1,126 @@
+"""Give every test a fresh app and database: SQLite by default, PostgreSQL when asked.
+
+Set ``PREFS_TEST_DATABASE_URL`` (for example
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``) to run the suite on that server:
+the run makes a database of its own there and drops it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+from prefs import create_app, privacy
+from prefs.extensions import Base, db
+
+TEST_KEYS = ["test-signing-key-0123456789abcdef"]
+SERVER_URL = os.environ.get("PREFS_TEST_DATABASE_URL")
+
+
+def fresh_postgresql_database(server_url: str, prefix: str) -> str:
+    """Create an empty database on the server and return its URL."""
+    url = make_url(server_url).set(drivername="postgresql+psycopg")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgresql_database(database_url: str) -> None:
+    """Drop a database made by ``fresh_postgresql_database``."""
+    url = make_url(database_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def server_database() -> Iterator[str | None]:
+    """Return the run's own PostgreSQL database with the schema built, or None for SQLite."""
+    if not SERVER_URL:
+        yield None
+        return
+    url = fresh_postgresql_database(SERVER_URL, "prefs_test")
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    yield url
+    drop_postgresql_database(url)
+
+
+@pytest.fixture
+def database_url(server_database: str | None, tmp_path: Any) -> Iterator[str]:
+    """Return an empty database for one test."""
+    privacy.forget_cached_keys()
+    if server_database is None:
+        yield f"sqlite:///{tmp_path / 'prefs.sqlite3'}"
+        return
+    engine = create_engine(server_database)
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    yield server_database
+
+
+@pytest.fixture
+def make_app(database_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]:
+    """Return a factory of apps on the test's database; settings override the defaults."""
+    made: list[Flask] = []
+
+    def make(**settings: Any) -> Flask:
+        config = {
+            "TESTING": True,
+            "DATABASE_URL": database_url,
+            "SECRET_KEYS": TEST_KEYS,
+            "BASE_URL": "https://prefs.example.com",
+        }
+        config.update(settings)
+        app = create_app(config)
+        with app.app_context():
+            db.create_all()
+        made.append(app)
+        return app
+
+    os.environ["PREFS_INSTANCE_PATH"] = str(tmp_path / "instance")
+    yield make
+    del os.environ["PREFS_INSTANCE_PATH"]
+    for app in made:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Iterator[Flask]:
+    """Return the app, inside an app context."""
+    app = make_app()
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def session(app: Flask) -> Session:
+    """Return the app's database session."""
+    return db.session()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()

@@ -1,0 +1,123 @@
+"""Every ``flask --app prefs`` command, through Click's runner."""
+
+from sqlalchemy import select
+
+from prefs import create_app, ledger
+from prefs.models import ApiKey, Event
+from prefs.privacy import secret_hash
+from tests.factories import make_topic
+
+
+def run(runner, *args):
+    return runner.invoke(args=list(args))
+
+
+def last_line(result):
+    return result.output.strip().splitlines()[-1]
+
+
+def test_topics_create_list_archive(runner, session):
+    result = run(runner, "topics", "create", "news", "--name", "Company news", "--description", "Monthly")
+    assert result.exit_code == 0, result.output
+    assert run(runner, "topics", "create", "events", "--name", "Events", "--opt-in").exit_code == 0
+    listing = run(runner, "topics", "list").output
+    assert "news\topt-out\tCompany news" in listing
+    assert "events\topt-in\tEvents" in listing
+    assert listing.startswith("transactional\talways sent")
+    assert run(runner, "topics", "archive", "news").exit_code == 0
+    assert "news\topt-out\tCompany news\tarchived" in run(runner, "topics", "list").output
+
+
+def test_topic_errors_are_one_line_and_non_zero(runner, session):
+    run(runner, "topics", "create", "news", "--name", "News")
+    for args in (
+        ("topics", "create", "news", "--name", "Again"),
+        ("topics", "create", "transactional", "--name", "Nope"),
+        ("topics", "create", "Bad Key", "--name", "Nope"),
+        ("topics", "archive", "missing"),
+    ):
+        result = run(runner, *args)
+        assert result.exit_code != 0
+        assert result.output.strip().startswith("Error:")
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_keys_create_prints_the_secret_once_and_stores_only_its_hash(runner, session):
+    result = run(runner, "keys", "create", "mailer", "--scope", "send", "--scope", "read")
+    assert result.exit_code == 0, result.output
+    secret = last_line(result)
+    assert secret.startswith("prefs_") and len(secret) > 40
+    key = session.scalar(select(ApiKey))
+    assert key.secret_hash == secret_hash(secret) and secret not in key.secret_hash
+    assert key.scopes == "read send"
+    listing = run(runner, "keys", "list").output
+    assert "mailer\tread send\tactive" in listing and secret not in listing
+
+
+def test_keys_duplicate_unknown_scope_and_revoke(runner, session):
+    run(runner, "keys", "create", "mailer", "--scope", "send")
+    duplicate = run(runner, "keys", "create", "mailer", "--scope", "send")
+    assert duplicate.exit_code != 0 and "exists already" in duplicate.output
+    assert run(runner, "keys", "create", "x", "--scope", "root").exit_code != 0
+    assert run(runner, "keys", "revoke", "mailer").exit_code == 0
+    assert "revoked" in run(runner, "keys", "list").output
+    assert run(runner, "keys", "revoke", "missing").exit_code != 0
+
+
+def test_link_prints_the_unsubscribe_then_the_preferences_url(runner, app, session):
+    make_topic(session, "news")
+    result = run(runner, "link", "Ann@Example.com", "--topic", "news", "--campaign", "c42")
+    assert result.exit_code == 0, result.output
+    unsubscribe, preferences = result.output.strip().splitlines()[-2:]
+    assert unsubscribe.startswith("https://prefs.example.com/u/")
+    assert preferences.startswith("https://prefs.example.com/p/")
+    assert "ann" not in unsubscribe.lower() and "example.com/u/" in unsubscribe
+    tokens = app.extensions["prefs.tokens"]
+    named = tokens.read_unsubscribe(unsubscribe.rsplit("/", 1)[1])
+    assert (named.topic, named.campaign) == ("news", "c42")
+    assert tokens.read_preferences(preferences.rsplit("/", 1)[1]) == named.public_id
+
+
+def test_link_errors(runner, session):
+    assert run(runner, "link", "not-an-address").exit_code != 0
+    result = run(runner, "link", "ann@example.com", "--topic", "missing")
+    assert result.exit_code != 0 and "missing" in result.output
+
+
+def test_check_unsubscribe_and_resubscribe(runner, session):
+    make_topic(session, "news")
+    assert last_line(run(runner, "check", "ann@example.com", "news")) == "allowed"
+    assert run(runner, "unsubscribe", "ann@example.com", "--topic", "news").exit_code == 0
+    assert last_line(run(runner, "check", "ann@example.com", "news")) == "suppressed unsubscribed"
+    assert run(runner, "unsubscribe", "ANN@example.com").exit_code == 0
+    assert last_line(run(runner, "check", "ann@example.com", "news")) == "suppressed unsubscribed_all"
+    assert last_line(run(runner, "check", "ann@example.com", "transactional")) == "allowed"
+    assert run(runner, "resubscribe", "ann@example.com").exit_code == 0
+    assert last_line(run(runner, "check", "ann@example.com", "news")) == "suppressed unsubscribed"
+    assert run(runner, "resubscribe", "ann@example.com", "--topic", "news").exit_code == 0
+    assert last_line(run(runner, "check", "ann@example.com", "news")) == "allowed"
+    sources = {e.source for e in session.scalars(select(Event))}
+    assert sources == {"cli"}
+    reasons = {e.reason for e in session.scalars(select(Event)) if e.topic_id is None and e.reason}
+    assert reasons == {"support"}
+
+
+def test_check_errors(runner, session):
+    for args in (("check", "ann@example.com", "missing"), ("check", "bad", "transactional")):
+        result = run(runner, *args)
+        assert result.exit_code != 0 and result.output.startswith("Error:")
+
+
+def test_unsubscribing_a_stranger_records_it(runner, session):
+    make_topic(session, "news")
+    assert run(runner, "unsubscribe", "new@example.com").exit_code == 0
+    assert ledger.verdict_for(session, "new@example.com", "news").reason == "unsubscribed_all"
+
+
+def test_demo_builds_the_schema_and_prints_links(tmp_path):
+    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}"})
+    result = app.test_cli_runner().invoke(args=["demo", "--no-serve"])
+    assert result.exit_code == 0, result.output
+    assert "/u/" in result.output and "/p/" in result.output
+    again = app.test_cli_runner().invoke(args=["demo", "--no-serve"])
+    assert again.exit_code == 0, again.output

@@ -1,0 +1,59 @@
+"""SQLite is durable and takes the write lock up front; writes commit before returning."""
+
+from sqlalchemy import text
+
+from prefs.db import write_transaction
+from prefs.extensions import db
+
+
+def test_sqlite_pragmas_are_set_on_every_connection(app, session):
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+
+
+def test_write_transactions_begin_immediate(app, session):
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    statements = []
+
+    from sqlalchemy import event
+
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    session.execute(text("SELECT 1"))
+    with write_transaction(session):
+        session.execute(text("SELECT 2"))
+    event.remove(db.engine, "before_cursor_execute", record)
+    assert "BEGIN" in statements and "BEGIN IMMEDIATE" in statements
+    assert statements.index("BEGIN IMMEDIATE") > statements.index("BEGIN")
+
+
+def test_a_write_transaction_is_committed_when_it_returns(app, session):
+    from prefs.models import InstanceSecret
+
+    with write_transaction(session):
+        session.add(InstanceSecret(name="probe", value="1"))
+    # another connection sees it at once
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM instance_secrets WHERE name='probe'")).scalar() == "1"
+
+
+def test_a_failed_write_transaction_is_rolled_back(app, session):
+    from prefs.models import InstanceSecret
+
+    try:
+        with write_transaction(session):
+            session.add(InstanceSecret(name="probe", value="1"))
+            session.flush()
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM instance_secrets")).scalar() == 0

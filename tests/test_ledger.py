@@ -1,0 +1,209 @@
+"""Recording opt-outs and re-subscriptions: state, idempotence, and one audit event per change."""
+
+import pytest
+from sqlalchemy import func, select
+
+from prefs import ledger
+from prefs.errors import InvalidValue, UnknownSubscriber, UnknownTopic
+from prefs.ledger import Origin
+from prefs.models import Event, Subscriber
+from prefs.rules import Verdict
+from tests.factories import make_subscriber, make_topic
+
+PAGE = Origin("page", campaign="c-1", fingerprint="f" * 32)
+CLI = Origin("cli")
+
+
+def events(session):
+    return session.scalars(select(Event).order_by(Event.id)).all()
+
+
+def verdict(session, key, email="ann@example.com"):
+    return ledger.verdict_for(session, email, key)
+
+
+def test_one_address_one_subscriber(session):
+    first = make_subscriber(session, "ann@example.com")
+    again = make_subscriber(session, "ann@example.com")
+    assert first.id == again.id
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
+    assert len(first.public_id) == 16 and first.public_id != str(first.id)
+
+
+def test_opt_out_of_a_topic_is_recorded_with_its_event(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    ann = make_subscriber(session)
+    assert ledger.record_opt_out(session, ann.public_id, "news", PAGE) is True
+    assert verdict(session, "news") == Verdict(False, "unsubscribed")
+    assert verdict(session, "promo").allowed
+    [event] = events(session)
+    assert (event.action, event.source, event.campaign, event.reason) == (
+        "unsubscribe",
+        "page",
+        "c-1",
+        None,
+    )
+    assert event.subscriber_id == ann.id and event.topic_id is not None
+    assert event.fingerprint == "f" * 32
+
+
+def test_repeating_an_opt_out_changes_nothing(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, "news", PAGE)
+    assert ledger.record_opt_out(session, ann.public_id, "news", PAGE) is False
+    assert len(events(session)) == 1
+
+
+def test_leaving_all_marketing(session):
+    make_topic(session, "news")
+    make_topic(session, "events", opt_in=True)
+    ann = make_subscriber(session)
+    assert ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    assert verdict(session, "news") == Verdict(False, "unsubscribed_all")
+    assert verdict(session, "events") == Verdict(False, "unsubscribed_all")
+    assert verdict(session, "transactional") == Verdict(True, None)
+    assert ledger.record_opt_out(session, ann.public_id, None, PAGE) is False
+    [event] = events(session)
+    assert (event.action, event.topic_id, event.reason) == ("unsubscribe", None, "unsubscribed")
+
+
+def test_a_complaint_is_kept_over_a_later_plain_unsubscribe(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, CLI, reason="complained")
+    assert ledger.record_opt_out(session, ann.public_id, None, CLI, reason="unsubscribed") is False
+    assert verdict(session, "news") == Verdict(False, "complained")
+    # a bounce after a complaint does not hide the complaint either
+    assert ledger.record_opt_out(session, ann.public_id, None, CLI, reason="bounced") is False
+    assert verdict(session, "news") == Verdict(False, "complained")
+
+
+def test_a_complaint_replaces_a_plain_unsubscribe(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, CLI, reason="unsubscribed")
+    assert ledger.record_opt_out(session, ann.public_id, None, CLI, reason="complained") is True
+    assert verdict(session, "news") == Verdict(False, "complained")
+
+
+def test_resubscribing_after_leaving_all_brings_back_that_topic_only(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    assert ledger.record_resubscribe(session, ann.public_id, "news", Origin("preferences"))
+    assert verdict(session, "news").allowed
+    assert verdict(session, "promo") == Verdict(False, "unsubscribed_all")
+
+
+def test_an_old_choice_does_not_survive_leaving_all(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_resubscribe(session, ann.public_id, "news", PAGE)
+    ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    assert verdict(session, "news") == Verdict(False, "unsubscribed_all")
+    # choosing the topic again is a change, though the stored choice was already "on"
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is True
+    assert verdict(session, "news").allowed
+
+
+def test_leaving_all_again_after_coming_back_is_a_change(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    ledger.record_resubscribe(session, ann.public_id, "news", PAGE)
+    assert ledger.record_opt_out(session, ann.public_id, None, PAGE) is True
+    assert verdict(session, "news") == Verdict(False, "unsubscribed_all")
+
+
+def test_undoing_leaving_all_restores_defaults_and_earlier_choices(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, "promo", PAGE)
+    ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE) is True
+    assert verdict(session, "news").allowed
+    assert verdict(session, "promo") == Verdict(False, "unsubscribed")
+    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE) is False
+
+
+def test_opt_in_topics_need_a_choice(session):
+    make_topic(session, "events", opt_in=True)
+    ann = make_subscriber(session)
+    assert verdict(session, "events") == Verdict(False, "not_subscribed")
+    ledger.record_resubscribe(session, ann.public_id, "events", PAGE)
+    assert verdict(session, "events").allowed
+
+
+def test_record_choices_saves_a_form_in_one_go(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    make_topic(session, "events", opt_in=True)
+    ann = make_subscriber(session)
+    changed = ledger.record_choices(
+        session, ann.public_id, {"news": False, "promo": True, "events": True}, PAGE
+    )
+    assert changed == ["news", "promo", "events"]
+    again = ledger.record_choices(
+        session, ann.public_id, {"news": False, "promo": True, "events": True}, PAGE
+    )
+    assert again == []
+    assert len(events(session)) == 3
+
+
+def test_unknown_topics_and_subscribers_are_errors(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    with pytest.raises(UnknownTopic):
+        ledger.record_opt_out(session, ann.public_id, "nope", PAGE)
+    with pytest.raises(UnknownTopic):
+        verdict(session, "nope")
+    with pytest.raises(UnknownSubscriber):
+        ledger.record_opt_out(session, "NoSuchPublicId00", "news", PAGE)
+    with pytest.raises(UnknownSubscriber):
+        ledger.record_opt_out(session, "NoSuchPublicId00", None, PAGE)
+    assert events(session) == []
+
+
+def test_unknown_sources_and_reasons_are_refused(session):
+    ann = make_subscriber(session)
+    with pytest.raises(InvalidValue):
+        Origin("carrier-pigeon")
+    with pytest.raises(InvalidValue):
+        ledger.record_opt_out(session, ann.public_id, None, PAGE, reason="bored")
+
+
+def test_a_stranger_gets_the_topic_default(session):
+    make_topic(session, "news")
+    make_topic(session, "events", opt_in=True)
+    assert verdict(session, "news", "new@example.com").allowed
+    assert verdict(session, "events", "new@example.com") == Verdict(False, "not_subscribed")
+
+
+def test_history_lists_every_change_in_order(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, "news", PAGE)
+    ledger.record_resubscribe(session, ann.public_id, "news", CLI)
+    ledger.record_opt_out(session, ann.public_id, None, CLI, reason="support")
+    rows = ledger.history(session, ann)
+    assert [(e.action, key, e.source) for e, key in rows] == [
+        ("unsubscribe", "news", "page"),
+        ("resubscribe", "news", "cli"),
+        ("unsubscribe", None, "cli"),
+    ]
+
+
+def test_events_carry_the_writing_transaction_on_postgresql(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, "news", PAGE)
+    ledger.record_opt_out(session, ann.public_id, None, PAGE)
+    first, second = events(session)
+    if session.get_bind().dialect.name == "postgresql":
+        assert 0 < first.txid < second.txid
+    else:
+        assert first.txid == second.txid == 0

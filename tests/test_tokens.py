@@ -1,0 +1,121 @@
+"""Signed links: purposes, rotation, tampering, length."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from itsdangerous import TimestampSigner
+
+from prefs.errors import InvalidToken, InvalidValue
+from prefs.tokens import Tokens, UnsubscribeToken
+
+OLD = "old-key-0123456789abcdef"
+NEW = "new-key-0123456789abcdef"
+PID = "AbCdEfGhIjKlMnOp"
+
+
+def test_unsubscribe_round_trip():
+    tokens = Tokens([NEW])
+    token = tokens.unsubscribe(PID, "news", "spring-2026")
+    assert tokens.read_unsubscribe(token) == UnsubscribeToken(PID, "news", "spring-2026")
+
+
+def test_all_marketing_and_no_campaign():
+    tokens = Tokens([NEW])
+    assert tokens.read_unsubscribe(tokens.unsubscribe(PID)) == UnsubscribeToken(PID, None, None)
+
+
+def test_preferences_round_trip():
+    tokens = Tokens([NEW])
+    assert tokens.read_preferences(tokens.preferences(PID)) == PID
+
+
+def test_fast_signing_equals_itsdangerous():
+    tokens = Tokens([OLD, NEW])
+    token = tokens.unsubscribe(PID, "news")
+    value, _, _ = token.rpartition(".")
+    reference = TimestampSigner([OLD, NEW], salt="prefs.unsubscribe")
+    # same key, same salt, same timestamp: the same signature
+    assert reference.get_signature(value).decode() == token.rpartition(".")[2]
+
+
+def test_a_token_of_one_purpose_never_validates_as_another():
+    tokens = Tokens([NEW])
+    with pytest.raises(InvalidToken):
+        tokens.read_unsubscribe(tokens.preferences(PID))
+    with pytest.raises(InvalidToken):
+        tokens.read_preferences(tokens.unsubscribe(PID, "news"))
+
+
+def test_the_preference_center_opens_with_either_token():
+    tokens = Tokens([NEW])
+    assert tokens.read_for_preferences(tokens.unsubscribe(PID, "news")) == PID
+    assert tokens.read_for_preferences(tokens.preferences(PID)) == PID
+
+
+def test_rotation_old_links_verify_and_new_links_use_the_new_key():
+    old_token = Tokens([OLD]).unsubscribe(PID, "news")
+    rotated = Tokens([OLD, NEW])
+    assert rotated.read_unsubscribe(old_token).public_id == PID
+    new_token = rotated.unsubscribe(PID, "news")
+    assert Tokens([NEW]).read_unsubscribe(new_token).public_id == PID
+    with pytest.raises(InvalidToken):
+        Tokens([OLD]).read_unsubscribe(new_token)
+
+
+def test_a_removed_key_is_rejected():
+    old_token = Tokens([OLD]).unsubscribe(PID, "news")
+    with pytest.raises(InvalidToken):
+        Tokens([NEW]).read_unsubscribe(old_token)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-1],
+        lambda t: t[: len(t) // 2],
+        lambda t: "X" + t[1:],
+        lambda t: t.replace(".news.", ".promo."),
+        lambda t: t + "A",
+        lambda t: "",
+        lambda t: "." * 10,
+        lambda t: t * 40,
+        lambda t: t.replace("A", "é"),
+    ],
+)
+def test_tampered_tokens_raise_the_domain_error(mangle):
+    tokens = Tokens([NEW])
+    with pytest.raises(InvalidToken):
+        tokens.read_unsubscribe(mangle(tokens.unsubscribe(PID, "news")))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=300))
+def test_random_text_is_never_a_token(text):
+    tokens = Tokens([NEW])
+    for read in (tokens.read_unsubscribe, tokens.read_preferences, tokens.read_for_preferences):
+        with pytest.raises(InvalidToken):
+            read(text)
+
+
+def test_links_are_short():
+    token = Tokens([NEW]).unsubscribe("AbCdEfGhIjKlMnOp", "promotions", "2026-11-black-friday")
+    url = f"https://prefs.example.com/u/{token}"
+    assert len(url) < 120
+    assert "@" not in url
+
+
+@pytest.mark.parametrize("campaign", ["", "x" * 65, "has space", "a/b", "ünï"])
+def test_campaign_ids_are_checked(campaign):
+    with pytest.raises(InvalidValue):
+        Tokens([NEW]).unsubscribe(PID, "news", campaign)
+
+
+def test_tokens_do_not_expire_unless_a_maximum_age_is_set(monkeypatch):
+    import prefs.tokens as module
+
+    token = Tokens([NEW]).unsubscribe(PID, "news")
+    real = module.time.time
+    monkeypatch.setattr(module.time, "time", lambda: real() + 400 * 86400)
+    assert Tokens([NEW]).read_unsubscribe(token).public_id == PID
+    with pytest.raises(InvalidToken):
+        Tokens([NEW], max_age=60 * 86400).read_unsubscribe(token)

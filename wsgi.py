@@ -1,0 +1,3 @@
+from prefs import create_app
+
+app = create_app()
