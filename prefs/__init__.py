@@ -37,8 +37,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])
 
-    from . import cli, health
+    from . import cli, health, web
 
+    web.register(app)
     app.register_blueprint(health.bp)
     cli.register(app)
     return app

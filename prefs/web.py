@@ -1,0 +1,81 @@
+"""What every response shares: one error shape per surface, and 503 when the database is away."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from .extensions import db
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/"
+
+
+def wants_json() -> bool:
+    """Tell whether this request is the API's, which answers errors in JSON."""
+    return request.path.startswith(API_PREFIX)
+
+
+def json_error(
+    status: int, code: str, message: str, fields: dict[str, Any] | None = None
+) -> tuple[Response, int]:
+    """Return the API's one error shape."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    return jsonify(error=body), status
+
+
+def page_error(status: int, title: str, message: str, **context: Any) -> tuple[str, int]:
+    """Return the friendly HTML error page."""
+    return render_template("error.html", status=status, title=title, message=message, **context), status
+
+
+def error_response(status: int, code: str, title: str, message: str) -> Any:
+    """Answer an error in the shape of the surface that was called."""
+    if wants_json():
+        return json_error(status, code, message)
+    return page_error(status, title, message)
+
+
+def register(app: Flask) -> None:
+    """Install the app-wide error handlers."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException) -> Any:
+        status = err.code or 500
+        code = (err.name or "error").lower().replace(" ", "_").replace("'", "")
+        body, _ = error_response(status, code, err.name or "Error", err.description or "")
+        # keep the headers werkzeug gives the status (Allow on 405, Retry-After on 429)
+        headers = {k: v for k, v in err.get_headers() if k.lower() != "content-type"}
+        return body, status, headers
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def database_unavailable(err: Exception) -> Any:
+        # a lost or locked database is a passing condition: say so, never a stack trace
+        db.session.rollback()
+        log.warning("database unavailable: %s", type(err).__name__)
+        body, status = error_response(
+            503,
+            "unavailable",
+            "Please try again in a moment",
+            "The service is briefly unavailable. Nothing was changed; please try again.",
+        )
+        return body, status, {"Retry-After": "5"}
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception) -> Any:
+        if isinstance(err, HTTPException):
+            return http_error(err)
+        log.exception("unexpected error on %s %s", request.method, request.url_rule)
+        db.session.rollback()
+        return error_response(
+            500, "internal_error", "Something went wrong", "Something went wrong on our side."
+        )

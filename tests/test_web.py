@@ -1,0 +1,44 @@
+"""App-wide errors: JSON on the API, a page elsewhere, 503 when the database is away."""
+
+from sqlalchemy.exc import OperationalError
+
+
+def test_unknown_page_is_a_friendly_404(client):
+    response = client.get("/no/such/page")
+    assert response.status_code == 404
+    assert response.mimetype == "text/html"
+    assert b"Traceback" not in response.data
+
+
+def test_unknown_api_resource_is_the_json_error_shape(client):
+    response = client.get("/api/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json["error"]["code"] == "not_found"
+    assert set(response.json["error"]) >= {"code", "message"}
+
+
+def test_a_lost_database_is_503_not_500(app, client):
+    @app.get("/api/v1/_boom")
+    def boom():
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    response = client.get("/api/v1/_boom")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.json["error"]["code"] == "unavailable"
+
+
+def test_an_unexpected_error_shows_no_stack_trace(app, client):
+    @app.get("/_crash")
+    def crash():
+        raise RuntimeError("secret internals")
+
+    response = client.get("/_crash")
+    assert response.status_code == 500
+    assert b"secret internals" not in response.data and b"Traceback" not in response.data
+
+
+def test_wrong_method_keeps_the_allow_header(client):
+    response = client.delete("/healthz")
+    assert response.status_code == 405
+    assert "GET" in response.headers["Allow"]
