@@ -37,9 +37,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])
 
-    from . import cli, health, web
+    from . import api, cli, health, web
 
     web.register(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
     cli.register(app)
     return app

@@ -204,7 +204,30 @@ def demo(serve: bool, port: int) -> None:
         run_simple("127.0.0.1", port, app, threaded=True)
 
 
+@click.command("smtpd")
+@click.option("--listen", default="127.0.0.1:8025", show_default=True, help="HOST:PORT to receive mail on.")
+@with_appcontext
+def smtpd(listen: str) -> None:
+    """Receive mail for the unsubscribe address and honour it, until stopped."""
+    import threading
+
+    from . import receiver
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:8025", param_hint="--listen")
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    controller = receiver.start(app, host.strip("[]"), int(port))
+    click.echo(f"receiving unsubscribe mail on {listen}; stop with Ctrl-C")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        controller.stop()
+
+
 def register(app: Flask) -> None:
     """Add the commands to ``flask --app prefs``."""
-    for command in (topics_group, keys_group, link, check, unsubscribe, resubscribe, demo):
+    for command in (topics_group, keys_group, link, check, unsubscribe, resubscribe, demo, smtpd):
         app.cli.add_command(command)

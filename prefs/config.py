@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
     "BRAND_NAME": "prefs",
     "BRAND_COLOR": "#1d4ed8",
     "MAX_BODY_BYTES": 4 * 1024 * 1024,
+    "UNSUBSCRIBE_MAILTO": None,
+    "INBOUND_AUTHSERV_ID": None,
 }
 
 KEY_FILE = "secret_keys"
@@ -46,6 +48,7 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     config["DB_POOL_TIMEOUT"] = _positive_number(config, "DB_POOL_TIMEOUT")
     max_age = config.get("TOKEN_MAX_AGE")
     config["TOKEN_MAX_AGE"] = None if max_age in (None, "", 0) else _positive_int(config, "TOKEN_MAX_AGE")
+    config["UNSUBSCRIBE_MAILTO"] = _mailto(config.get("UNSUBSCRIBE_MAILTO"))
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config.get("DATABASE_URL"), instance_path)
     config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(config)
     config["MAX_CONTENT_LENGTH"] = config["MAX_BODY_BYTES"]
@@ -124,6 +127,17 @@ def _base_url(value: Any) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError("BASE_URL", "must be an http(s) origin such as https://prefs.example.com")
     return str(value).rstrip("/")
+
+
+def _mailto(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    from .addresses import normalize_or_none
+
+    address = normalize_or_none(str(value))
+    if address is None or "?" in address or address.startswith('"'):
+        raise ConfigError("UNSUBSCRIBE_MAILTO", "must be a plain address such as unsubscribe@example.com")
+    return address
 
 
 def _positive_int(config: dict[str, Any], name: str) -> int:

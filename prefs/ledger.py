@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, exists, literal_column, select, update
@@ -37,6 +38,7 @@ class Origin:
     source: str
     campaign: str | None = None
     fingerprint: str | None = None
+    at: datetime | None = None  # when it happened, if reported later (API events)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -159,6 +161,33 @@ def record_choices(
     return changed
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change asked for in a batch: who, which topic (None for all), in or out."""
+
+    public_id: str
+    topic_key: str | None
+    subscribe: bool
+    origin: Origin
+    reason: str = "unsubscribed"
+
+
+def record_many(session: Session, changes: list[Change]) -> list[bool]:
+    """Record a batch of changes in one transaction; return, for each, whether it changed."""
+    done = []
+    with write_transaction(session):
+        for change in changes:
+            if change.topic_key is not None:
+                done.append(
+                    _choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
+                )
+            elif change.subscribe:
+                done.append(_rejoin_all(session, change.public_id, change.origin))
+            else:
+                done.append(_leave_all(session, change.public_id, change.reason, change.origin))
+    return done
+
+
 def _bump(session: Session, public_id: str) -> Any:
     # locks the subscriber's row: concurrent changes to one subscriber take turns
     row = session.execute(
@@ -175,7 +204,7 @@ def _bump(session: Session, public_id: str) -> Any:
 def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
     topic_id = get_topic(session, topic_key).id
     subscriber = _bump(session, public_id)
-    now = utcnow()
+    now = origin.at or utcnow()
     stmt = insert_for(session)(Preference).values(
         subscriber_id=subscriber.id,
         topic_id=topic_id,
@@ -219,7 +248,7 @@ def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) ->
         Preference.subscribed.is_(True),
         Preference.version > Subscriber.left_all_version,
     )
-    now = utcnow()
+    now = origin.at or utcnow()
     values: dict[str, Any] = {
         "version": Subscriber.version + 1,
         "left_all_version": Subscriber.version + 1,
@@ -285,7 +314,7 @@ def _event(
             source=origin.source,
             campaign=origin.campaign,
             fingerprint=origin.fingerprint,
-            created_at=utcnow(),
+            created_at=origin.at or utcnow(),
         )
     )
 

@@ -80,10 +80,15 @@ def verdict(state: State, category: Category) -> Verdict:
         state.version is None or state.version <= (state.left_all_version or 0)
     ):
         # no explicit choice for this topic since leaving all marketing
-        return _SUPPRESSED[_LEFT_ALL_VERDICT.get(state.left_all_reason, "unsubscribed_all")]
+        return _SUPPRESSED[reason_for_leaving_all(state.left_all_reason)]
     if state.subscribed is not None:
         return ALLOWED if state.subscribed else _SUPPRESSED["unsubscribed"]
     return _SUPPRESSED["not_subscribed"] if category.opt_in else ALLOWED
+
+
+def reason_for_leaving_all(recorded: str) -> str:
+    """Return the verdict's reason for someone who left all marketing for ``recorded``."""
+    return _LEFT_ALL_VERDICT.get(recorded, "unsubscribed_all")
 
 
 def suppression(reason: str) -> Verdict:

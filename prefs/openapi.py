@@ -1,0 +1,154 @@
+"""The OpenAPI 3 document, generated from the same marshmallow schemas the views load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from . import schemas as s
+
+ERRORS = {
+    "400": "Malformed JSON or message",
+    "401": "No key, or an unknown or revoked key",
+    "403": "The key lacks the scope",
+    "413": "The body is larger than PREFS_MAX_BODY_BYTES",
+    "415": "Wrong content type",
+    "422": "Validation failed; `fields` names the failing ones",
+    "429": "Rate limit for this key; see Retry-After",
+    "503": "The database is briefly unavailable; see Retry-After",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One documented endpoint."""
+
+    path: str
+    method: str
+    scope: str | None
+    summary: str
+    ok: str
+    response: Any = None
+    body: Any = None
+    body_type: str = "application/json"
+    query: Any = None
+    path_params: tuple[str, ...] = ()
+    errors: tuple[str, ...] = field(default=("401", "403", "429", "503"))
+    extra_types: tuple[str, ...] = ()
+
+
+_BODY_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "503")
+_QUERY_ERRORS = ("401", "403", "422", "429", "503")
+
+OPERATIONS = (
+    Operation(
+        "/check", "post", "send",
+        "Judge recipients for a category; links and List-Unsubscribe headers for the allowed ones",
+        "200", s.CheckResponse, s.CheckRequest, errors=_BODY_ERRORS,
+    ),
+    Operation(
+        "/suppressions", "get", "read",
+        "Every address that may not receive a topic (or any marketing), by keyset pages or streamed",
+        "200", s.SuppressionPage, query=s.SuppressionQuery, errors=_QUERY_ERRORS,
+        extra_types=("text/csv", "application/x-ndjson"),
+    ),
+    Operation(
+        "/changes", "get", "read",
+        "The ordered feed of changes to who may receive what, after a cursor",
+        "200", s.ChangesPage, query=s.ChangesQuery, errors=_QUERY_ERRORS,
+    ),
+    Operation(
+        "/events", "post", "write",
+        "Report unsubscribes, re-subscriptions, complaints and hard bounces; each answered in order",
+        "200", s.EventsResponse, s.EventsRequest, errors=_BODY_ERRORS,
+    ),
+    Operation(
+        "/inbound", "post", "write",
+        "Honour a raw message sent to the unsubscribe address",
+        "200", s.InboundResult, body_type="message/rfc822", errors=_BODY_ERRORS,
+    ),
+    Operation(
+        "/subscribers/{email}", "get", "admin",
+        "Everything held about an address (an access request)",
+        "200", s.Subject, path_params=("email",), errors=("401", "403", "404", "429", "503"),
+    ),
+    Operation(
+        "/subscribers/{email}", "delete", "admin",
+        "Erase an address; a keyed fingerprint keeps it out of marketing",
+        "204", path_params=("email",), errors=("401", "403", "404", "429", "503"),
+    ),
+    Operation("/topics", "get", "admin", "List the topics", "200", s.TopicList),
+    Operation(
+        "/topics", "post", "admin", "Create a topic (the key transactional is refused)",
+        "201", s.Topic, s.TopicCreate, errors=(*_BODY_ERRORS, "409"),
+    ),
+    Operation(
+        "/topics/{key}", "patch", "admin", "Change a topic's name, description or archived flag",
+        "200", s.Topic, s.TopicPatch, path_params=("key",), errors=(*_BODY_ERRORS, "404"),
+    ),
+)  # fmt: skip
+
+
+def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
+    name = op.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+    doc: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": f"{op.method}_{name}",
+        "security": [{"bearer": []}],
+        "description": f"Needs a key with the `{op.scope}` scope.",
+        "x-scopes": [op.scope],
+        "parameters": [],
+        "responses": {},
+    }
+    for name in op.path_params:
+        doc["parameters"].append(
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        )
+    if op.query is not None:
+        doc["parameters"].append({"in": "query", "schema": op.query})
+    if op.body is not None:
+        doc["requestBody"] = {"required": True, "content": {op.body_type: {"schema": op.body}}}
+    elif op.body_type != "application/json":
+        doc["requestBody"] = {
+            "required": True,
+            "content": {op.body_type: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    ok: dict[str, Any] = {"description": "OK"}
+    if op.response is not None:
+        ok["content"] = {"application/json": {"schema": op.response}}
+        for kind in op.extra_types:
+            ok["content"][kind] = {"schema": {"type": "string"}}
+    doc["responses"][op.ok] = ok
+    for code in sorted(op.errors):
+        doc["responses"][code] = {
+            "description": ERRORS.get(code, "Error"),
+            "content": {"application/json": {"schema": "Error"}},
+        }
+    return doc
+
+
+@lru_cache(maxsize=8)
+def document(server: str) -> dict[str, Any]:
+    """Return the OpenAPI document for an API served at ``server``."""
+    spec = APISpec(
+        title="prefs mailer API",
+        version="1",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        servers=[{"url": f"{server}/api/v1"}],
+        info={
+            "description": "Send-time verdicts, suppression export and sync, event intake, subject access."
+        },
+    )
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.schema("Error", schema=s.Error)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(spec, op)
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()

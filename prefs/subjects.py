@@ -1,0 +1,98 @@
+"""Answer a data subject: everything held about an address, or its erasure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from .db import write_transaction
+from .errors import UnknownSubscriber
+from .ledger import Origin, find_subscriber, history, insert_for, txid_for
+from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
+from .privacy import address_fingerprint, fingerprint_key
+
+
+def _iso(moment: Any) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def export_subject(session: Session, email: str) -> dict[str, Any]:
+    """Return everything held about a normalized address: an access request's answer."""
+    subscriber = find_subscriber(session, email)
+    if subscriber is None:
+        raise UnknownSubscriber("nothing is held about this address")
+    preferences = session.execute(
+        select(Topic.key, Preference.subscribed, Preference.source, Preference.updated_at)
+        .join(Topic, Topic.id == Preference.topic_id)
+        .where(Preference.subscriber_id == subscriber.id)
+        .order_by(Topic.key)
+    )
+    return {
+        "subscriber": {
+            "email": subscriber.email,
+            "public_id": subscriber.public_id,
+            "created_at": _iso(subscriber.created_at),
+            "left_all_marketing": subscriber.left_all_reason is not None,
+            "left_all_reason": subscriber.left_all_reason,
+            "left_all_at": _iso(subscriber.left_all_at),
+            "hard_bounce_at": _iso(subscriber.bounced_at),
+        },
+        "preferences": [
+            {"topic": key, "subscribed": subscribed, "source": source, "updated_at": _iso(at)}
+            for key, subscribed, source, at in preferences
+        ],
+        "events": [
+            {
+                "action": event.action,
+                "topic": key,
+                "reason": event.reason,
+                "source": event.source,
+                "campaign": event.campaign,
+                "client_fingerprint": event.fingerprint,
+                "at": _iso(event.created_at),
+            }
+            for event, key in history(session, subscriber)
+        ],
+    }
+
+
+def erase_subject(session: Session, email: str, origin: Origin | None = None) -> None:
+    """Erase a normalized address and all that identifies the person; keep it out of marketing.
+
+    What stays is a keyed, non-reversible fingerprint of the address, so a later check
+    answers ``erased`` and a re-import does not bring it back, and the audit events with
+    their personal fields removed, plus one event recording the erasure itself.
+    """
+    subscriber = find_subscriber(session, email)
+    if subscriber is None:
+        raise UnknownSubscriber("nothing is held about this address")
+    fingerprint = address_fingerprint(fingerprint_key(session), email)
+    origin = origin or Origin("api")
+    insert = insert_for(session)
+    with write_transaction(session):
+        session.execute(
+            insert(ErasedAddress)
+            .values(fingerprint=fingerprint, erased_at=utcnow())
+            .on_conflict_do_nothing(index_elements=[ErasedAddress.fingerprint])
+        )
+        session.execute(
+            update(Event)
+            .where(Event.subscriber_id == subscriber.id)
+            .values(subscriber_id=None, fingerprint=None)
+        )
+        session.execute(delete(Preference).where(Preference.subscriber_id == subscriber.id))
+        session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+        session.execute(
+            insert(Event).values(
+                txid=txid_for(session),
+                subscriber_id=None,
+                topic_id=None,
+                action="erase",
+                reason=None,
+                source=origin.source,
+                created_at=utcnow(),
+            )
+        )
+    session.expunge_all()

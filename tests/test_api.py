@@ -1,0 +1,370 @@
+"""The mailer API: authentication, the error shape, check, events, topics, subjects."""
+
+import pytest
+from sqlalchemy import func, select
+
+from prefs import ledger
+from prefs.ledger import Origin
+from prefs.models import Event, Subscriber
+from prefs.schemas import CheckResult
+from tests.factories import bearer, make_key, make_subscriber, make_topic
+
+
+@pytest.fixture
+def keys(session):
+    return {scope: bearer(make_key(session, scope)) for scope in ("send", "read", "write", "admin")}
+
+
+def check(client, keys, topic, recipients, **extra):
+    body = {"topic": topic, "recipients": recipients, **extra}
+    return client.post("/api/v1/check", json=body, headers=keys["send"])
+
+
+# authentication
+
+
+def test_no_key_unknown_key_and_revoked_key_are_401(client, session):
+    from prefs.keys import revoke_key
+
+    secret = make_key(session, "send", name="old")
+    revoke_key(session, "old")
+    for headers in ({}, bearer("prefs_nope"), bearer(secret), {"Authorization": "Basic abc"}):
+        response = client.post(
+            "/api/v1/check", json={"topic": "transactional", "recipients": ["a@b.co"]}, headers=headers
+        )
+        assert response.status_code == 401
+        assert response.json["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_key_without_the_scope_is_403(client, keys):
+    response = client.post(
+        "/api/v1/check", json={"topic": "transactional", "recipients": ["a@b.co"]}, headers=keys["read"]
+    )
+    assert response.status_code == 403
+    assert response.json["error"]["code"] == "forbidden"
+
+
+# errors
+
+
+def test_malformed_json_is_400(client, keys):
+    response = client.post(
+        "/api/v1/check", data=b"{nope", content_type="application/json", headers=keys["send"]
+    )
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "malformed_json"
+
+
+def test_invalid_utf8_and_deep_nesting_are_400(client, keys):
+    for body in (b'{"topic": "\xff"}', b"[" * 10_000 + b"]" * 10_000):
+        response = client.post(
+            "/api/v1/check", data=body, content_type="application/json", headers=keys["send"]
+        )
+        assert response.status_code == 400
+
+
+def test_wrong_content_type_is_415(client, keys):
+    response = client.post("/api/v1/check", data="topic=x", content_type="text/plain", headers=keys["send"])
+    assert response.status_code == 415
+
+
+def test_a_body_over_the_limit_is_413(make_app, session):
+    app = make_app(MAX_BODY_BYTES=1000)
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        secret = make_key(current(), "send")
+    client = app.test_client()
+    response = client.post(
+        "/api/v1/check",
+        data=b'{"recipients": ["' + b"a" * 5000 + b'"]}',
+        content_type="application/json",
+        headers=bearer(secret),
+    )
+    assert response.status_code == 413
+    assert response.json["error"]["code"] == "request_entity_too_large"
+
+
+def test_validation_failures_are_422_with_the_fields(client, keys):
+    response = check(client, keys, "transactional", [])
+    assert response.status_code == 422
+    assert "recipients" in response.json["error"]["fields"]
+    response = client.post("/api/v1/check", json={"recipients": ["a@b.co"], "extra": 1}, headers=keys["send"])
+    assert set(response.json["error"]["fields"]) == {"topic", "extra"}
+    too_many = check(client, keys, "transactional", ["a@b.co"] * 10_001)
+    assert too_many.status_code == 422
+    not_strings = check(client, keys, "transactional", ["a@b.co", 7])
+    assert not_strings.status_code == 422
+    bad_campaign = check(client, keys, "transactional", ["a@b.co"], campaign="x" * 65)
+    assert "campaign" in bad_campaign.json["error"]["fields"]
+
+
+def test_an_unknown_topic_is_422(client, keys):
+    response = check(client, keys, "nope", ["a@b.co"])
+    assert response.status_code == 422
+    assert "topic" in response.json["error"]["fields"]
+
+
+# check
+
+
+def test_check_answers_each_recipient_in_order(client, keys, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("page"))
+    recipients = ["new@example.com", "Ann@Example.com", "not an address", "new@example.com"]
+    response = check(client, keys, "news", recipients, campaign="spring")
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert [r["email"] for r in results] == recipients
+    assert [(r["allowed"], r["reason"]) for r in results] == [
+        (True, None),
+        (False, "unsubscribed"),
+        (False, "invalid_address"),
+        (True, None),
+    ]
+    allowed = results[0]
+    assert allowed["unsubscribe_url"].startswith("https://prefs.example.com/u/")
+    assert allowed["preferences_url"].startswith("https://prefs.example.com/p/")
+    assert allowed["headers"] == {
+        "List-Unsubscribe": f"<{allowed['unsubscribe_url']}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+    assert results[3]["unsubscribe_url"] == allowed["unsubscribe_url"]
+    assert results[1]["headers"] is None and results[1]["unsubscribe_url"] is None
+    for result in results:
+        assert CheckResult().validate(result) == {}
+        assert "new@" not in (result["unsubscribe_url"] or "")
+
+
+def test_the_token_carries_the_campaign_and_opens_the_preference_center(app, client, keys, session):
+    make_topic(session, "news")
+    result = check(client, keys, "news", ["ann@example.com"], campaign="c-7").json["results"][0]
+    token = result["unsubscribe_url"].rsplit("/", 1)[1]
+    named = app.extensions["prefs.tokens"].read_unsubscribe(token)
+    assert (named.topic, named.campaign) == ("news", "c-7")
+    assert result["preferences_url"].rsplit("/", 1)[1] == token
+
+
+def test_the_mailto_part_appears_when_configured(make_app):
+    app = make_app(UNSUBSCRIBE_MAILTO="unsubscribe@example.com")
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        make_topic(current(), "news")
+        secret = make_key(current(), "send")
+    response = app.test_client().post(
+        "/api/v1/check", json={"topic": "news", "recipients": ["a@example.com"]}, headers=bearer(secret)
+    )
+    result = response.json["results"][0]
+    token = result["unsubscribe_url"].rsplit("/", 1)[1]
+    assert result["headers"]["List-Unsubscribe"] == (
+        f"<{result['unsubscribe_url']}>, <mailto:unsubscribe@example.com?subject=unsubscribe-{token}>"
+    )
+
+
+def test_transactional_is_always_allowed_and_has_no_unsubscribe_headers(client, keys, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, None, Origin("api"), reason="complained")
+    bob = make_subscriber(session, "bob@example.com")
+    ledger.record_opt_out(session, bob.public_id, None, Origin("api"), reason="bounced")
+    results = check(client, keys, "transactional", ["ann@example.com", "bob@example.com", "x@y"]).json[
+        "results"
+    ]
+    ann_result, bob_result, invalid = results
+    assert ann_result["allowed"] is True and ann_result["reason"] is None
+    assert ann_result["headers"] is None and ann_result["unsubscribe_url"] is None
+    assert ann_result["preferences_url"].startswith("https://prefs.example.com/p/")
+    assert "warnings" not in ann_result
+    assert bob_result["allowed"] is True and bob_result["warnings"] == ["hard_bounce"]
+    assert invalid["reason"] == "invalid_address"
+
+
+def test_every_reason_in_one_call(client, keys, session):
+    make_topic(session, "news")
+    make_topic(session, "events", opt_in=True)
+    people = {}
+    for name, action in [
+        ("topic", lambda p: ledger.record_opt_out(session, p, "events", Origin("api"))),
+        ("all", lambda p: ledger.record_opt_out(session, p, None, Origin("api"))),
+        ("complained", lambda p: ledger.record_opt_out(session, p, None, Origin("api"), "complained")),
+        ("bounced", lambda p: ledger.record_opt_out(session, p, None, Origin("api"), "bounced")),
+        ("fan", lambda p: ledger.record_resubscribe(session, p, "events", Origin("api"))),
+    ]:
+        person = make_subscriber(session, f"{name}@example.com")
+        action(person.public_id)
+        people[name] = person
+    recipients = [f"{n}@example.com" for n in ("topic", "all", "complained", "bounced", "fan", "stranger")]
+    reasons = [r["reason"] for r in check(client, keys, "events", recipients).json["results"]]
+    assert reasons == ["unsubscribed", "unsubscribed_all", "complained", "bounced", None, "not_subscribed"]
+
+
+def test_new_recipients_become_subscribers_once(client, keys, session):
+    make_topic(session, "news")
+    first = check(client, keys, "news", ["new@example.com", "NEW@example.com"]).json["results"]
+    second = check(client, keys, "news", ["new@example.com"]).json["results"]
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
+    tokens = [r["unsubscribe_url"].rsplit("/", 1)[1].split(".")[0] for r in first + second]
+    assert len(set(tokens)) == 1
+
+
+def test_the_check_uses_a_bounded_number_of_statements(app, client, keys, session):
+    from sqlalchemy import event
+
+    from prefs.extensions import db
+
+    make_topic(session, "news")
+    statements = []
+
+    def count(*args):
+        statements.append(args[2])
+
+    def run(n, offset):
+        statements.clear()
+        event.listen(db.engine, "before_cursor_execute", count)
+        recipients = [f"user{i}@example.com" for i in range(offset, offset + n)]
+        response = check(client, keys, "news", recipients)
+        event.remove(db.engine, "before_cursor_execute", count)
+        assert response.status_code == 200
+        return len(statements)
+
+    run(3, 100_000)  # first use makes the fingerprint key
+    small = run(10, 0)
+    large = run(4000, 10)
+    assert large == small
+    known = run(4000, 10)
+    assert known < small
+
+
+# events
+
+
+def test_events_are_answered_in_order_and_repeat_harmlessly(client, keys, session):
+    make_topic(session, "news")
+    body = {
+        "events": [
+            {"type": "unsubscribe", "email": "ann@example.com", "topic": "news", "campaign": "c1"},
+            {"type": "complaint", "email": "bob@example.com", "at": "2026-11-30T10:00:00Z"},
+            {"type": "hard_bounce", "email": "cat@example.com"},
+            {"type": "unsubscribe", "email": "dan@example.com"},
+            {"type": "explode", "email": "x@example.com"},
+            {"type": "unsubscribe", "email": "not an address"},
+            {"type": "unsubscribe", "email": "eve@example.com", "topic": "nope"},
+            {"type": "unsubscribe", "email": "fay@example.com", "topic": "news"},
+        ]
+    }
+    response = client.post("/api/v1/events", json=body, headers=keys["write"])
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert [r["status"] for r in results] == ["accepted"] * 4 + ["error"] * 3 + ["accepted"]
+    assert all(r["changed"] for r in results if r["status"] == "accepted")
+    assert results[4]["error"]["code"] == "validation_failed"
+    assert results[5]["error"]["code"] == "invalid_address"
+    assert results[6]["error"]["code"] == "unknown_topic"
+    verdict = lambda email: ledger.verdict_for(session, email, "news").reason  # noqa: E731
+    assert verdict("ann@example.com") == "unsubscribed"
+    assert verdict("bob@example.com") == "complained"
+    assert verdict("cat@example.com") == "bounced"
+    assert verdict("dan@example.com") == "unsubscribed_all"
+    bob_event = session.scalar(select(Event).join(Subscriber).where(Subscriber.email == "bob@example.com"))
+    assert bob_event.created_at.isoformat().startswith("2026-11-30T10:00:00")
+    again = client.post("/api/v1/events", json=body, headers=keys["write"]).json["results"]
+    assert [r.get("changed") for r in again if r["status"] == "accepted"] == [False] * 5
+    assert session.scalar(select(func.count()).select_from(Event)) == 5
+    back = {"events": [{"type": "resubscribe", "email": "dan@example.com"}]}
+    assert client.post("/api/v1/events", json=back, headers=keys["write"]).json["results"][0]["changed"]
+    assert verdict("dan@example.com") is None
+
+
+def test_events_limit_is_1000(client, keys):
+    body = {"events": [{"type": "unsubscribe", "email": "a@example.com"}] * 1001}
+    assert client.post("/api/v1/events", json=body, headers=keys["write"]).status_code == 422
+
+
+# topics
+
+
+def test_topics_create_list_patch(client, keys):
+    created = client.post(
+        "/api/v1/topics",
+        json={"key": "news", "name": "News", "description": "Monthly", "default": "opt-in"},
+        headers=keys["admin"],
+    )
+    assert created.status_code == 201
+    assert created.json == {
+        "key": "news",
+        "name": "News",
+        "description": "Monthly",
+        "default": "opt-in",
+        "archived": False,
+    }
+    duplicate = client.post("/api/v1/topics", json={"key": "news", "name": "Again"}, headers=keys["admin"])
+    assert duplicate.status_code == 409
+    reserved = client.post(
+        "/api/v1/topics", json={"key": "transactional", "name": "No"}, headers=keys["admin"]
+    )
+    assert reserved.status_code == 422 and "key" in reserved.json["error"]["fields"]
+    patched = client.patch(
+        "/api/v1/topics/news", json={"archived": True, "name": "Old news"}, headers=keys["admin"]
+    )
+    assert patched.json["archived"] is True and patched.json["name"] == "Old news"
+    assert (
+        client.patch("/api/v1/topics/nope", json={"archived": True}, headers=keys["admin"]).status_code == 404
+    )
+    listing = client.get("/api/v1/topics", headers=keys["admin"]).json["topics"]
+    assert [t["key"] for t in listing] == ["news"]
+
+
+# subjects
+
+
+def test_access_returns_everything_held(client, keys, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("page", fingerprint="f" * 32))
+    response = client.get("/api/v1/subscribers/Ann@Example.com", headers=keys["admin"])
+    assert response.status_code == 200
+    body = response.json
+    assert body["subscriber"]["email"] == "ann@example.com"
+    assert body["preferences"] == [
+        {
+            "topic": "news",
+            "subscribed": False,
+            "source": "page",
+            "updated_at": body["preferences"][0]["updated_at"],
+        }
+    ]
+    assert [e["action"] for e in body["events"]] == ["unsubscribe"]
+    assert client.get("/api/v1/subscribers/nobody@example.com", headers=keys["admin"]).status_code == 404
+    assert client.get("/api/v1/subscribers/not-an-address", headers=keys["admin"]).status_code == 404
+
+
+def test_erasure_removes_the_address_everywhere_and_keeps_it_out(client, keys, session, app):
+    from sqlalchemy import inspect, text
+
+    from prefs.extensions import db
+
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("page", fingerprint="f" * 32))
+    ledger.record_resubscribe(session, ann.public_id, "news", Origin("page"))
+    assert client.delete("/api/v1/subscribers/ann@example.com", headers=keys["admin"]).status_code == 204
+    assert client.delete("/api/v1/subscribers/ann@example.com", headers=keys["admin"]).status_code == 404
+    with db.engine.connect() as conn:
+        for table in inspect(conn).get_table_names():
+            for row in conn.execute(text(f'SELECT * FROM "{table}"')):
+                assert "ann@example.com" not in repr(row), table
+                assert ann.public_id not in repr(row), table
+    result = check(client, keys, "news", ["ann@example.com"]).json["results"][0]
+    assert (result["allowed"], result["reason"]) == (False, "erased")
+    transactional = check(client, keys, "transactional", ["ann@example.com"]).json["results"][0]
+    assert transactional["allowed"] is True and transactional["preferences_url"] is None
+    # a later report does not bring the address back
+    client.post(
+        "/api/v1/events",
+        json={"events": [{"type": "unsubscribe", "email": "ann@example.com"}]},
+        headers=keys["write"],
+    )
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 0
