@@ -14,8 +14,13 @@ MAX_RECIPIENTS = 10_000
 MAX_EVENTS = 1000
 MAX_PAGE = 10_000
 
-_campaign = validate.Regexp(CAMPAIGN, error="1 to 64 letters, digits or . _ ~ -")
-_topic_key = validate.Regexp(KEY, error="1 to 64 lower-case letters, digits, '-' or '_'")
+# ECMA-style anchors for the OpenAPI document; the domain checks again with Python's \Z
+_campaign = validate.Regexp(
+    "^" + CAMPAIGN.pattern.removesuffix("\\Z") + "$", error="1 to 64 letters, digits or . _ ~ -"
+)
+_topic_key = validate.Regexp(
+    "^" + KEY.pattern.removesuffix("\\Z") + "$", error="1 to 64 lower-case letters, digits, '-' or '_'"
+)
 
 
 class Recipients(fields.List):  # type: ignore[type-arg]

@@ -50,6 +50,9 @@ def list_topics(session: Session, include_archived: bool = True) -> list[Topic]:
 
 def get_topic(session: Session, key: str) -> Topic:
     """Return the topic with this key, or raise ``UnknownTopic``."""
+    if not isinstance(key, str) or not KEY.match(key):
+        # a malformed key names no topic; PostgreSQL would refuse some (NUL) outright
+        raise UnknownTopic(f"there is no topic {key!r}")
     topic = session.scalar(select(Topic).where(Topic.key == key))
     if topic is None:
         raise UnknownTopic(f"there is no topic {key!r}")

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
@@ -69,6 +69,15 @@ def register(app: Flask) -> None:
             "The service is briefly unavailable. Nothing was changed; please try again.",
         )
         return body, status, {"Retry-After": "5"}
+
+    @app.errorhandler(DataError)
+    def refused_by_database(err: DataError) -> Any:
+        # input the database cannot store (the checks before it should have caught it)
+        db.session.rollback()
+        log.warning("database refused a value: %s", type(err.orig).__name__)
+        return error_response(
+            400, "invalid_input", "This request is not valid", "A value in the request is not valid."
+        )
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception) -> Any:

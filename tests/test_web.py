@@ -42,3 +42,15 @@ def test_wrong_method_keeps_the_allow_header(client):
     response = client.delete("/healthz")
     assert response.status_code == 405
     assert "GET" in response.headers["Allow"]
+
+
+def test_a_value_the_database_refuses_is_400_not_500(app, client):
+    from sqlalchemy.exc import DataError
+
+    @app.get("/api/v1/_refused")
+    def refused():
+        raise DataError("SELECT 1", {}, ValueError("NUL byte"))
+
+    response = client.get("/api/v1/_refused")
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "invalid_input"

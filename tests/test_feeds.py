@@ -1,0 +1,232 @@
+"""The suppression list and the change feed: keyset pages, streams, and no skipped change."""
+
+import csv
+import io
+import json
+import threading
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from prefs import feeds, ledger
+from prefs.errors import InvalidValue
+from prefs.ledger import Origin
+from tests.factories import bearer, make_key, make_subscriber, make_topic
+
+API = Origin("api")
+
+
+@pytest.fixture
+def reader(session):
+    return bearer(make_key(session, "read"))
+
+
+def people(session, n, prefix="p"):
+    return [make_subscriber(session, f"{prefix}{i:03d}@example.com") for i in range(n)]
+
+
+def test_suppressions_for_a_topic_include_everyone_out_of_all_marketing(client, session, reader):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    topic_out, all_out, complained, bounced, back, promo_out, _stranger = people(session, 7)
+    ledger.record_opt_out(session, topic_out.public_id, "news", API)
+    ledger.record_opt_out(session, all_out.public_id, None, API)
+    ledger.record_opt_out(session, complained.public_id, None, API, "complained")
+    ledger.record_opt_out(session, bounced.public_id, None, API, "bounced")
+    ledger.record_opt_out(session, back.public_id, None, API)
+    ledger.record_resubscribe(session, back.public_id, "news", API)
+    ledger.record_opt_out(session, promo_out.public_id, "promo", API)
+    body = client.get("/api/v1/suppressions?topic=news", headers=reader).json
+    got = {(i["email"], i["scope"], i["reason"]) for i in body["items"]}
+    assert got == {
+        (topic_out.email, "news", "unsubscribed"),
+        (all_out.email, "all", "unsubscribed_all"),
+        (complained.email, "all", "complained"),
+        (bounced.email, "all", "bounced"),
+    }
+    assert body["next_cursor"] is None
+    assert all(i["since"].endswith("Z") for i in body["items"])
+    everything = client.get("/api/v1/suppressions", headers=reader).json["items"]
+    assert {i["email"] for i in everything} == {all_out.email, complained.email, bounced.email}
+
+
+def test_suppression_pages_follow_the_cursor_without_gaps(client, session, reader):
+    make_topic(session, "news")
+    crowd = people(session, 25)
+    for person in crowd:
+        ledger.record_opt_out(session, person.public_id, "news", API)
+    seen, cursor, pages = [], None, 0
+    while True:
+        url = "/api/v1/suppressions?topic=news&limit=10" + (f"&cursor={cursor}" if cursor else "")
+        body = client.get(url, headers=reader).json
+        seen += [i["email"] for i in body["items"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [p.email for p in crowd]
+    assert pages == 3
+
+
+def test_suppressions_stream_as_csv_and_ndjson(client, session, reader, monkeypatch):
+    monkeypatch.setattr(feeds, "STREAM_BATCH", 4)  # several batches in one response
+    make_topic(session, "news")
+    crowd = people(session, 10)
+    for person in crowd:
+        ledger.record_opt_out(session, person.public_id, None, API)
+    response = client.get("/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"})
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert [r["email"] for r in rows] == [p.email for p in crowd]
+    assert {r["reason"] for r in rows} == {"unsubscribed_all"}
+    nd = client.get("/api/v1/suppressions", headers={**reader, "Accept": "application/x-ndjson"})
+    lines = [json.loads(line) for line in nd.get_data(as_text=True).splitlines()]
+    assert [line["email"] for line in lines] == [p.email for p in crowd]
+
+
+def test_an_empty_stream_is_still_a_csv_with_its_header(client, session, reader):
+    make_topic(session, "news")
+    response = client.get("/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"})
+    assert response.get_data(as_text=True) == "email,scope,reason,since\r\n"
+
+
+def test_bad_suppression_queries(client, session, reader):
+    assert client.get("/api/v1/suppressions?topic=nope", headers=reader).status_code == 422
+    stream = client.get("/api/v1/suppressions?topic=nope", headers={**reader, "Accept": "text/csv"})
+    assert stream.status_code == 422
+    assert client.get("/api/v1/suppressions?cursor=!!!", headers=reader).status_code == 422
+    assert client.get("/api/v1/suppressions?limit=10001", headers=reader).status_code == 422
+    assert client.get("/api/v1/suppressions?limit=0", headers=reader).status_code == 422
+
+
+def test_the_change_feed_lists_every_change_in_order(client, session, reader):
+    make_topic(session, "news")
+    ann, bob = people(session, 2)
+    ledger.record_opt_out(session, ann.public_id, "news", API)
+    ledger.record_opt_out(session, bob.public_id, None, API, "complained")
+    ledger.record_resubscribe(session, ann.public_id, "news", API)
+    body = client.get("/api/v1/changes", headers=reader).json
+    assert [(i["email"], i["change"], i["scope"], i["reason"]) for i in body["items"]] == [
+        (ann.email, "suppressed", "news", "unsubscribed"),
+        (bob.email, "suppressed", "all", "complained"),
+        (ann.email, "unsuppressed", "news", None),
+    ]
+    cursor = body["next_cursor"]
+    empty = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
+    assert empty == {"items": [], "next_cursor": cursor}
+    ledger.record_opt_out(session, ann.public_id, None, API)
+    later = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
+    assert [(i["email"], i["change"], i["scope"]) for i in later["items"]] == [
+        (ann.email, "suppressed", "all")
+    ]
+
+
+def test_change_pages_neither_skip_nor_repeat(client, session, reader):
+    make_topic(session, "news")
+    for person in people(session, 23):
+        ledger.record_opt_out(session, person.public_id, "news", API)
+    seen, cursor = [], None
+    for _ in range(10):
+        url = "/api/v1/changes?limit=5" + (f"&after={cursor}" if cursor else "")
+        body = client.get(url, headers=reader).json
+        seen += [i["email"] for i in body["items"]]
+        assert body["next_cursor"]
+        if not body["items"]:
+            break
+        cursor = body["next_cursor"]
+    assert len(seen) == 23 == len(set(seen))
+
+
+def test_a_bad_cursor_is_422(client, reader):
+    assert client.get("/api/v1/changes?after=zzz", headers=reader).status_code == 422
+    with pytest.raises(InvalidValue):
+        feeds.decode_cursor(feeds.encode_cursor(1), 2)
+
+
+def test_a_change_that_commits_late_is_not_skipped(app, session, database_url):
+    """Two writers and a reader: the writer that began first commits last."""
+    if not database_url.startswith("postgresql"):
+        assert_sqlite_writers_take_turns(database_url)
+        return
+    make_topic(session, "news")
+    early, late = people(session, 2)
+    engine = create_engine(database_url)
+    topic_id = session.execute(text("SELECT id FROM topics WHERE key='news'")).scalar()
+    insert = text(
+        "INSERT INTO events (txid, subscriber_id, topic_id, action, source, created_at)"
+        " VALUES (pg_current_xact_id()::text::bigint, :s, :t, 'unsubscribe', 'api', now())"
+    )
+    slow = engine.connect()
+    slow_tx = slow.begin()
+    slow.execute(insert, {"s": early.id, "t": topic_id})  # takes a txid, does not commit yet
+    with engine.begin() as fast:
+        fast.execute(insert, {"s": late.id, "t": topic_id})  # later txid, committed first
+    first = feeds.change_page(session, None, 100)
+    session.commit()
+    # the reader must not move past the open transaction's rows
+    assert [i["email"] for i in first.items] == []
+    slow_tx.commit()
+    slow.close()
+    second = feeds.change_page(session, first.next_cursor, 100)
+    assert [i["email"] for i in second.items] == [early.email, late.email]
+    engine.dispose()
+
+
+def assert_sqlite_writers_take_turns(database_url):
+    """On SQLite a second writer cannot begin until the first ends: ids follow commit order."""
+    import sqlite3
+
+    path = database_url.removeprefix("sqlite:///")
+    first = sqlite3.connect(path, isolation_level=None)
+    second = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    first.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        second.execute("BEGIN IMMEDIATE")
+    first.execute("ROLLBACK")
+    second.execute("BEGIN IMMEDIATE")
+    second.execute("ROLLBACK")
+    first.close()
+    second.close()
+
+
+def test_concurrent_writers_and_a_reader_see_every_change_once(make_app, database_url):
+    """Writers in threads record opt-outs while a reader pages; the union is complete."""
+    app = make_app()
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        make_topic(current(), "news")
+        crowd = [make_subscriber(current(), f"w{i:03d}@example.com").public_id for i in range(60)]
+    errors = []
+
+    def write(ids):
+        try:
+            with app.app_context():
+                for public_id in ids:
+                    ledger.record_opt_out(current(), public_id, "news", API)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(crowd[i::3],)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    seen, cursor = [], None
+    with app.app_context():
+        for _ in range(2000):
+            page = feeds.change_page(current(), cursor, 7)
+            current().commit()
+            seen += [i["email"] for i in page.items]
+            cursor = page.next_cursor
+            if len(seen) >= 60 and not any(t.is_alive() for t in threads):
+                break
+        for thread in threads:
+            thread.join(10)
+        while True:
+            page = feeds.change_page(current(), cursor, 50)
+            current().commit()
+            if not page.items:
+                break
+            seen += [i["email"] for i in page.items]
+            cursor = page.next_cursor
+    assert errors == []
+    assert sorted(seen) == sorted(f"w{i:03d}@example.com" for i in range(60))
