@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from .addresses import normalize_or_none
 from .db import write_transaction
 from .ledger import insert_for, new_public_id
-from .models import ErasedAddress, Preference, Subscriber, utcnow
+from .models import ErasedAddress, Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import State, Verdict, suppression, verdict
 from .tokens import Tokens
@@ -140,44 +140,40 @@ def _emails_match(session: Session, column: Any, name: str) -> Any:
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
-    chunk: list[str] = []
-    for value in values:
-        chunk.append(value)
-        if len(chunk) == CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    # sorted: neighbouring keys share index pages, and concurrent inserts lock in one order
+    ordered = sorted(values)
+    for start in range(0, len(ordered), CHUNK):
+        yield ordered[start : start + CHUNK]
+
+
+_KNOWN_SQL = (
+    "SELECT s.email, s.public_id, s.left_all_reason, s.left_all_version,"
+    " s.bounced_at IS NOT NULL{topic_columns} FROM subscribers s{topic_join} WHERE s.email {match}"
+)
 
 
 def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:
     """Read the state of the known subscribers among ``emails``, one query per chunk."""
-    columns = [
-        Subscriber.email,
-        Subscriber.public_id,
-        Subscriber.left_all_reason,
-        Subscriber.left_all_version,
-        Subscriber.bounced_at,
-    ]
-    if topic_id is None:
-        query = select(*columns)
-    else:
-        query = select(*columns, Preference.subscribed, Preference.version).outerjoin(
-            Preference,
-            (Preference.subscriber_id == Subscriber.id) & (Preference.topic_id == topic_id),
-        )
-    query = query.where(_emails_match(session, Subscriber.email, "emails"))
+    # plain driver SQL: the rows need no ORM objects and no per-value type processing
+    connection = session.connection()
+    postgresql = connection.dialect.name == "postgresql"
+    placeholder = "%s" if postgresql else "?"
+    topic_columns = topic_join = ""
+    if topic_id is not None:
+        topic_columns = ", p.subscribed, p.version"
+        topic_join = f" LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {int(topic_id)}"
     found: dict[str, Known | None] = {}
     for chunk in _chunks(emails):
-        row: Any
-        for row in session.execute(query, {"emails": chunk}):
-            state = State(
-                left_all_reason=row[2],
-                left_all_version=row[3],
-                subscribed=row[5] if topic_id is not None else None,
-                version=row[6] if topic_id is not None else None,
-            )
-            found[row[0]] = Known(row[1], state, row[4] is not None)
+        match = f"= ANY({placeholder})" if postgresql else f"IN ({','.join('?' * len(chunk))})"
+        sql = _KNOWN_SQL.format(topic_columns=topic_columns, topic_join=topic_join, match=match)
+        params = (chunk,) if postgresql else tuple(chunk)
+        for row in connection.exec_driver_sql(sql, params):
+            if topic_id is None:
+                state = State(left_all_reason=row[2], left_all_version=row[3])
+            else:
+                subscribed = None if row[5] is None else bool(row[5])
+                state = State(False, row[2], row[3], subscribed, row[6])
+            found[row[0]] = Known(row[1], state, bool(row[4]))
     session.commit()  # end the read snapshot; inserts below take the write lock
     return found
 
@@ -192,7 +188,7 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
         erased.update(by_fingerprint[fp] for fp in session.scalars(query, {"fps": chunk}))
     session.commit()
     created: dict[str, Known | None] = dict.fromkeys(erased)
-    fresh = sorted(emails - erased)  # a fixed order keeps concurrent inserts from deadlocking
+    fresh = emails - erased
     if not fresh:
         return created
     now = utcnow()
