@@ -1,0 +1,66 @@
+"""The check in the domain: set-based, concurrent-safe, one verdict per recipient."""
+
+import threading
+
+from sqlalchemy import func, select
+
+from prefs import checks, ledger
+from prefs.extensions import session as current
+from prefs.ledger import Origin
+from prefs.models import Subscriber
+from tests.factories import make_subscriber, make_topic
+
+LINKS = checks.Links("https://prefs.example.com")
+
+
+def run_check(app, key, recipients, campaign=None):
+    with app.app_context():
+        return checks.check_recipients(current(), app.extensions["prefs.tokens"], LINKS, key, recipients, campaign)
+
+
+def test_concurrent_checks_sharing_new_recipients_never_fail_or_duplicate(make_app):
+    app = make_app()
+    with app.app_context():
+        make_topic(current(), "news")
+    shared = [f"shared{i:03d}@example.com" for i in range(300)]
+    answers, errors = [], []
+
+    def worker(n):
+        try:
+            own = [f"own{n}-{i}@example.com" for i in range(50)]
+            answers.append(run_check(app, "news", shared[n * 20 :] + shared[: n * 20] + own))
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with app.app_context():
+        assert current().scalar(select(func.count()).select_from(Subscriber)) == 300 + 6 * 50
+    # every call got the same public id for a shared address
+    ids = {}
+    for results in answers:
+        for result in results:
+            public_id = result["unsubscribe_url"].rsplit("/", 1)[1].split(".")[0]
+            assert ids.setdefault(result["email"], public_id) == public_id
+
+
+def test_the_verdict_comes_from_the_rule_for_each_recipient(app, session):
+    make_topic(session, "events", opt_in=True)
+    fan = make_subscriber(session, "fan@example.com")
+    ledger.record_resubscribe(session, fan.public_id, "events", Origin("page"))
+    results = run_check(app, "events", ["fan@example.com", "stranger@example.com"])
+    assert [(r["allowed"], r["reason"]) for r in results] == [(True, None), (False, "not_subscribed")]
+
+
+def test_public_ids_create_new_subscribers_and_skip_erased_ones(app, session):
+    from prefs.subjects import erase_subject
+
+    make_subscriber(session, "gone@example.com")
+    erase_subject(session, "gone@example.com")
+    ids = checks.public_ids(session, {"gone@example.com", "new@example.com"})
+    assert ids["gone@example.com"] is None
+    assert ids["new@example.com"] and len(ids["new@example.com"]) == 16
