@@ -117,14 +117,14 @@ def _json(body: Any, status: int = 200) -> Response:
 def check() -> Response:
     """Judge each recipient for a category and return links and headers for the allowed ones."""
     payload = json_body(s.CheckRequest())
-    links = checks.Links(base_url(), current_app.config.get("UNSUBSCRIBE_MAILTO") or None)
     try:
-        results = checks.check_recipients(
-            session(), tokens(), links, payload["topic"], payload["recipients"], payload.get("campaign")
+        answers = checks.check_recipients(
+            session(), tokens(), payload["topic"], payload["recipients"], payload.get("campaign")
         )
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
-    return _json({"results": results})
+    body = s.render_check(answers, base_url(), current_app.config["UNSUBSCRIBE_MAILTO"])
+    return Response(body, mimetype="application/json")
 
 
 @bp.get("/suppressions")

@@ -1,4 +1,4 @@
-"""The send-time check: one verdict per recipient, with links, in a bounded number of statements.
+"""The send-time check: one verdict per recipient, with tokens, in a bounded number of statements.
 
 The batch is normalized in memory, the known subscribers and their state for the topic
 are read in one set-based query per chunk, the new ones are inserted in one statement
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -21,13 +21,11 @@ from .db import write_transaction
 from .ledger import insert_for, new_public_id
 from .models import ErasedAddress, Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import State, Verdict, suppression, verdict
+from .rules import Category, State, verdict
 from .tokens import Tokens
 from .topics import resolve
 
 CHUNK = 5000
-ONE_CLICK = "List-Unsubscribe=One-Click"
-INVALID = suppression("invalid_address")
 ERASED_STATE = State(erased=True)
 
 
@@ -40,96 +38,67 @@ class Known:
     bounced: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Links:
-    """How generated links are spelled for this deployment."""
+class Answer(NamedTuple):
+    """One address's verdict and the tokens of its links (a tuple: there are thousands)."""
 
-    base_url: str
-    mailto: str | None = None
+    allowed: bool
+    reason: str | None
+    unsubscribe_token: str | None  # marketing mail to an allowed recipient only
+    preferences_token: str | None
+    hard_bounce: bool
+
+
+INVALID = Answer(False, "invalid_address", None, None, False)
 
 
 def check_recipients(
     session: Session,
     tokens: Tokens,
-    links: Links,
     key: str,
     recipients: Sequence[str],
     campaign: str | None = None,
-) -> list[dict[str, Any]]:
-    """Return one result per recipient, in order, for mail of category ``key``."""
+) -> list[tuple[str, Answer]]:
+    """Return each recipient as given with its answer, in order, for mail of category ``key``."""
     category, topic = resolve(session, key)
     if campaign is not None:
         tokens.unsubscribe("A" * 16, None, campaign)  # raises InvalidValue for a bad id
     normalized = [normalize_or_none(r) for r in recipients]
     wanted = {n for n in normalized if n is not None}
-    known = _known(session, wanted, topic.id if topic else None)
+    topic_id = None if topic is None else topic.id
+    known = _known(session, wanted, topic_id)
     new = wanted.difference(known)
     if new:
-        known.update(_create(session, new, topic.id if topic else None))
+        known.update(_create(session, new, topic_id))
 
     topic_key = None if topic is None else topic.key
-    marketing = topic is not None
-    results: list[dict[str, Any]] = []
-    cache: dict[str, dict[str, Any]] = {}
+    answers: list[tuple[str, Answer]] = []
+    seen: dict[str, Answer] = {}
     for given, address in zip(recipients, normalized, strict=True):
         if address is None:
-            results.append(_result(given, INVALID))
+            answers.append((given, INVALID))
             continue
-        answer = cache.get(address)
+        answer = seen.get(address)
         if answer is None:
-            subscriber = known[address]
-            if subscriber is None:
-                answer = _judged(verdict(ERASED_STATE, category), None, None, None, None)
-            else:
-                judged: Verdict = verdict(subscriber.state, category)
-                token = None
-                if judged.allowed:
-                    token = tokens.unsubscribe(subscriber.public_id, topic_key, campaign)
-                warnings = ["hard_bounce"] if not marketing and subscriber.bounced else None
-                answer = _judged(judged, token if marketing else None, token, warnings, links)
-            cache[address] = answer
-        results.append({"email": given, **answer})
-    return results
+            answer = seen[address] = _answer(known[address], category, tokens, topic_key, campaign)
+        answers.append((given, answer))
+    return answers
 
 
-def _result(given: str, judged: Verdict) -> dict[str, Any]:
-    return {
-        "email": given,
-        "allowed": judged.allowed,
-        "reason": judged.reason,
-        "unsubscribe_url": None,
-        "preferences_url": None,
-        "headers": None,
-    }
-
-
-def _judged(
-    judged: Verdict,
-    unsubscribe_token: str | None,
-    preferences_token: str | None,
-    warnings: list[str] | None,
-    links: Links | None,
-) -> dict[str, Any]:
-    answer: dict[str, Any] = {
-        "allowed": judged.allowed,
-        "reason": judged.reason,
-        "unsubscribe_url": None,
-        "preferences_url": None,
-        "headers": None,
-    }
-    if links is not None and preferences_token is not None:
-        # one token serves both links: the preference center accepts unsubscribe tokens
-        answer["preferences_url"] = f"{links.base_url}/p/{preferences_token}"
-    if links is not None and unsubscribe_token is not None:
-        url = f"{links.base_url}/u/{unsubscribe_token}"
-        answer["unsubscribe_url"] = url
-        header = f"<{url}>"
-        if links.mailto:
-            header += f", <mailto:{links.mailto}?subject=unsubscribe-{unsubscribe_token}>"
-        answer["headers"] = {"List-Unsubscribe": header, "List-Unsubscribe-Post": ONE_CLICK}
-    if warnings:
-        answer["warnings"] = warnings
-    return answer
+def _answer(
+    subscriber: Known | None, category: Category, tokens: Tokens, topic_key: str | None, campaign: str | None
+) -> Answer:
+    if subscriber is None:  # erased: no links, since nothing may name the person any more
+        judged = verdict(ERASED_STATE, category)
+        judged = verdict(ERASED_STATE, category)
+        return Answer(judged.allowed, judged.reason, None, None, False)
+    judged = verdict(subscriber.state, category)
+    if not judged.allowed:
+        return Answer(False, judged.reason, None, None, False)
+    if topic_key is None:  # transactional: a preferences link, no unsubscribe headers
+        return Answer(True, None, None, tokens.preferences(subscriber.public_id), subscriber.bounced)
+    # one token serves both links: the preference center accepts unsubscribe tokens
+    token = tokens.unsubscribe(subscriber.public_id, topic_key, campaign)
+    return Answer(True, None, token, token, False)
 
 
 def _emails_match(session: Session, column: Any, name: str) -> Any:
@@ -163,17 +132,19 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
         topic_columns = ", p.subscribed, p.version"
         topic_join = f" LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {int(topic_id)}"
     found: dict[str, Known | None] = {}
+    cursor = connection.connection.cursor()
     for chunk in _chunks(emails):
         match = f"= ANY({placeholder})" if postgresql else f"IN ({','.join('?' * len(chunk))})"
         sql = _KNOWN_SQL.format(topic_columns=topic_columns, topic_join=topic_join, match=match)
-        params = (chunk,) if postgresql else tuple(chunk)
-        for row in connection.exec_driver_sql(sql, params):
+        cursor.execute(sql, (chunk,) if postgresql else chunk)
+        for row in cursor.fetchall():
             if topic_id is None:
                 state = State(left_all_reason=row[2], left_all_version=row[3])
             else:
                 subscribed = None if row[5] is None else bool(row[5])
                 state = State(False, row[2], row[3], subscribed, row[6])
             found[row[0]] = Known(row[1], state, bool(row[4]))
+    cursor.close()
     session.commit()  # end the read snapshot; inserts below take the write lock
     return found
 

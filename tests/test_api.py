@@ -368,3 +368,18 @@ def test_erasure_removes_the_address_everywhere_and_keeps_it_out(client, keys, s
         headers=keys["write"],
     )
     assert session.scalar(select(func.count()).select_from(Subscriber)) == 0
+
+
+def test_given_addresses_are_echoed_as_valid_json(client, keys, session):
+    make_topic(session, "news")
+    odd = [
+        '"quoted"@example.com',
+        "ünï@exämple.de",
+        "a\u2028b@example.com",
+        "x\\y\x01@example.com",
+        "</script>",
+    ]
+    response = check(client, keys, "news", odd)
+    assert response.status_code == 200
+    assert [r["email"] for r in response.json["results"]] == odd
+    assert response.json["results"][1]["allowed"] is True

@@ -10,12 +10,22 @@ from prefs.ledger import Origin
 from prefs.models import Subscriber
 from tests.factories import make_subscriber, make_topic
 
-LINKS = checks.Links("https://prefs.example.com")
-
 
 def run_check(app, key, recipients, campaign=None):
     with app.app_context():
-        return checks.check_recipients(current(), app.extensions["prefs.tokens"], LINKS, key, recipients, campaign)
+        answers = checks.check_recipients(
+            current(), app.extensions["prefs.tokens"], key, recipients, campaign
+        )
+        return [
+            {
+                "email": email,
+                "allowed": a.allowed,
+                "reason": a.reason,
+                "unsubscribe_url": a.unsubscribe_token
+                and f"https://prefs.example.com/u/{a.unsubscribe_token}",
+            }
+            for email, a in answers
+        ]
 
 
 def test_concurrent_checks_sharing_new_recipients_never_fail_or_duplicate(make_app):
