@@ -33,11 +33,17 @@ def fingerprint_key(session: Session) -> bytes:
 
 
 def _create_key(session: Session) -> str:
+    from .ledger import insert_for
+
+    # several hosts may make it at once: the first insert wins, everyone reads that one
     with write_transaction(session):
-        value = session.scalar(select(InstanceSecret.value).where(InstanceSecret.name == _KEY_NAME))
-        if value is None:
-            value = secrets.token_hex(32)
-            session.add(InstanceSecret(name=_KEY_NAME, value=value))
+        session.execute(
+            insert_for(session)(InstanceSecret)
+            .values(name=_KEY_NAME, value=secrets.token_hex(32))
+            .on_conflict_do_nothing(index_elements=[InstanceSecret.name])
+        )
+    value = session.scalar(select(InstanceSecret.value).where(InstanceSecret.name == _KEY_NAME))
+    assert value is not None
     return value
 
 

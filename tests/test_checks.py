@@ -74,3 +74,25 @@ def test_public_ids_create_new_subscribers_and_skip_erased_ones(app, session):
     ids = checks.public_ids(session, {"gone@example.com", "new@example.com"})
     assert ids["gone@example.com"] is None
     assert ids["new@example.com"] and len(ids["new@example.com"]) == 16
+
+
+def test_the_fingerprint_key_is_made_once_under_concurrency(make_app):
+    # two hosts making the key at once once failed with a unique violation
+    from prefs import privacy
+
+    app = make_app()
+    keys, errors = [], []
+
+    def make():
+        try:
+            with app.app_context():
+                keys.append(privacy._create_key(current()))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and len(set(keys)) == 1
