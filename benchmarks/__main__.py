@@ -1,0 +1,383 @@
+"""Run the benchmarks: ``python -m benchmarks [--db sqlite|postgresql] [--subscribers N] [--quick]``.
+
+Each figure is the median of several runs after a warm-up, beside a floor measured in the
+same run on the same machine, and their ratio: the machines are shared and noisy, so a
+ratio holds where an absolute time does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.client
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import dataset, floors, service
+from .dataset import Database
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+PG_SERVER = os.environ.get("PREFS_BENCH_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Return the median, min and max of the runs."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+@contextmanager
+def database(kind: str, workdir: Path) -> Iterator[Database]:
+    """Make an empty database of ``kind`` for the run, and remove it afterwards."""
+    if kind == "sqlite":
+        path = workdir / "bench.sqlite3"
+        yield Database("sqlite", f"sqlite:///{path}", path=str(path))
+        return
+    import psycopg
+
+    name = f"prefs_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = PG_SERVER.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield Database("postgresql", dsn.replace("postgresql://", "postgresql+psycopg://"), dsn=dsn)
+    finally:
+        with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_key(db: Database) -> str:
+    """Create an API key with every scope straight in the database; return its secret."""
+    import hashlib
+    import secrets
+
+    secret = "prefs_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    m = db.mark
+    with db.connect() as conn:
+        conn.execute(
+            f"INSERT INTO api_keys (name, secret_hash, scopes, created_at) VALUES ({m}, {m}, {m}, CURRENT_TIMESTAMP)",
+            (f"bench-{secret[-6:]}", digest, "admin read send write"),
+        )
+    return secret
+
+
+def request(
+    origin: str, method: str, path: str, key: str, body: bytes | None = None, accept: str = "application/json"
+) -> tuple[int, bytes]:
+    """Send one request and read the whole answer."""
+    host, port = origin.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    headers = {"Authorization": f"Bearer {key}", "Accept": accept}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """Return the seconds a call took, and what it returned."""
+    started = time.perf_counter()
+    value = call()
+    return time.perf_counter() - started, value
+
+
+def measure_check(
+    db: Database, svc: service.Service, key: str, size: int, runs: int, rng: random.Random
+) -> dict[str, Any]:
+    """Time the check of ``size`` recipients over HTTP, and the driver's lookup of the same addresses."""
+    ours, floor = [], []
+    for run in range(runs + 1):  # the first is the warm-up
+        batch = dataset.check_batch(db, size, run + int(time.time()), rng)
+        body = json.dumps({"topic": "news", "campaign": "bench", "recipients": batch}).encode()
+        seconds, (status, data) = timed(
+            functools.partial(request, svc.origin, "POST", "/api/v1/check", key, body)
+        )
+        results = json.loads(data)["results"] if status == 200 else []
+        if status != 200 or len(results) != size:
+            raise RuntimeError(f"check answered {status} with {len(results)} results: {data[:300]!r}")
+        valid = [a for a in batch if "@@" not in a]
+        floor_seconds = floors.lookup(db, valid)
+        if run:
+            ours.append(seconds)
+            floor.append(floor_seconds)
+    return {"ours": stats(ours), "floor": stats(floor)}
+
+
+def mint_tokens(db: Database, count: int, rng: random.Random) -> list[str]:
+    """Return distinct one-click tokens, each a real opt-out."""
+    sys.path.insert(0, str(service.ROOT))
+    from prefs.tokens import Tokens
+
+    tokens = Tokens([service.SECRET])
+    return [
+        tokens.unsubscribe(pid, topic, "bench") for pid, topic in dataset.one_click_targets(db, count, rng)
+    ]
+
+
+def wrk(origin: str, tokens: list[str], seconds: int, connections: int, workdir: Path) -> dict[str, Any]:
+    """Drive one-click POSTs with wrk and return its figures."""
+    path = workdir / "tokens.txt"
+    path.write_text("\n".join(tokens) + "\n")
+    threads = 2
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+         "-s", str(HERE / "oneclick.lua"), origin, "--", str(path), str(threads)],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    )  # fmt: skip
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    figures: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    figures["rps"] = figures["requests"] / (figures["duration_us"] / 1e6)
+    figures["errors"] = sum(figures[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return figures
+
+
+def measure_one_click(
+    db: Database, runs: int, seconds: int, connections: int, workdir: Path, rng: random.Random
+) -> dict[str, Any]:
+    """Sustained one-click POSTs against the service and against the bare floor app, alternately."""
+    per_run = max(2000, seconds * 4000)
+    tokens = mint_tokens(db, per_run * (runs + 1), rng)
+    ours, floor = [], []
+    for run in range(runs + 1):
+        chunk = tokens[run * per_run : (run + 1) * per_run]
+        svc = service.start("wsgi:app", db.url, workdir / f"oneclick-{run}.log")
+        try:
+            result = wrk(svc.origin, chunk, seconds if run else 1, connections, workdir)
+        finally:
+            svc.stop()
+        bare = service.start("benchmarks.floor_app:app", db.url, workdir / f"floor-{run}.log")
+        try:
+            bare_result = wrk(bare.origin, chunk, seconds if run else 1, connections, workdir)
+        finally:
+            bare.stop()
+        if run:
+            ours.append(result)
+            floor.append(bare_result)
+    return {
+        "ours_rps": stats([r["rps"] for r in ours]),
+        "floor_rps": stats([r["rps"] for r in floor]),
+        "p99_ms": stats([r["p99_us"] / 1000 for r in ours]),
+        "errors": sum(r["errors"] for r in ours),
+        "floor_errors": sum(r["errors"] for r in floor),
+        "requests": sum(r["requests"] for r in ours),
+    }
+
+
+class RssWatch:
+    """Sample the workers' resident memory while something runs."""
+
+    def __init__(self, svc: service.Service) -> None:
+        self.svc = svc
+        self.before = {pid: service.rss_mb(pid) for pid in svc.workers()}
+        self.peak = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid in list(self.peak):
+                with contextlib.suppress(FileNotFoundError):
+                    self.peak[pid] = max(self.peak[pid], service.rss_mb(pid))
+
+    def __enter__(self) -> RssWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> float:
+        return max(self.peak[pid] - self.before[pid] for pid in self.before)
+
+
+def measure_export(db: Database, svc: service.Service, key: str, runs: int) -> dict[str, Any]:
+    """Stream the whole suppression list as CSV; the floor writes the same rows with the driver."""
+    ours, floor, growth, rows = [], [], [], 0
+    for run in range(runs + 1):
+        with RssWatch(svc) as watch:
+            seconds, (status, data) = timed(
+                lambda: request(svc.origin, "GET", "/api/v1/suppressions", key, accept="text/csv")
+            )
+        if status != 200:
+            raise RuntimeError(f"export answered {status}: {data[:200]!r}")
+        rows = data.count(b"\n") - 1
+        floor_rows, floor_seconds = floors.export(db)
+        if run:
+            ours.append(rows / seconds)
+            floor.append(floor_rows / floor_seconds)
+            growth.append(watch.growth)
+    return {"ours": stats(ours), "floor": stats(floor), "rss_growth_mb": stats(growth), "rows": rows}
+
+
+def measure_sync(db: Database, svc: service.Service, key: str, runs: int, page: int) -> dict[str, Any]:
+    """Page through the whole change feed; the floor reads the same rows by keyset."""
+    ours, floor, rows = [], [], 0
+
+    def read_all() -> int:
+        count, cursor = 0, ""
+        while True:
+            path = f"/api/v1/changes?limit={page}" + (f"&after={cursor}" if cursor else "")
+            status, data = request(svc.origin, "GET", path, key)
+            body = json.loads(data)
+            if status != 200:
+                raise RuntimeError(f"changes answered {status}: {data[:200]!r}")
+            if not body["items"]:
+                return count
+            count += len(body["items"])
+            cursor = body["next_cursor"]
+
+    for run in range(runs + 1):
+        seconds, rows = timed(read_all)
+        floor_rows, floor_seconds = floors.keyset(db, page)
+        if run:
+            ours.append(rows / seconds)
+            floor.append(floor_rows / floor_seconds)
+    return {"ours": stats(ours), "floor": stats(floor), "rows": rows}
+
+
+def run(kind: str, subscribers: int, quick: bool, workdir: Path) -> dict[str, Any]:
+    """Build the data set and measure every figure on one database."""
+    rng = random.Random(2026)
+    runs = 3 if quick else 5
+    sizes = sorted({max(subscribers // 100, 100), max(subscribers // 10, 200), subscribers})
+    check_size = 1000 if quick else 10_000
+    figures: dict[str, Any] = {"db": kind, "subscribers": subscribers, "quick": quick}
+    with database(kind, workdir) as db:
+        dataset.create_schema(db)
+        key = make_key(db)
+        growth = {}
+        for size in sizes:
+            figures.setdefault("build_seconds", 0.0)
+            figures["build_seconds"] += dataset.grow(db, size)
+            svc = service.start("wsgi:app", db.url, workdir / f"check-{size}.log")
+            try:
+                growth[size] = measure_check(db, svc, key, check_size, runs, rng)
+            finally:
+                svc.stop()
+        figures["check"] = growth[subscribers]
+        figures["check"]["recipients"] = check_size
+        figures["check_growth"] = {str(size): growth[size]["ours"] for size in sizes}
+        figures["one_click"] = measure_one_click(db, runs, 2 if quick else 20, 16, workdir, rng)
+        dataset.suppress_everyone(db)
+        svc = service.start("wsgi:app", db.url, workdir / "export.log")
+        try:
+            figures["export"] = measure_export(db, svc, key, runs)
+            figures["sync"] = measure_sync(db, svc, key, runs, 1000 if quick else 10_000)
+            figures["memory_mb"] = max(service.rss_mb(pid) for pid in svc.workers())
+        finally:
+            svc.stop()
+    return figures
+
+
+def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
+    """Return the table: figure, measured (median [min–max]), floor, ratio, target, met."""
+    c, g, o, e, s = (figures[k] for k in ("check", "check_growth", "one_click", "export", "sync"))
+    n = c["recipients"]
+    check_ratio = c["ours"]["median"] / c["floor"]["median"]
+    per_second = n / c["ours"]["median"]
+    sizes = sorted(g, key=int)
+    growth = g[sizes[-1]]["median"] / g[sizes[0]]["median"]
+    click_ratio = o["ours_rps"]["median"] / o["floor_rps"]["median"]
+    export_ratio = e["ours"]["median"] / e["floor"]["median"]
+    sync_ratio = s["ours"]["median"] / s["floor"]["median"]
+
+    def span(x: dict[str, float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+        return f"{fmt.format(x['median'] * scale)} [{fmt.format(x['min'] * scale)}–{fmt.format(x['max'] * scale)}]"
+
+    return [
+        ("check", f"{span(c['ours'], 1000)} ms ({per_second:,.0f} rcpt/s)", f"{c['floor']['median'] * 1000:.0f} ms",
+         f"{check_ratio:.2f}×", "≤ 4× and ≥ 100,000 rcpt/s", check_ratio <= 4 and per_second >= 100_000),
+        ("check growth", " / ".join(f"{g[k]['median'] * 1000:.0f}" for k in sizes) + f" ms at {' / '.join(sizes)} subscribers",
+         f"{g[sizes[0]]['median'] * 1000:.0f} ms", f"{growth:.2f}×", "< 1.5×", growth < 1.5),
+        ("one-click", f"{span(o['ours_rps'])} req/s, p99 {o['p99_ms']['median']:.1f} ms, {o['errors']} errors",
+         f"{o['floor_rps']['median']:.0f} req/s", f"{click_ratio:.2f}×", "≥ 0.6×, p99 < 50 ms, 0 errors",
+         click_ratio >= 0.6 and o["p99_ms"]["median"] < 50 and o["errors"] == 0),
+        ("export", f"{span(e['ours'])} rows/s, RSS +{e['rss_growth_mb']['max']:.1f} MB ({e['rows']:,} rows)",
+         f"{e['floor']['median']:.0f} rows/s", f"{export_ratio:.2f}×", "≥ 0.5×, RSS < +30 MB",
+         export_ratio >= 0.5 and e["rss_growth_mb"]["max"] < 30),
+        ("sync", f"{span(s['ours'])} rows/s ({s['rows']:,} changes)", f"{s['floor']['median']:.0f} rows/s",
+         f"{sync_ratio:.2f}×", "≥ 0.5×", sync_ratio >= 0.5),
+        ("memory", f"{figures['memory_mb']:.1f} MB per worker", "—", "—", "< 80 MB", figures["memory_mb"] < 80),
+    ]  # fmt: skip
+
+
+def table(figures: dict[str, Any]) -> str:
+    """Return the results as a Markdown table."""
+    lines = [
+        f"{figures['db']}, {figures['subscribers']:,} subscribers{' (quick)' if figures['quick'] else ''}:",
+        "",
+        "| figure | measured: median [min–max] | floor | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, measured, floor, ratio, target, met in rows(figures):
+        lines.append(f"| {name} | {measured} | {floor} | {ratio} | {target} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """Describe the machine the figures come from."""
+    memory = next(
+        line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    return {"cores": os.cpu_count(), "memory_gib": round(int(memory.split()[1]) / 1024**2, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the harness and print one table per database."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--db", choices=("sqlite", "postgresql"), action="append", help="repeat for both (default: sqlite)"
+    )
+    parser.add_argument(
+        "--subscribers", type=int, default=None, help="data set size (default 1,000,000; quick: 3,000)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a small data set and short runs, so the harness cannot rot"
+    )
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        parser.error("wrk is needed: apt-get install -y wrk")
+    kinds = args.db or ["sqlite"]
+    subscribers = args.subscribers or (3000 if args.quick else 1_000_000)
+    report: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    report.update({"date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine()})
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="prefs-bench-") as tmp:
+        for kind in kinds:
+            figures = run(kind, subscribers, args.quick, Path(tmp))
+            figures["rows"] = [
+                dict(zip(("figure", "measured", "floor", "ratio", "target", "met"), r, strict=True))
+                for r in rows(figures)
+            ]
+            report.setdefault("results", {})[f"quick-{kind}" if args.quick else kind] = figures
+            tables.append(table(figures))
+            print(tables[-1], flush=True)
+    if not args.quick:
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{report['date']}, {report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

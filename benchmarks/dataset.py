@@ -1,0 +1,201 @@
+"""Build the benchmark's data set straight into the database, in bulk."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+TOPICS = ("news", "promotions", "events", "partners", "product")
+BATCH = 50_000
+
+
+@dataclass
+class Database:
+    """A benchmark database: a SQLite file or a PostgreSQL database made for the run."""
+
+    kind: str
+    url: str  # SQLAlchemy URL for the service
+    path: str = ""  # SQLite file
+    dsn: str = ""  # PostgreSQL libpq DSN
+    size: int = 0  # subscribers so far
+    topic_ids: dict[str, int] = field(default_factory=dict)
+
+    def connect(self) -> Any:
+        """Return a plain driver connection."""
+        if self.kind == "sqlite":
+            return sqlite3.connect(self.path, isolation_level=None)
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    @property
+    def mark(self) -> str:
+        return "?" if self.kind == "sqlite" else "%s"
+
+
+def address(i: int) -> str:
+    """Return the address of subscriber number ``i`` (normalized already)."""
+    return f"user{i}@example{i % 97}.com"
+
+
+def public_id(i: int) -> str:
+    """Return a 16-character public id for subscriber number ``i``."""
+    return f"b{i:015d}"
+
+
+def create_schema(db: Database) -> None:
+    """Build the schema with the service's own migrations."""
+    import subprocess
+    import sys
+
+    env = {
+        "PREFS_DATABASE_URL": db.url,
+        "PREFS_SECRET_KEYS": "benchmark-key-0123456789",
+        "PATH": "/usr/bin:/bin",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "prefs", "db", "upgrade"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    with db.connect() as conn:
+        if db.kind == "sqlite":
+            conn.execute("PRAGMA journal_mode=WAL")
+        for key in TOPICS:
+            conn.execute(
+                f"INSERT INTO topics (key, name, description, opt_in, archived, created_at)"
+                f" VALUES ({db.mark}, {db.mark}, '', {db.mark}, {db.mark}, CURRENT_TIMESTAMP)",
+                (key, key.title(), False, False),
+            )
+        rows = conn.execute("SELECT key, id FROM topics").fetchall()
+        db.topic_ids = dict(rows)
+        # the one-click floor's table, in the same database
+        kind = "INTEGER PRIMARY KEY" if db.kind == "sqlite" else "BIGSERIAL PRIMARY KEY"
+        conn.execute(f"CREATE TABLE bench_floor (id {kind}, token TEXT, at DOUBLE PRECISION)")
+
+
+def grow(db: Database, size: int, seed: int = 7) -> float:
+    """Add subscribers up to ``size``, with the issue's mix of opt-outs; return the seconds taken."""
+    started = time.perf_counter()
+    rng = random.Random(seed + db.size)
+    news = db.topic_ids["news"]
+    with db.connect() as conn:
+        for start in range(db.size, size, BATCH):
+            numbers = range(start, min(start + BATCH, size))
+            subscribers, preferences = [], []
+            for i in numbers:
+                roll = rng.random()
+                reason = None
+                if roll < 0.02:
+                    reason = "unsubscribed"
+                elif roll < 0.025:
+                    reason = "complained"
+                elif roll < 0.03:
+                    reason = "bounced"
+                left_at = "2026-11-02T00:00:00+00:00" if reason else None
+                bounced_at = left_at if reason == "bounced" else None
+                version = 2 if reason else 1
+                subscribers.append(
+                    (
+                        i + 1,
+                        public_id(i),
+                        address(i),
+                        version,
+                        reason,
+                        version if reason else None,
+                        left_at,
+                        bounced_at,
+                    )
+                )
+                if rng.random() < 0.10:
+                    preferences.append((i + 1, news, False, 3, "import"))
+            _copy(
+                db,
+                conn,
+                "subscribers",
+                (
+                    "id",
+                    "public_id",
+                    "email",
+                    "version",
+                    "left_all_reason",
+                    "left_all_version",
+                    "left_all_at",
+                    "bounced_at",
+                ),
+                subscribers,
+            )
+            _copy(
+                db,
+                conn,
+                "preferences",
+                ("subscriber_id", "topic_id", "subscribed", "version", "source"),
+                preferences,
+            )
+        if db.kind == "postgresql":
+            conn.execute("SELECT setval('subscribers_id_seq', (SELECT max(id) FROM subscribers))")
+            conn.execute("ANALYZE")
+        else:
+            conn.execute("ANALYZE")
+    db.size = size
+    return time.perf_counter() - started
+
+
+def _copy(db: Database, conn: Any, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    now = "2026-11-01T00:00:00+00:00"
+    stamped = ("created_at",) if table == "subscribers" else ("updated_at",)
+    names = ", ".join(columns + stamped)
+    if db.kind == "sqlite":
+        marks = ", ".join("?" * (len(columns) + 1))
+        conn.execute("BEGIN")
+        conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", [(*r, now) for r in rows])
+        conn.execute("COMMIT")
+        return
+    with conn.cursor().copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row((*row, now))
+
+
+def suppress_everyone(db: Database) -> None:
+    """Take every subscriber out of all marketing, with one audit event each (export and sync)."""
+    with db.connect() as conn:
+        if db.kind == "sqlite":
+            conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE subscribers SET left_all_reason = 'unsubscribed', left_all_version = version + 1,"
+            " version = version + 1, left_all_at = CURRENT_TIMESTAMP WHERE left_all_reason IS NULL"
+        )
+        txid = "0" if db.kind == "sqlite" else "pg_current_xact_id()::text::bigint"
+        conn.execute(
+            "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, created_at)"
+            f" SELECT {txid}, id, NULL, 'unsubscribe', 'unsubscribed', 'import', CURRENT_TIMESTAMP"
+            " FROM subscribers ORDER BY id"
+        )
+        if db.kind == "sqlite":
+            conn.execute("COMMIT")
+        conn.execute("ANALYZE")
+
+
+def check_batch(db: Database, size: int, run: int, rng: random.Random) -> list[str]:
+    """Return a check batch: 90% known, 9% new, 1% invalid, shuffled."""
+    known_count, new_count = size * 90 // 100, size * 9 // 100
+    batch = [address(i) for i in rng.sample(range(db.size), known_count)]
+    batch += [f"new{run}-{i}-{secrets.token_hex(3)}@fresh{i % 13}.example.org" for i in range(new_count)]
+    batch += [f"broken{i}@@example" for i in range(size - known_count - new_count)]
+    rng.shuffle(batch)
+    return batch
+
+
+def one_click_targets(db: Database, count: int, rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Yield distinct (public id, topic) pairs whose one-click opt-out is a real change."""
+    topics = [t for t in TOPICS if t != "news"]
+    for n, i in enumerate(rng.sample(range(db.size), min(count, db.size))):
+        yield public_id(i), topics[n % len(topics)]
