@@ -1,0 +1,82 @@
+"""Nobody gets in: every API endpoint, every kind of missing or wrong key, table-driven."""
+
+import pytest
+from sqlalchemy import inspect, text
+
+from prefs.extensions import db
+from prefs.keys import SCOPES, revoke_key
+from tests.factories import bearer, make_key
+
+# every endpoint and the scope it needs; a new endpoint fails the coverage test until listed
+ENDPOINTS = {
+    ("POST", "/api/v1/check"): "send",
+    ("GET", "/api/v1/suppressions"): "read",
+    ("GET", "/api/v1/changes"): "read",
+    ("POST", "/api/v1/events"): "write",
+    ("POST", "/api/v1/inbound"): "write",
+    ("GET", "/api/v1/subscribers/<email>"): "admin",
+    ("DELETE", "/api/v1/subscribers/<email>"): "admin",
+    ("GET", "/api/v1/topics"): "admin",
+    ("POST", "/api/v1/topics"): "admin",
+    ("PATCH", "/api/v1/topics/<key>"): "admin",
+}
+PUBLIC = {("GET", "/api/v1/openapi.json")}
+
+
+def test_the_table_covers_every_api_endpoint(app):
+    found = {
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/api/")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert found == set(ENDPOINTS) | PUBLIC
+
+
+def call(client, method, rule, headers):
+    path = rule.replace("<email>", "ann@example.com").replace("<key>", "news")
+    return client.open(path, method=method, headers=headers, json={})
+
+
+@pytest.mark.parametrize(("method", "rule"), sorted(ENDPOINTS))
+def test_no_key_malformed_key_and_revoked_key_are_401(client, session, method, rule):
+    secret = make_key(session, *SCOPES, name="revoked")
+    revoke_key(session, "revoked")
+    for headers in (
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer not-a-key"},
+        {"Authorization": "Token " + secret},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        bearer("prefs_" + "x" * 43),
+        bearer(secret),
+        bearer(secret + "x"),
+    ):
+        response = call(client, method, rule, headers)
+        assert response.status_code == 401, (headers, response.status_code)
+        assert response.json["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(("method", "rule"), sorted(ENDPOINTS))
+def test_every_wrong_scope_is_403(client, session, method, rule):
+    needed = ENDPOINTS[(method, rule)]
+    for scope in SCOPES:
+        if scope == needed:
+            continue
+        response = call(client, method, rule, bearer(make_key(session, scope, name=f"only-{scope}")))
+        assert response.status_code == 403, (scope, response.status_code)
+
+
+@pytest.mark.parametrize(("method", "rule"), sorted(ENDPOINTS))
+def test_the_right_scope_gets_past_the_door(client, session, method, rule):
+    response = call(client, method, rule, bearer(make_key(session, ENDPOINTS[(method, rule)])))
+    assert response.status_code not in (401, 403)
+
+
+def test_no_key_secret_is_stored_in_plain_text(app, session):
+    secrets_made = [make_key(session, scope, name=f"k-{scope}") for scope in SCOPES]
+    with db.engine.connect() as conn:
+        for table in inspect(conn).get_table_names():
+            dump = repr(conn.execute(text(f'SELECT * FROM "{table}"')).all())
+            for secret in secrets_made:
+                assert secret not in dump and secret.removeprefix("prefs_") not in dump
