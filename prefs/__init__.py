@@ -8,9 +8,10 @@ from typing import Any
 
 from flask import Flask
 
-from . import config
+from . import config, i18n
 from .db import configure_engine
-from .extensions import db, migrate
+from .extensions import babel, db, limiter, migrate
+from .mail import Mailer
 from .tokens import Tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +37,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     with app.app_context():
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])
+    app.extensions["prefs.mail"] = Mailer(app.config["SMTP_SERVER"], app.config["SMTP_TIMEOUT"])
+    i18n.compile_catalogs()
+    babel.init_app(
+        app, locale_selector=i18n.select_locale, default_translation_directories=str(i18n.CATALOGS)
+    )
+    limiter.init_app(app)
 
-    from . import cli, health, web
+    from . import cli, health, public, web
 
     web.register(app)
+    public.register(app)
     app.register_blueprint(health.bp)
     cli.register(app)
     return app

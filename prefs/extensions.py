@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+from flask_babel import Babel
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
@@ -27,6 +30,10 @@ migrate = Migrate(
     render_as_batch=True,
     compare_type=True,
 )
+
+# limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI
+limiter = Limiter(key_func=get_remote_address, headers_enabled=False)
+babel = Babel()
 
 
 def session() -> Session:

@@ -124,3 +124,13 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Any]:
+    """Run a real SMTP server on loopback for one test and return it."""
+    from tests.smtp import LoopbackSMTP
+
+    server = LoopbackSMTP()
+    yield server
+    server.stop()
