@@ -164,9 +164,6 @@ def _rate_limits(config: dict[str, Any]) -> None:
         except ValueError:
             problem = f"must be a rate such as '3 per hour; 6 per day', not {value!r}"
             raise ConfigError(name, problem) from None
-    # read by Flask-Limiter; a storage outage must never turn a mailbox provider away
-    config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
-    config.setdefault("RATELIMIT_KEY_PREFIX", "prefs")
 
 
 def _secret_keys(value: Any, instance_path: str) -> list[str]:

@@ -31,8 +31,16 @@ migrate = Migrate(
     compare_type=True,
 )
 
-# limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI
-limiter = Limiter(key_func=get_remote_address, headers_enabled=False)
+# limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI.
+# settings live here, not in app.config: Flask-Limiter keeps the first app's values anyway.
+# swallow_errors: a storage outage must never turn a mailbox provider away
+limiter = Limiter(
+    key_func=get_remote_address,
+    key_prefix="prefs",
+    strategy="fixed-window",
+    headers_enabled=False,
+    swallow_errors=True,
+)
 babel = Babel()
 
 
