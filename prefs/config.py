@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_PER_CLIENT": "10 per hour; 30 per day",
     "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
     "RATELIMIT_ONE_CLICK": "60 per minute",
+    "TRUSTED_PROXIES": 0,
 }
 
 _COLOR = re.compile(r"#[0-9a-fA-F]{6}\Z")
@@ -66,6 +67,10 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config.get("DATABASE_URL"), instance_path)
     config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(config)
     config["MAX_CONTENT_LENGTH"] = config["MAX_BODY_BYTES"]
+    if config.get("TRUSTED_PROXIES") in (0, "0", None, ""):
+        config["TRUSTED_PROXIES"] = 0
+    else:
+        config["TRUSTED_PROXIES"] = _positive_int(config, "TRUSTED_PROXIES")
     _brand(config)
     _mail(config)
     _rate_limits(config)

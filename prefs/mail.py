@@ -103,7 +103,19 @@ class Mailer:
     def __init__(self, server: SmtpServer | None, timeout: float = 10.0) -> None:
         self.server = server
         self.timeout = timeout
-        self.context = ssl.create_default_context()
+        self._context: ssl.SSLContext | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """Return the TLS context that checks the server's certificate, made when first needed."""
+        # loading the system's certificates takes tens of milliseconds: not at every app start
+        if self._context is None:
+            self._context = ssl.create_default_context()
+        return self._context
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        self._context = context
 
     def send(self, message: EmailMessage) -> None:
         """Send one message; raise ``MailError`` when the server cannot take it."""

@@ -90,6 +90,8 @@ def test_plain_postgresql_urls_use_psycopg_3():
         ({"RATELIMIT_PER_CLIENT": "lots"}, "PREFS_RATELIMIT_PER_CLIENT"),
         ({"RATELIMIT_PER_ADDRESS": ""}, "PREFS_RATELIMIT_PER_ADDRESS"),
         ({"RATELIMIT_ONE_CLICK": 5}, "PREFS_RATELIMIT_ONE_CLICK"),
+        ({"TRUSTED_PROXIES": "some"}, "PREFS_TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": -1}, "PREFS_TRUSTED_PROXIES"),
     ],
 )
 def test_a_bad_public_setting_is_one_line_naming_the_variable(make_app, settings, variable):

@@ -230,3 +230,26 @@ def test_a_limiter_storage_outage_lets_requests_through(make_app, caplog):
     for _ in range(2):
         assert client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click"}).status_code == 200
     assert client.post("/unsubscribe", data={"email": KNOWN}).status_code == 200
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_limit(make_app):
+    app = make_app(TRUSTED_PROXIES=1, RATELIMIT_PER_CLIENT="1 per minute")
+    client = app.test_client()
+
+    def post(forwarded_for):
+        headers = {"X-Forwarded-For": forwarded_for}
+        return client.post(
+            "/unsubscribe", data={"email": KNOWN}, headers=headers, environ_base={"REMOTE_ADDR": "10.0.0.1"}
+        ).status_code
+
+    assert [post("198.51.100.1"), post("198.51.100.2"), post("198.51.100.1")] == [200, 200, 429]
+
+
+def test_without_trusted_proxies_forwarded_headers_are_ignored(make_app):
+    app = make_app(RATELIMIT_PER_CLIENT="1 per minute")
+    client = app.test_client()
+    codes = [
+        client.post("/unsubscribe", data={"email": KNOWN}, headers={"X-Forwarded-For": ip}).status_code
+        for ip in ("198.51.100.1", "198.51.100.2")
+    ]
+    assert codes == [200, 429]  # a client cannot pick its own address
