@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
     "RATELIMIT_ONE_CLICK": "60 per minute",
     "TRUSTED_PROXIES": 0,
+    "REQUEST_MIN_SECONDS": 0.25,
 }
 
 _COLOR = re.compile(r"#[0-9a-fA-F]{6}\Z")
@@ -153,6 +154,10 @@ def _mail(config: dict[str, Any]) -> None:
     except ValueError as err:
         raise ConfigError("MAIL_FROM", str(err)) from None
     config["SMTP_TIMEOUT"] = _positive_number(config, "SMTP_TIMEOUT")
+    floor = config.get("REQUEST_MIN_SECONDS")
+    config["REQUEST_MIN_SECONDS"] = (
+        0.0 if floor in (0, "0") else _positive_number(config, "REQUEST_MIN_SECONDS")
+    )
 
 
 def _rate_limits(config: dict[str, Any]) -> None:

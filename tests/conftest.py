@@ -85,6 +85,8 @@ def make_app(database_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]
             "DATABASE_URL": database_url,
             "SECRET_KEYS": TEST_KEYS,
             "BASE_URL": "https://prefs.example.com",
+            # the address form's timing floor; tests that measure it set their own
+            "REQUEST_MIN_SECONDS": 0,
         }
         config.update(settings)
         app = create_app(config)

@@ -91,6 +91,7 @@ def test_plain_postgresql_urls_use_psycopg_3():
         ({"RATELIMIT_PER_ADDRESS": ""}, "PREFS_RATELIMIT_PER_ADDRESS"),
         ({"RATELIMIT_ONE_CLICK": 5}, "PREFS_RATELIMIT_ONE_CLICK"),
         ({"TRUSTED_PROXIES": "some"}, "PREFS_TRUSTED_PROXIES"),
+        ({"REQUEST_MIN_SECONDS": -1}, "PREFS_REQUEST_MIN_SECONDS"),
         ({"TRUSTED_PROXIES": -1}, "PREFS_TRUSTED_PROXIES"),
     ],
 )

@@ -1,6 +1,7 @@
 """Requests by address: the form, the mailed link, and why it tells nobody who is on file."""
 
 import logging
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -92,6 +93,18 @@ def test_known_unknown_and_erased_addresses_get_the_same_answer(mail_app, smtp_s
         assert ledger.find_subscriber(s, UNKNOWN) is not None
         assert ledger.find_subscriber(s, ERASED) is None
         assert ledger.verdict_for(s, ERASED, "news").reason == "erased"
+
+
+def test_every_answer_takes_at_least_the_floor(make_app, smtp_server):
+    app = make_app(SMTP_URL=smtp_server.url, REQUEST_MIN_SECONDS=0.4)
+    client = app.test_client()
+    for email in (KNOWN, UNKNOWN, ERASED):
+        started = time.monotonic()
+        assert client.post("/unsubscribe", data={"email": email}).status_code == 200
+        assert time.monotonic() - started >= 0.4
+    started = time.monotonic()
+    client.post("/unsubscribe", data={"email": "not an address"})
+    assert time.monotonic() - started < 0.4  # a typo is told at once: it reveals nothing
 
 
 def test_an_unknown_address_gets_a_working_link(mail_app, smtp_server):
