@@ -146,3 +146,11 @@ def test_an_empty_center_still_shows_the_transactional_row(client, session):
     page = client.get(f"/p/{preferences_token(subscriber)}").get_data(as_text=True)
     assert "There are no marketing topics to choose from." in page
     assert checked(page) == ({"transactional"}, {"transactional"})
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+def test_opening_the_center_changes_nothing(client, session, ann, method):
+    for token in (preferences_token(ann), unsubscribe_token(ann, "news")):
+        assert client.open(f"/p/{token}?done=left-all", method=method).status_code == 200
+    assert events(session, ann) == []
+    assert allowed(session, ANN, "news") and not allowed(session, ANN, "events")
