@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config
+from . import config, i18n
 from .db import configure_engine
-from .extensions import db, migrate
+from .extensions import babel, db, limiter, migrate
+from .mail import Mailer
 from .tokens import Tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,16 +32,27 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     config.finish(app.config, app.instance_path)
+    if app.config["TRUSTED_PROXIES"]:
+        # behind a load balancer: rate limits and fingerprints need the client's address
+        hops = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     db.init_app(app)
     migrate.init_app(app, db)
     with app.app_context():
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])
+    app.extensions["prefs.mail"] = Mailer(app.config["SMTP_SERVER"], app.config["SMTP_TIMEOUT"])
+    i18n.compile_catalogs()
+    babel.init_app(
+        app, locale_selector=i18n.select_locale, default_translation_directories=str(i18n.CATALOGS)
+    )
+    limiter.init_app(app)
 
-    from . import api, cli, health, web
+    from . import api, cli, health, public, web
 
     web.register(app)
+    public.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     cli.register(app)

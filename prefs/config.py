@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from limits import parse_many
+
+from .mail import check_sender, parse_smtp_url
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +29,21 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BODY_BYTES": 4 * 1024 * 1024,
     "UNSUBSCRIBE_MAILTO": None,
     "INBOUND_AUTHSERV_ID": None,
+    "SMTP_URL": None,
+    "SMTP_TIMEOUT": 10.0,
+    "MAIL_FROM": "prefs <no-reply@localhost>",
+    "RATELIMIT_STORAGE_URI": "memory://",
+    "RATELIMIT_PER_CLIENT": "10 per hour; 30 per day",
+    "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
+    "RATELIMIT_ONE_CLICK": "60 per minute",
+    "TRUSTED_PROXIES": 0,
+    "REQUEST_MIN_SECONDS": 0.25,
 }
+
+_COLOR = re.compile(r"#[0-9a-fA-F]{6}\Z")
+# the storages Flask-Limiter can reach with what setup.cfg installs
+_LIMIT_STORAGES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
+_LIMIT_SETTINGS = ("RATELIMIT_PER_CLIENT", "RATELIMIT_PER_ADDRESS", "RATELIMIT_ONE_CLICK")
 
 KEY_FILE = "secret_keys"
 
@@ -52,6 +71,13 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config.get("DATABASE_URL"), instance_path)
     config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(config)
     config["MAX_CONTENT_LENGTH"] = config["MAX_BODY_BYTES"]
+    if config.get("TRUSTED_PROXIES") in (0, "0", None, ""):
+        config["TRUSTED_PROXIES"] = 0
+    else:
+        config["TRUSTED_PROXIES"] = _positive_int(config, "TRUSTED_PROXIES")
+    _brand(config)
+    _mail(config)
+    _rate_limits(config)
     # flask's own session is unused; this keeps its key distinct from the signing keys
     config.setdefault("SECRET_KEY", config["SECRET_KEYS"][-1])
 
@@ -85,6 +111,72 @@ def engine_options(config: dict[str, Any]) -> dict[str, Any]:
         "pool_recycle": 1800,
         "connect_args": {"connect_timeout": 2},
     }
+
+
+def _brand(config: dict[str, Any]) -> None:
+    name = config.get("BRAND_NAME")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("BRAND_NAME", "must be a name to show on the pages")
+    color = config.get("BRAND_COLOR")
+    if not isinstance(color, str) or not _COLOR.match(color.strip()):
+        raise ConfigError("BRAND_COLOR", f"must be a colour written #rrggbb, such as #1d4ed8, not {color!r}")
+    color = color.strip().lower()
+    config["BRAND_NAME"] = name.strip()
+    config["BRAND_COLOR"] = color
+    # text on the accent keeps at least 4.5:1: white or black, whichever contrasts more
+    on_white, on_black = contrast(color, "#ffffff"), contrast(color, "#000000")
+    config["BRAND_TEXT_COLOR"] = "#ffffff" if on_white >= on_black else "#000000"
+    # links sit on white: the accent only where it is dark enough for body text
+    config["BRAND_LINK_COLOR"] = color if on_white >= 4.5 else "#1a1a1a"
+
+
+def luminance(color: str) -> float:
+    """Return the WCAG relative luminance of a ``#rrggbb`` colour."""
+    channels = [int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(first: str, second: str) -> float:
+    """Return the WCAG contrast ratio of two ``#rrggbb`` colours."""
+    light, dark = sorted((luminance(first), luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _mail(config: dict[str, Any]) -> None:
+    url = config.get("SMTP_URL")
+    if url in (None, ""):
+        config["SMTP_SERVER"] = None
+    else:
+        try:
+            config["SMTP_SERVER"] = parse_smtp_url(str(url))
+        except ValueError as err:
+            raise ConfigError("SMTP_URL", str(err)) from None
+    try:
+        config["MAIL_FROM"] = check_sender(str(config.get("MAIL_FROM") or ""))
+    except ValueError as err:
+        raise ConfigError("MAIL_FROM", str(err)) from None
+    config["SMTP_TIMEOUT"] = _positive_number(config, "SMTP_TIMEOUT")
+    floor = config.get("REQUEST_MIN_SECONDS")
+    config["REQUEST_MIN_SECONDS"] = (
+        0.0 if floor in (0, "0") else _positive_number(config, "REQUEST_MIN_SECONDS")
+    )
+
+
+def _rate_limits(config: dict[str, Any]) -> None:
+    storage = config.get("RATELIMIT_STORAGE_URI")
+    if not isinstance(storage, str) or storage.partition("://")[0] not in _LIMIT_STORAGES:
+        raise ConfigError(
+            "RATELIMIT_STORAGE_URI", f"must be memory:// or redis://host:6379 (or rediss://), not {storage!r}"
+        )
+    for name in _LIMIT_SETTINGS:
+        value = config.get(name)
+        try:
+            if not isinstance(value, str) or not parse_many(value):
+                raise ValueError
+        except ValueError:
+            problem = f"must be a rate such as '3 per hour; 6 per day', not {value!r}"
+            raise ConfigError(name, problem) from None
 
 
 def _secret_keys(value: Any, instance_path: str) -> list[str]:

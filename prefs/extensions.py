@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+from flask_babel import Babel
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
@@ -27,6 +30,18 @@ migrate = Migrate(
     render_as_batch=True,
     compare_type=True,
 )
+
+# limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI.
+# settings live here, not in app.config: Flask-Limiter keeps the first app's values anyway.
+# swallow_errors: a storage outage must never turn a mailbox provider away
+limiter = Limiter(
+    key_func=get_remote_address,
+    key_prefix="prefs",
+    strategy="fixed-window",
+    headers_enabled=False,
+    swallow_errors=True,
+)
+babel = Babel()
 
 
 def session() -> Session:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from . import i18n
 from .extensions import db
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def error_response(status: int, code: str, title: str, message: str) -> Any:
     """Answer an error in the shape of the surface that was called."""
     if wants_json():
         return json_error(status, code, message)
+    # the page speaks the reader's language; werkzeug's own words are English only
+    title, message = i18n.error_text(status) or (title, message)
     return page_error(status, title, message)
 
 

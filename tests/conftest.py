@@ -85,6 +85,8 @@ def make_app(database_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]
             "DATABASE_URL": database_url,
             "SECRET_KEYS": TEST_KEYS,
             "BASE_URL": "https://prefs.example.com",
+            # the address form's timing floor; tests that measure it set their own
+            "REQUEST_MIN_SECONDS": 0,
         }
         config.update(settings)
         app = create_app(config)
@@ -124,3 +126,13 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Any]:
+    """Run a real SMTP server on loopback for one test and return it."""
+    from tests.smtp import LoopbackSMTP
+
+    server = LoopbackSMTP()
+    yield server
+    server.stop()

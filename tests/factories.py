@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from prefs import ledger, topics
+from prefs import ledger, links, topics
 from prefs.models import Subscriber, Topic
 
 
@@ -29,3 +29,23 @@ def make_key(session: Session, *scopes: str, name: str = "") -> str:
 def bearer(secret: str) -> dict[str, str]:
     """Return the Authorization header for a key."""
     return {"Authorization": f"Bearer {secret}"}
+
+
+def unsubscribe_token(subscriber: Subscriber, topic: str | None = None, campaign: str | None = None) -> str:
+    """Return the token of an unsubscribe link, as a mailer would put it in a message."""
+    return links.tokens().unsubscribe(subscriber.public_id, topic, campaign)
+
+
+def preferences_token(subscriber: Subscriber) -> str:
+    """Return the token of a preference-center link."""
+    return links.tokens().preferences(subscriber.public_id)
+
+
+def events(session: Session, subscriber: Subscriber) -> list[tuple[str, str | None, str, str | None]]:
+    """Return a subscriber's audit trail as (action, topic key, source, campaign), oldest first."""
+    return [(e.action, key, e.source, e.campaign) for e, key in ledger.history(session, subscriber)]
+
+
+def allowed(session: Session, email: str, key: str) -> bool:
+    """Tell whether the category may be sent to the address now."""
+    return ledger.verdict_for(session, email, key).allowed

@@ -1,8 +1,10 @@
 """Settings: layers, defaults, and one clear line for a bad value."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from prefs import create_app
+from prefs import config, create_app
 from prefs.config import ConfigError
 
 
@@ -69,3 +71,71 @@ def test_plain_postgresql_urls_use_psycopg_3():
     assert app.config["SQLALCHEMY_DATABASE_URI"] == "postgresql+psycopg://u@127.0.0.1/p"
     assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_size"] == 5
     assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_pre_ping"] is True
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable"),
+    [
+        ({"BRAND_COLOR": "blue"}, "PREFS_BRAND_COLOR"),
+        ({"BRAND_COLOR": "#12345"}, "PREFS_BRAND_COLOR"),
+        ({"BRAND_COLOR": "#12345g"}, "PREFS_BRAND_COLOR"),
+        ({"BRAND_NAME": "  "}, "PREFS_BRAND_NAME"),
+        ({"SMTP_URL": "mail.example.com"}, "PREFS_SMTP_URL"),
+        ({"SMTP_URL": "smtp://mail.example.com:twentyfive"}, "PREFS_SMTP_URL"),
+        ({"SMTP_URL": "smtps://mail.example.com?starttls=1"}, "PREFS_SMTP_URL"),
+        ({"MAIL_FROM": "nobody"}, "PREFS_MAIL_FROM"),
+        ({"MAIL_FROM": "a@b.example\r\nBcc: x@y.example"}, "PREFS_MAIL_FROM"),
+        ({"SMTP_TIMEOUT": "soon"}, "PREFS_SMTP_TIMEOUT"),
+        ({"RATELIMIT_STORAGE_URI": "mysql://x"}, "PREFS_RATELIMIT_STORAGE_URI"),
+        ({"RATELIMIT_PER_CLIENT": "lots"}, "PREFS_RATELIMIT_PER_CLIENT"),
+        ({"RATELIMIT_PER_ADDRESS": ""}, "PREFS_RATELIMIT_PER_ADDRESS"),
+        ({"RATELIMIT_ONE_CLICK": 5}, "PREFS_RATELIMIT_ONE_CLICK"),
+        ({"TRUSTED_PROXIES": "some"}, "PREFS_TRUSTED_PROXIES"),
+        ({"REQUEST_MIN_SECONDS": -1}, "PREFS_REQUEST_MIN_SECONDS"),
+        ({"TRUSTED_PROXIES": -1}, "PREFS_TRUSTED_PROXIES"),
+    ],
+)
+def test_a_bad_public_setting_is_one_line_naming_the_variable(make_app, settings, variable):
+    with pytest.raises(ConfigError) as err:
+        make_app(**settings)
+    assert variable in str(err.value) and "\n" not in str(err.value)
+
+
+def test_public_settings_are_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PREFS_SMTP_URL", "smtps://u:p@mail.example.com")
+    monkeypatch.setenv("PREFS_RATELIMIT_STORAGE_URI", "redis://127.0.0.1:6379/2")
+    monkeypatch.setenv("PREFS_BRAND_COLOR", "#FFCC00")
+    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://"})
+    assert app.config["SMTP_SERVER"].tls and app.config["SMTP_SERVER"].port == 465
+    assert app.config["RATELIMIT_STORAGE_URI"] == "redis://127.0.0.1:6379/2"
+    assert app.config["BRAND_COLOR"] == "#ffcc00"
+
+
+@pytest.mark.parametrize(
+    ("color", "text", "link"),
+    [
+        ("#1d4ed8", "#ffffff", "#1d4ed8"),
+        ("#ffcc00", "#000000", "#1a1a1a"),
+        ("#000000", "#ffffff", "#000000"),
+        ("#ffffff", "#000000", "#1a1a1a"),
+        ("#767676", "#000000", "#767676"),  # 4.62:1 on black beats 4.54:1 on white
+    ],
+)
+def test_text_on_the_accent_is_white_or_black_by_luminance(color, text, link):
+    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BRAND_COLOR": color})
+    assert app.config["BRAND_TEXT_COLOR"] == text
+    assert app.config["BRAND_LINK_COLOR"] == link
+
+
+@given(st.integers(min_value=0, max_value=0xFFFFFF))
+def test_every_accent_colour_keeps_text_at_4_5_to_1(value):
+    color = f"#{value:06x}"
+    settings = {"BRAND_COLOR": color, "BRAND_NAME": "x"}
+    config._brand(settings)
+    assert config.contrast(color, settings["BRAND_TEXT_COLOR"]) >= 4.5
+    assert config.contrast(settings["BRAND_LINK_COLOR"], "#ffffff") >= 4.5
+
+
+def test_the_contrast_ratio_matches_wcag():
+    assert round(config.contrast("#000000", "#ffffff"), 2) == 21.0
+    assert round(config.contrast("#767676", "#ffffff"), 2) == 4.54

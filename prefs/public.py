@@ -1,0 +1,309 @@
+"""What a recipient sees: one-click unsubscribe, the unsubscribe page, the preference center.
+
+GET and HEAD never change anything: mail scanners fetch every link in a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from flask_babel import gettext as _
+from flask_limiter import RateLimitExceeded
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wrappers import Response
+
+from . import i18n, ledger, links, privacy, topics
+from .addresses import mask, normalize, normalize_or_none
+from .errors import DomainError, InvalidAddress, InvalidToken, UnknownSubscriber, UnknownTopic
+from .extensions import limiter, session
+from .ledger import Origin
+from .mail import Mailer, MailError, compose
+from .models import Subscriber, Topic
+from .rules import verdict
+from .web import API_PREFIX, page_error
+
+bp = Blueprint("public", __name__)
+
+ONE_CLICK = "One-Click"
+STYLESHEET = "static/pages.css"
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Robots-Tag": "noindex",
+}
+
+
+def register(app: Flask) -> None:
+    """Add the public pages to the app."""
+    app.register_blueprint(bp)
+
+
+def _config(name: str) -> Any:
+    return current_app.config[name]
+
+
+def _token_key() -> str:
+    # the limiter's storage never holds a whole token
+    token = (request.view_args or {}).get("token", "")
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _requested_address() -> str | None:
+    """Return the normalized address the request form names, or None."""
+    if "requested_address" not in g:
+        try:
+            raw = request.form.get("email", "")
+        except RequestEntityTooLarge:
+            raw = ""  # the view answers 413
+        g.requested_address = normalize_or_none(raw) if raw else None
+    address: str | None = g.requested_address
+    return address
+
+
+def _address_key() -> str:
+    # a keyed hash: the limiter's storage never holds an address
+    address = _requested_address() or ""
+    key = privacy.fingerprint_key(session())
+    return "address:" + hmac.new(key, b"ratelimit:" + address.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _origin(source: str, campaign: str | None = None) -> Origin:
+    key = privacy.fingerprint_key(session())
+    fingerprint = privacy.client_fingerprint(key, request.remote_addr, request.user_agent.string)
+    return Origin(source, campaign, fingerprint)
+
+
+def _receives(subscriber: Subscriber, topic: Topic) -> bool:
+    """Tell whether this topic is sent to the subscriber now, as the one rule says."""
+    category = topics.category_of(topic)
+    return verdict(ledger.state_of(session(), subscriber, category), category).allowed
+
+
+def _topic_rows(subscriber: Subscriber) -> list[tuple[Topic, bool]]:
+    return [(t, _receives(subscriber, t)) for t in topics.list_topics(session(), include_archived=False)]
+
+
+def _preferences_link(public_id: str) -> str:
+    token = links.tokens().preferences(public_id)
+    return url_for("public.preferences", token=token, lang=i18n.chosen_language())
+
+
+@bp.route("/u/<token>", methods=["GET", "POST"])
+@limiter.limit(lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope="u")
+def unsubscribe(token: str) -> ResponseReturnValue:
+    """Ask before unsubscribing (GET), or record the opt-out the link names (POST)."""
+    link = links.tokens().read_unsubscribe(token)
+    if request.method == "POST" and request.form.get("List-Unsubscribe") == ONE_CLICK:
+        # RFC 8058: the mailbox provider's server posts with no context; committed before the 200
+        ledger.record_opt_out(session(), link.public_id, link.topic, _origin("one-click", link.campaign))
+        return render_template("one_click.html")
+    subscriber = ledger.subscriber_by_public_id(session(), link.public_id)
+    topic = topics.get_topic(session(), link.topic) if link.topic else None
+    page: dict[str, Any] = {
+        "token": token,
+        "topic": topic,
+        "address": mask(subscriber.email),
+        "preferences_url": _preferences_link(subscriber.public_id),
+    }
+    if request.method != "POST":
+        # GET, HEAD: only ask; scanners fetch every link
+        return render_template("unsubscribe.html", **page)
+    if request.form.get("scope") == "all":
+        topic = page["topic"] = None
+    key = topic.key if topic else None
+    if request.form.get("action") == "undo":
+        ledger.record_resubscribe(session(), link.public_id, key, _origin("page", link.campaign))
+        return render_template("resubscribed.html", **page)
+    was_receiving = _receives(subscriber, topic) if topic else None
+    changed = ledger.record_opt_out(session(), link.public_id, key, _origin("page", link.campaign))
+    # undo brings back what this click took away, never a choice made before it
+    page["undo"] = changed if topic is None else bool(was_receiving)
+    page["others"] = [t for t, on in _topic_rows(subscriber) if on and t.key != topic.key] if topic else []
+    return render_template("unsubscribed.html", **page)
+
+
+def _preferences_identity(token: str) -> tuple[str, str | None]:
+    """Return the public id and campaign of a link that may open the preference center."""
+    service = links.tokens()
+    try:
+        return service.read_preferences(token), None
+    except InvalidToken:
+        link = service.read_unsubscribe(token)
+        return link.public_id, link.campaign
+
+
+@bp.route("/p/<token>", methods=["GET", "POST"])
+def preferences(token: str) -> ResponseReturnValue:
+    """Show the preference center (GET), or save its form (POST)."""
+    public_id, campaign = _preferences_identity(token)
+    subscriber = ledger.subscriber_by_public_id(session(), public_id)
+    if request.method == "POST":
+        origin = _origin("preferences", campaign)
+        if request.form.get("action") == "leave-all":
+            ledger.record_opt_out(session(), public_id, None, origin)
+            done = "left-all"
+        else:
+            wanted = set(request.form.getlist("topic"))
+            # only what differs from what is sent now: one audit event per real change
+            changes = {t.key: t.key in wanted for t, on in _topic_rows(subscriber) if (t.key in wanted) != on}
+            ledger.record_choices(session(), public_id, changes, origin)
+            done = "saved"
+        target = url_for(".preferences", token=token, done=done, lang=i18n.chosen_language())
+        return redirect(target, code=303)
+    return render_template(
+        "preferences.html",
+        token=token,
+        address=mask(subscriber.email),
+        rows=_topic_rows(subscriber),
+        left_all=subscriber.left_all_reason is not None,
+        done=request.args.get("done"),
+    )
+
+
+@bp.route("/unsubscribe", methods=["GET", "POST"])
+@limiter.limit(lambda: _config("RATELIMIT_PER_CLIENT"), methods=["POST"], scope="request-client")
+@limiter.limit(
+    lambda: _config("RATELIMIT_PER_ADDRESS"),
+    key_func=_address_key,
+    exempt_when=lambda: _requested_address() is None,
+    methods=["POST"],
+    scope="request-address",
+)
+def request_link() -> ResponseReturnValue:
+    """Ask for an address (GET), or email it a link to its preference center (POST)."""
+    if request.method != "POST":
+        return render_template("request.html")
+    raw = request.form.get("email", "")
+    try:
+        address = normalize(raw)
+    except InvalidAddress:
+        return render_template("request.html", email=raw[:320], invalid=True), 400
+    started = time.monotonic()
+    try:
+        _send_link(address)
+    finally:
+        # a new address costs a write the others do not: a floor hides the difference
+        time.sleep(max(0.0, _config("REQUEST_MIN_SECONDS") - (time.monotonic() - started)))
+    # the same page, status and size for every valid address: it tells nobody who is on file
+    return render_template("request_sent.html", address=mask(address))
+
+
+def _send_link(address: str) -> None:
+    """Email the address its preferences link; an erased address gets a note and no link."""
+    try:
+        subscriber = ledger.ensure_subscriber(session(), address)
+    except UnknownSubscriber:
+        # erased: never brought back, but still mailed, so timing tells nothing
+        template, url = "mail/erased", None
+    else:
+        token = links.tokens().preferences(subscriber.public_id)
+        template, url = "mail/preferences", links.preferences_url(token)
+    brand = _config("BRAND_NAME")
+    message = compose(
+        _config("MAIL_FROM"),
+        address,
+        _("Your email preferences at %(brand)s", brand=brand),
+        render_template(f"{template}.txt", url=url),
+        render_template(f"{template}.html", url=url),
+    )
+    mailer: Mailer = current_app.extensions["prefs.mail"]
+    mailer.send(message)
+
+
+def _stylesheet() -> tuple[str, str]:
+    """Return the stylesheet in the brand's colours, and a short version for its URL."""
+    cached: tuple[str, str] | None = current_app.extensions.get("prefs.css")
+    if cached is None:
+        source = (Path(current_app.root_path) / STYLESHEET).read_text()
+        css = (
+            f":root {{ --accent: {_config('BRAND_COLOR')}; --on-accent: {_config('BRAND_TEXT_COLOR')}; "
+            f"--link: {_config('BRAND_LINK_COLOR')}; }}\n{source}"
+        )
+        cached = current_app.extensions["prefs.css"] = (css, hashlib.sha256(css.encode()).hexdigest()[:10])
+    return cached
+
+
+@bp.route("/pages.css")
+def stylesheet() -> ResponseReturnValue:
+    """Serve the pages' one stylesheet, in the brand's colours."""
+    response = Response(_stylesheet()[0], mimetype="text/css")
+    # the URL carries the version, so browsers may keep it
+    response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+@bp.app_context_processor
+def page_context() -> dict[str, Any]:
+    """Give every page the brand, the stylesheet and the language switch."""
+    rule = request.url_rule
+    switch = rule is not None and request.endpoint is not None and "GET" in (rule.methods or ())
+    languages = [
+        (code, name, url_for(request.endpoint, **(request.view_args or {}), lang=code) if switch else None)  # type: ignore[arg-type]
+        for code, name in i18n.language_names()
+    ]
+    return {
+        "brand_name": _config("BRAND_NAME"),
+        "stylesheet_url": url_for("public.stylesheet", v=_stylesheet()[1]),
+        "lang": i18n.current_language(),
+        "chosen_lang": i18n.chosen_language(),
+        "languages": languages,
+    }
+
+
+@bp.after_app_request
+def security_headers(response: Response) -> Response:
+    """Set the privacy headers on every page; tokens in URLs must not leak or be cached."""
+    if request.path.startswith(API_PREFIX):
+        return response
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.endpoint != "public.stylesheet":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.errorhandler(InvalidToken)
+@bp.errorhandler(UnknownSubscriber)
+@bp.errorhandler(UnknownTopic)
+def invalid_link(err: DomainError) -> ResponseReturnValue:
+    """Answer a link that cannot be used with a friendly page and the request form."""
+    return render_template("invalid_link.html"), 400
+
+
+@bp.errorhandler(DomainError)
+def invalid_request(err: DomainError) -> ResponseReturnValue:
+    """Answer any other domain error with the friendly 400 page."""
+    title, message = i18n.error_text(400) or ("", "")
+    return page_error(400, title, message)
+
+
+@bp.errorhandler(RateLimitExceeded)
+def too_many_requests(err: RateLimitExceeded) -> ResponseReturnValue:
+    """Answer a rate limit with a friendly page and when to come back."""
+    limit = limiter.current_limit
+    retry_after = max(1, int(limit.reset_at - time.time())) if limit else 60
+    title, message = i18n.error_text(429) or ("", "")
+    body, status = page_error(429, title, message)
+    return body, status, {"Retry-After": str(retry_after)}
+
+
+@bp.errorhandler(MailError)
+def mail_unavailable(err: MailError) -> ResponseReturnValue:
+    """Answer a mail server that did not take the message; nothing tells whose address it was."""
+    body, status = page_error(
+        503,
+        _("We could not send the email"),
+        _("Our mail server did not answer. Nothing was changed; please try again in a few minutes."),
+    )
+    return body, status, {"Retry-After": "60"}
