@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import config
+from . import config, logs
 from .db import configure_engine
 from .extensions import db, migrate
 from .tokens import Tokens
@@ -29,6 +29,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env("PREFS")
     if test_config is not None:
         app.config.from_mapping(test_config)
+    if not app.config.get("TESTING"):
+        # before finish(), which may warn about a generated key
+        logs.configure(config.log_level(app.config.get("LOG_LEVEL")))
     config.finish(app.config, app.instance_path)
 
     db.init_app(app)
@@ -37,9 +40,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])
 
-    from . import cli, health, web
+    from . import admin, cli, health, monitoring, web
 
     web.register(app)
+    monitoring.register(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
     cli.register(app)
     return app

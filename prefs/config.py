@@ -22,7 +22,10 @@ DEFAULTS: dict[str, Any] = {
     "BRAND_NAME": "prefs",
     "BRAND_COLOR": "#1d4ed8",
     "MAX_BODY_BYTES": 4 * 1024 * 1024,
+    "METRICS_TOKEN": None,
+    "LOG_LEVEL": "INFO",
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 KEY_FILE = "secret_keys"
 
@@ -49,6 +52,8 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     config["SQLALCHEMY_DATABASE_URI"] = database_url(config.get("DATABASE_URL"), instance_path)
     config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(config)
     config["MAX_CONTENT_LENGTH"] = config["MAX_BODY_BYTES"]
+    config["METRICS_TOKEN"] = _metrics_token(config.get("METRICS_TOKEN"))
+    config["LOG_LEVEL"] = log_level(config.get("LOG_LEVEL"))
     # flask's own session is unused; this keeps its key distinct from the signing keys
     config.setdefault("SECRET_KEY", config["SECRET_KEYS"][-1])
 
@@ -72,9 +77,11 @@ def database_url(value: Any, instance_path: str) -> str:
 def engine_options(config: dict[str, Any]) -> dict[str, Any]:
     """Return the engine options for the configured database."""
     url: str = config["SQLALCHEMY_DATABASE_URI"]
+    # a failed statement's message must not carry its parameters (addresses) into the logs
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": config["DB_BUSY_TIMEOUT_MS"] / 1000}}
+        return {"connect_args": {"timeout": config["DB_BUSY_TIMEOUT_MS"] / 1000}, "hide_parameters": True}
     return {
+        "hide_parameters": True,
         "pool_size": config["DB_POOL_SIZE"],
         "max_overflow": 0,
         "pool_timeout": config["DB_POOL_TIMEOUT"],
@@ -82,6 +89,23 @@ def engine_options(config: dict[str, Any]) -> dict[str, Any]:
         "pool_recycle": 1800,
         "connect_args": {"connect_timeout": 2},
     }
+
+
+def log_level(value: Any) -> str:
+    """Return a checked log level name."""
+    level = str(value or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return level
+
+
+def _metrics_token(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    token = str(value).strip()
+    if len(token) < 16:
+        raise ConfigError("METRICS_TOKEN", "must be at least 16 characters")
+    return token
 
 
 def _secret_keys(value: Any, instance_path: str) -> list[str]:

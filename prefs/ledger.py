@@ -16,6 +16,7 @@ from sqlalchemy import case, exists, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from . import metrics
 from .db import write_transaction
 from .errors import InvalidValue, UnknownSubscriber
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
@@ -288,6 +289,7 @@ def _event(
             created_at=utcnow(),
         )
     )
+    metrics.count_change(session, topic_id, action, reason, origin.source, origin.campaign)
 
 
 def history(session: Session, subscriber: Subscriber) -> list[tuple[Event, str | None]]:
