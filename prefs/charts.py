@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
+import sys
 from datetime import date
 
 import pygal
 from pygal.style import Style
+
+# pygal installs an import hook for its map plugins that lacks find_spec, so every failed
+# import anywhere in the process then warns (an error under -W error, which breaks optional
+# imports in other libraries); these charts use no plugin
+sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, pygal.PluginImportFixer)]
 
 # pygal always embeds its tooltip configuration as a script; the charts work without it
 _SCRIPT = re.compile(r"<script\b.*?</script>", re.DOTALL)
@@ -33,7 +39,9 @@ def opt_outs_chart(days: list[date], series: dict[str, list[int]]) -> str:
         title="Opt-outs per day",
         show_dots=False,
         show_minor_x_labels=False,
-        x_labels_major_every=15,
+        x_labels_major_every=14,
+        truncate_label=-1,
+        stroke_style={"width": 2},
         legend_at_bottom=True,
         include_x_axis=True,
         no_data_text="No opt-outs in this period",

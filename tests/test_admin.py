@@ -91,3 +91,12 @@ def test_search_for_unknown_invalid_and_erased_addresses(client, session, admin_
 
 def test_search_is_post_only(client, admin_key):
     assert client.get("/admin/search?email=ann@example.com", auth=("o", admin_key)).status_code == 405
+
+
+def test_loading_the_charts_leaves_failed_imports_silent():
+    import importlib
+
+    import prefs.charts  # noqa: F401
+
+    with pytest.raises(ImportError):
+        importlib.import_module("surely_no_such_module_here")
