@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config, i18n
+from . import config, i18n, logs
 from .db import configure_engine
 from .extensions import babel, db, limiter, migrate
 from .mail import Mailer
@@ -31,6 +31,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env("PREFS")
     if test_config is not None:
         app.config.from_mapping(test_config)
+    if not app.config.get("TESTING"):
+        # before finish(), which may warn about a generated key
+        logs.configure(config.log_level(app.config.get("LOG_LEVEL")))
     config.finish(app.config, app.instance_path)
     if app.config["TRUSTED_PROXIES"]:
         # behind a load balancer: rate limits and fingerprints need the client's address
@@ -49,11 +52,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     limiter.init_app(app)
 
-    from . import api, cli, health, public, web
+    from . import admin, api, cli, health, monitoring, public, web
 
     web.register(app)
+    monitoring.register(app)
     public.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
     cli.register(app)
     return app

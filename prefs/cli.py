@@ -12,12 +12,15 @@ from flask.cli import AppGroup, with_appcontext
 from flask_migrate import upgrade
 from werkzeug.serving import run_simple
 
+from . import imports, ledger, links, topics
 from . import keys as api_keys
-from . import ledger, links, topics
+from . import register as request_register
 from .addresses import normalize
 from .errors import DomainError, UnknownSubscriber
 from .extensions import session
+from .import_formats import FORMATS
 from .ledger import Origin
+from .models import utcnow
 from .rules import TRANSACTIONAL
 
 TRANSACTIONAL_DESCRIPTION = "Account and service email: receipts, password resets, security notices"
@@ -227,7 +230,66 @@ def smtpd(listen: str) -> None:
         controller.stop()
 
 
+@click.command("import")
+@with_appcontext
+@click.argument("file", type=click.File("r", encoding="utf-8-sig", lazy=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(("auto", *FORMATS)),
+    default="auto",
+    show_default=True,
+    help="The exporting service's layout; auto tells it from the header.",
+)
+@click.option("--topic", default=None, help="Opt out of this topic only (default: all marketing).")
+@click.option("--dry-run", is_flag=True, help="Count what would change, and change nothing.")
+@reports_errors
+def import_command(file: Any, fmt: str, topic: str | None, dry_run: bool) -> None:
+    """Import a suppression list exported from another service (source: import)."""
+    summary = imports.import_file(session(), file, fmt, topic, dry_run)
+    verb = "would add" if dry_run else "added"
+    click.echo(
+        f"{summary.format}: read {summary.read}, {verb} {summary.added}, "
+        f"already suppressed {summary.already}, erased (skipped) {summary.erased}, "
+        f"invalid {summary.invalid}"
+    )
+    if summary.invalid:
+        lines = ", ".join(str(n) for n in summary.invalid_lines)
+        more = (
+            f" and {summary.invalid - len(summary.invalid_lines)} more"
+            if summary.invalid > len(summary.invalid_lines)
+            else ""
+        )
+        click.echo(f"invalid addresses on lines {lines}{more}")
+
+
+requests_group = AppGroup("requests", help="The register of access, erasure and other requests.")
+
+
+@requests_group.command("overdue")
+def requests_overdue() -> None:
+    """Print the open requests past their 30-day due date (for a cron mail); none prints nothing."""
+    now = utcnow()
+    for item in request_register.list_requests(session(), "overdue", now):
+        late = (now - item.due_at).days
+        click.echo(
+            f"#{item.id}\t{item.type}\t{item.label}\treceived {item.received_at:%Y-%m-%d}"
+            f"\tdue {item.due_at:%Y-%m-%d}\toverdue by {late} days"
+        )
+
+
 def register(app: Flask) -> None:
     """Add the commands to ``flask --app prefs``."""
-    for command in (topics_group, keys_group, link, check, unsubscribe, resubscribe, demo, smtpd):
+    for command in (
+        topics_group,
+        keys_group,
+        link,
+        check,
+        unsubscribe,
+        resubscribe,
+        demo,
+        smtpd,
+        import_command,
+        requests_group,
+    ):
         app.cli.add_command(command)

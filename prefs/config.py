@@ -38,7 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_ONE_CLICK": "60 per minute",
     "TRUSTED_PROXIES": 0,
     "REQUEST_MIN_SECONDS": 0.25,
+    "METRICS_TOKEN": None,
+    "LOG_LEVEL": "INFO",
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _COLOR = re.compile(r"#[0-9a-fA-F]{6}\Z")
 # the storages Flask-Limiter can reach with what setup.cfg installs
@@ -78,6 +81,8 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     _brand(config)
     _mail(config)
     _rate_limits(config)
+    config["METRICS_TOKEN"] = _metrics_token(config.get("METRICS_TOKEN"))
+    config["LOG_LEVEL"] = log_level(config.get("LOG_LEVEL"))
     # flask's own session is unused; this keeps its key distinct from the signing keys
     config.setdefault("SECRET_KEY", config["SECRET_KEYS"][-1])
 
@@ -101,9 +106,11 @@ def database_url(value: Any, instance_path: str) -> str:
 def engine_options(config: dict[str, Any]) -> dict[str, Any]:
     """Return the engine options for the configured database."""
     url: str = config["SQLALCHEMY_DATABASE_URI"]
+    # a failed statement's message must not carry its parameters (addresses) into the logs
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": config["DB_BUSY_TIMEOUT_MS"] / 1000}}
+        return {"connect_args": {"timeout": config["DB_BUSY_TIMEOUT_MS"] / 1000}, "hide_parameters": True}
     return {
+        "hide_parameters": True,
         "pool_size": config["DB_POOL_SIZE"],
         "max_overflow": 0,
         "pool_timeout": config["DB_POOL_TIMEOUT"],
@@ -177,6 +184,23 @@ def _rate_limits(config: dict[str, Any]) -> None:
         except ValueError:
             problem = f"must be a rate such as '3 per hour; 6 per day', not {value!r}"
             raise ConfigError(name, problem) from None
+
+
+def log_level(value: Any) -> str:
+    """Return a checked log level name."""
+    level = str(value or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return level
+
+
+def _metrics_token(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    token = str(value).strip()
+    if len(token) < 16:
+        raise ConfigError("METRICS_TOKEN", "must be at least 16 characters")
+    return token
 
 
 def _secret_keys(value: Any, instance_path: str) -> list[str]:

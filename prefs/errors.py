@@ -41,3 +41,9 @@ class InvalidValue(DomainError):
     """A value is not of the expected form."""
 
     code = "invalid_value"
+
+
+class UnknownRequest(DomainError):
+    """No data-subject request has this id."""
+
+    code = "unknown_request"

@@ -17,6 +17,7 @@ from sqlalchemy import case, exists, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from . import metrics
 from .db import write_transaction
 from .errors import InvalidValue, UnknownSubscriber
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
@@ -317,6 +318,7 @@ def _event(
             created_at=origin.at or utcnow(),
         )
     )
+    metrics.count_change(session, topic_id, action, reason, origin.source, origin.campaign)
 
 
 def history(session: Session, subscriber: Subscriber) -> list[tuple[Event, str | None]]:

@@ -1,4 +1,4 @@
-"""The tables: subscribers, topics, preferences, audit events, API keys and erasures."""
+"""The tables: subscribers, topics, preferences, audit events, API keys, erasures, campaigns, requests."""
 
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ class Event(Base):
     action: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(16))
-    campaign: Mapped[str | None] = mapped_column(String(64))
+    # the overview ranks campaigns by their opt-outs
+    campaign: Mapped[str | None] = mapped_column(String(64), index=True)
     fingerprint: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
@@ -148,3 +149,39 @@ class InstanceSecret(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[str] = mapped_column(String(128))
+
+
+class CampaignSend(Base):
+    """How many recipients ``/api/v1/check`` allowed for one campaign and topic."""
+
+    __tablename__ = "campaign_sends"
+
+    campaign: Mapped[str] = mapped_column(String(64), primary_key=True)
+    topic_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("topics.id", ondelete="CASCADE"), primary_key=True
+    )
+    allowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Request(Base):
+    """A data-subject request (access, rectification, erasure, objection) due within 30 days.
+
+    The raw address is kept only while the request is open, to act on it; the keyed
+    fingerprint stays, so the register still proves the request was answered.
+    """
+
+    __tablename__ = "requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))
+    email: Mapped[str | None] = mapped_column(String(320))
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    # the masked address for the register's lists; "erased" once the subject is erased
+    label: Mapped[str] = mapped_column(String(330))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    note: Mapped[str] = mapped_column(Text, default="")

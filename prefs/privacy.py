@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -68,3 +69,12 @@ def client_fingerprint(key: bytes, ip: str | None, user_agent: str | None) -> st
 def secret_hash(secret: str) -> str:
     """Return the stored form of an API key's secret (high-entropy, so a plain hash suffices)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def address_fingerprinter(key: bytes) -> Callable[[str], str]:
+    """Return ``address_fingerprint`` for one key, on the one-shot C path that bulk imports need."""
+
+    def fingerprint(address: str) -> str:
+        return hmac.digest(key, b"address:" + address.encode(), "sha256").hex()
+
+    return fingerprint

@@ -245,10 +245,18 @@ class SubjectEvent(Schema):
     at = fields.String(required=True)
 
 
+class SubjectRequest(Schema):
+    type = fields.String(required=True)
+    received_at = fields.String(required=True)
+    due_at = fields.String(required=True)
+    completed_at = fields.String(required=True, allow_none=True)
+
+
 class Subject(Schema):
     subscriber = fields.Nested(SubjectSubscriber, required=True)
     preferences = fields.List(fields.Nested(SubjectPreference), required=True)
     events = fields.List(fields.Nested(SubjectEvent), required=True)
+    requests = fields.List(fields.Nested(SubjectRequest), required=True)
 
 
 def topic_body(topic: Any) -> dict[str, Any]:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from .addresses import mask
 from .db import write_transaction
 from .errors import UnknownSubscriber
 from .ledger import Origin, find_subscriber, history, insert_for, txid_for
-from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
+from .models import ErasedAddress, Event, Preference, Request, Subscriber, Topic, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 
+ERASED_LABEL = "erased"
 
-def _iso(moment: Any) -> str | None:
+
+def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
@@ -29,6 +34,8 @@ def export_subject(session: Session, email: str) -> dict[str, Any]:
         .where(Preference.subscriber_id == subscriber.id)
         .order_by(Topic.key)
     )
+    fingerprint = address_fingerprint(fingerprint_key(session), email)
+    requests = session.scalars(select(Request).where(Request.fingerprint == fingerprint).order_by(Request.id))
     return {
         "subscriber": {
             "email": subscriber.email,
@@ -55,6 +62,15 @@ def export_subject(session: Session, email: str) -> dict[str, Any]:
             }
             for event, key in history(session, subscriber)
         ],
+        "requests": [
+            {
+                "type": item.type,
+                "received_at": _iso(item.received_at),
+                "due_at": _iso(item.due_at),
+                "completed_at": _iso(item.completed_at),
+            }
+            for item in requests
+        ],
     }
 
 
@@ -62,30 +78,25 @@ def erase_subject(session: Session, email: str, origin: Origin | None = None) ->
     """Erase a normalized address and all that identifies the person; keep it out of marketing.
 
     What stays is a keyed, non-reversible fingerprint of the address, so a later check
-    answers ``erased`` and a re-import does not bring it back, and the audit events with
-    their personal fields removed, plus one event recording the erasure itself.
+    answers ``erased`` and a re-import does not bring it back; the audit events with
+    their personal fields removed; and one event recording the erasure itself.
     """
-    subscriber = find_subscriber(session, email)
-    if subscriber is None:
-        raise UnknownSubscriber("nothing is held about this address")
     fingerprint = address_fingerprint(fingerprint_key(session), email)
     origin = origin or Origin("api")
-    insert = insert_for(session)
     with write_transaction(session):
-        session.execute(
-            insert(ErasedAddress)
-            .values(fingerprint=fingerprint, erased_at=utcnow())
-            .on_conflict_do_nothing(index_elements=[ErasedAddress.fingerprint])
-        )
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+        if subscriber_id is None:
+            raise UnknownSubscriber("nothing is held about this address")
+        forget_address(session, email, fingerprint)
         session.execute(
             update(Event)
-            .where(Event.subscriber_id == subscriber.id)
+            .where(Event.subscriber_id == subscriber_id)
             .values(subscriber_id=None, fingerprint=None)
         )
-        session.execute(delete(Preference).where(Preference.subscriber_id == subscriber.id))
-        session.execute(delete(Subscriber).where(Subscriber.id == subscriber.id))
+        session.execute(delete(Preference).where(Preference.subscriber_id == subscriber_id))
+        session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
         session.execute(
-            insert(Event).values(
+            insert_for(session)(Event).values(
                 txid=txid_for(session),
                 subscriber_id=None,
                 topic_id=None,
@@ -95,4 +106,17 @@ def erase_subject(session: Session, email: str, origin: Origin | None = None) ->
                 created_at=utcnow(),
             )
         )
-    session.expunge_all()
+
+
+def forget_address(session: Session, email: str, fingerprint: str) -> None:
+    """Within a write transaction: record the fingerprint as erased and drop the address from requests."""
+    session.execute(
+        insert_for(session)(ErasedAddress)
+        .values(fingerprint=fingerprint, erased_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[ErasedAddress.fingerprint])
+    )
+    for item in session.scalars(select(Request).where(Request.fingerprint == fingerprint)):
+        item.email = None
+        item.label = ERASED_LABEL
+        # an operator's note may quote the address
+        item.note = re.sub(re.escape(email), mask(email), item.note or "", flags=re.IGNORECASE)

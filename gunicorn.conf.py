@@ -1,0 +1,110 @@
+"""Production settings for ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+Every value can be overridden on the command line (``-b``, ``-w``...) or in
+``GUNICORN_CMD_ARGS``; the ``PREFS_*`` variables below are the usual knobs.
+
+- Workers: ``gthread``, a few processes with a pool of threads each. Idle keep-alive
+  connections wait in the worker's selector, not in a thread, and a slow client
+  ties up one thread, never a whole process, so a handful of slow clients leave the
+  other threads serving. The TLS proxy in front (nginx, Caddy, a load balancer)
+  buffers request bodies, which is what really absorbs slow uploads. Async workers
+  (gevent) were not chosen: SQLite's lock wait and psycopg's calls would block the
+  whole event loop.
+- No preload: each worker imports the app after the fork, so no database connection
+  (SQLite or PostgreSQL) is ever shared across processes, and ``kill -HUP`` (a graceful
+  reload: new workers start with the new code and settings, old ones finish what they
+  are serving within ``graceful_timeout``) picks up a new release.
+- Metrics: a fresh ``PROMETHEUS_MULTIPROC_DIR`` per master, cleared at start, and each
+  dead worker's live figures are dropped, so ``/metrics`` adds up across workers.
+- Access log: on stdout, with the token part of ``/u/...`` and ``/p/...`` links, any
+  address, and the Authorization header masked.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import re
+import tempfile
+from typing import Any
+
+from gunicorn.glogging import Logger
+
+# before any worker imports prometheus_client, which reads it at import time
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prefs-metrics-")
+
+
+def _int_env(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return int(value)
+    return default
+
+
+bind = [os.environ.get("PREFS_BIND", "127.0.0.1:8000")]
+workers = _int_env("PREFS_WORKERS", "WEB_CONCURRENCY", default=multiprocessing.cpu_count() * 2 + 1)
+worker_class = "gthread"
+# each slow client holds one thread while it trickles its request in: workers x threads
+# (80 on two CPUs) is how many one host absorbs with no buffering proxy in front
+threads = _int_env("PREFS_THREADS", default=16)
+# one request may take this long (a 10,000-recipient check is well under it) before the
+# worker is restarted; a hung thread cannot hold a worker forever
+timeout = _int_env("PREFS_TIMEOUT", default=30)
+graceful_timeout = 30
+# a keep-alive connection waits this long for its next request (in the selector, no thread)
+keepalive = 5
+# a client that never finishes its headers is bounded by these limits and the proxy's timeouts
+limit_request_line = 8190
+limit_request_fields = 100
+max_requests = 10000
+max_requests_jitter = 1000
+preload_app = False
+# the proxy in front sets X-Forwarded-*; trust it only from this host unless told otherwise
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# heartbeat files in memory, not on a disk that may stall
+# (gunicorn makes its own files there with mkstemp, so the shared folder is safe)
+SHM = "/dev/shm"  # noqa: S108
+worker_tmp_dir = SHM if os.path.isdir(SHM) else None
+accesslog = os.environ.get("PREFS_ACCESS_LOG", "-")
+errorlog = "-"
+loglevel = os.environ.get("PREFS_LOG_LEVEL", "info").lower()
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(f)s" "%(a)s" %({x-request-id}o)s'
+
+_TOKEN_PATH = re.compile(r"(/[up]/)[^\s/?\"']+")
+_EMAIL = re.compile(r"[^\s/?&=\"'<>(),;:]+(?:@|%40)[^\s/?&=\"'<>(),;:]+")
+_SECRET_HEADERS = ("{authorization}i", "{cookie}i", "{http_authorization}e", "{http_cookie}e")
+
+
+def mask(value: str) -> str:
+    """Mask link tokens and addresses in one access-log value."""
+    return _EMAIL.sub("[email]", _TOKEN_PATH.sub(r"\1[token]", value))
+
+
+class MaskingLogger(Logger):  # type: ignore[misc]
+    """Gunicorn's logger, with no token, address or credential in any access-log atom."""
+
+    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
+        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
+        for name in _SECRET_HEADERS:
+            if name in atoms:
+                atoms[name] = "[hidden]"
+        return {k: mask(v) if isinstance(v, str) else v for k, v in atoms.items()}
+
+
+logger_class = MaskingLogger
+
+
+def on_starting(server: Any) -> None:
+    """Start from an empty metrics folder: figures of an earlier run must not add up."""
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges from the metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,319 @@
+"""Import a suppression list from another service: streamed, in batches of set-based statements.
+
+Each batch is staged in a temporary table, then one statement each: drop the erased
+addresses, insert the new subscribers, take the batch out of all marketing (or out of
+one topic), and append the audit events.  Nobody is ever resubscribed, an erased
+address is never brought back, and a second run of the same file changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
+from typing import Any, TextIO
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateTable
+
+from . import metrics
+from .addresses import normalize_or_none
+from .db import write_transaction
+from .import_formats import RANK, Row, read_rows
+from .ledger import UNSUBSCRIBE, insert_for, txid_for
+from .models import ErasedAddress, Event, Preference, Subscriber, UTCDateTime, utcnow
+from .privacy import address_fingerprinter, fingerprint_key
+from .topics import get_topic
+
+BATCH = 5000
+BATCHES_PER_COMMIT = 5
+SQLITE_CACHE_KIB = 64 * 1024
+SOURCE = "import"
+# the summary keeps this many invalid line numbers; the count is always complete
+MAX_LINES_SHOWN = 100
+
+staging = Table(
+    "prefs_import_batch",
+    MetaData(),
+    Column("email", String(320), primary_key=True),
+    Column("fingerprint", String(64)),
+    Column("public_id", String(22)),
+    Column("reason", String(16)),
+    Column("at", UTCDateTime),
+    Column("campaign", String(64)),
+    Column("changed", Boolean, default=False),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DELETE ROWS",
+)
+
+
+@dataclass
+class Summary:
+    """What an import did (or, with ``dry_run``, would do)."""
+
+    format: str
+    dry_run: bool = False
+    read: int = 0
+    added: int = 0
+    already: int = 0
+    erased: int = 0
+    invalid: int = 0
+    invalid_lines: list[int] = field(default_factory=list)
+
+
+class _DryRun(Exception):
+    """Roll the transaction back: a dry run counts and changes nothing."""
+
+
+def import_file(
+    session: Session,
+    stream: TextIO,
+    fmt: str = "auto",
+    topic_key: str | None = None,
+    dry_run: bool = False,
+    batch_size: int = BATCH,
+    now: datetime | None = None,
+) -> Summary:
+    """Import a suppression list; out of all marketing, or of one topic with ``topic_key``."""
+    topic_id = get_topic(session, topic_key).id if topic_key is not None else None
+    fmt, rows = read_rows(stream, fmt)
+    summary = Summary(fmt, dry_run)
+    fingerprint = address_fingerprinter(fingerprint_key(session))
+    dialect = session.get_bind().dialect
+    # the dialect's own processor: SQLite keeps times as text in SQLAlchemy's one format
+    at_type = staging.c.at.type.dialect_impl(dialect)
+    to_db: Callable[[Any], Any] = at_type.bind_processor(dialect) or (lambda value: value)
+    chunks = _chunks(rows, batch_size)
+    more = True
+    while more:
+        done: list[tuple[int, int, int]] = []
+        try:
+            # a few batches per transaction: each commit is an fsync (synchronous=FULL)
+            with write_transaction(session):
+                # most databases have erased nobody: then no row needs its fingerprint
+                erasures = session.scalar(select(ErasedAddress.fingerprint).limit(1)) is not None
+                taken = 0
+                for chunk in islice(chunks, BATCHES_PER_COMMIT):
+                    taken += 1
+                    batch = _valid(chunk, summary, now or utcnow())
+                    if not batch:
+                        continue
+                    ids = public_ids(len(batch))
+                    staged = [
+                        (
+                            email,
+                            fingerprint(email) if erasures else None,
+                            next(ids),
+                            reason,
+                            to_db(at),
+                            campaign,
+                        )
+                        for email, (reason, at, campaign) in sorted(batch.items())
+                    ]
+                    done.append((*_apply(session, staged, topic_id, now or utcnow()), len(staged)))
+                more = taken == BATCHES_PER_COMMIT
+                if dry_run:
+                    raise _DryRun()
+        except _DryRun:
+            pass
+        for added, erased, staged_count in done:
+            summary.added += added
+            summary.erased += erased
+            summary.already += staged_count - added - erased
+    return summary
+
+
+def public_ids(count: int) -> Iterator[str]:
+    """Return ``count`` random public ids like ``ledger.new_public_id``'s, from one read of urandom."""
+    # 12 random bytes are exactly 16 base64 characters, so the slices never share a byte
+    text = base64.urlsafe_b64encode(os.urandom(12 * count)).decode()
+    return (text[i : i + 16] for i in range(0, 16 * count, 16))
+
+
+def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def _valid(
+    chunk: Iterable[Row], summary: Summary, now: datetime
+) -> dict[str, tuple[str, datetime, str | None]]:
+    """Normalize a chunk; keep one entry per address, with its strongest reason and first time."""
+    batch: dict[str, tuple[str, datetime, str | None]] = {}
+    for row in chunk:
+        summary.read += 1
+        email = normalize_or_none(row.email)
+        if email is None:
+            summary.invalid += 1
+            if len(summary.invalid_lines) < MAX_LINES_SHOWN:
+                summary.invalid_lines.append(row.line)
+            continue
+        at = min(row.at, now) if row.at is not None else now
+        seen = batch.get(email)
+        if seen is None:
+            batch[email] = (row.reason, at, row.campaign)
+        elif RANK[row.reason] > RANK[seen[0]] or at < seen[1]:
+            reason = row.reason if RANK[row.reason] > RANK[seen[0]] else seen[0]
+            batch[email] = (reason, min(at, seen[1]), seen[2] or row.campaign)
+    return batch
+
+
+def _apply(
+    session: Session, staged: list[tuple[Any, ...]], topic_id: int | None, now: datetime
+) -> tuple[int, int]:
+    """Within a write transaction: record one batch; return how many were added and erased."""
+    if session.get_bind().dialect.name == "sqlite":
+        # a million random keys into the address index thrash SQLite's 2 MB default page cache
+        session.execute(text(f"PRAGMA cache_size={-SQLITE_CACHE_KIB}"))
+    session.execute(CreateTable(staging, if_not_exists=True))
+    session.execute(delete(staging))
+    _stage(session, staged)
+    erased = _rowcount(
+        session.execute(delete(staging).where(staging.c.fingerprint.in_(select(ErasedAddress.fingerprint))))
+    )
+    session.execute(
+        insert_for(session)(Subscriber)
+        .from_select(
+            ["email", "public_id", "created_at", "version"],
+            select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(0)).where(true()),
+        )
+        .on_conflict_do_nothing(index_elements=[Subscriber.email])
+    )
+    in_batch = Subscriber.email.in_(select(staging.c.email))
+    if session.get_bind().dialect.name == "postgresql":
+        # lock the batch's subscribers, so the rows chosen below are the rows changed
+        # (SQLite's BEGIN IMMEDIATE holds the whole database already)
+        session.execute(select(Subscriber.id).where(in_batch).with_for_update()).all()
+    added = _leave_all(session) if topic_id is None else _leave_topic(session, topic_id)
+    txid = session.scalar(select(txid_for(session)))
+    subscriber = select(Subscriber.id).where(Subscriber.email == staging.c.email).scalar_subquery()
+    session.execute(
+        insert(Event).from_select(
+            ["txid", "subscriber_id", "topic_id", "action", "reason", "source", "campaign", "created_at"],
+            select(
+                literal(txid),
+                subscriber,
+                literal(topic_id, Integer),
+                literal(UNSUBSCRIBE),
+                staging.c.reason,
+                literal(SOURCE),
+                staging.c.campaign,
+                staging.c.at,
+            ).where(staging.c.changed.is_(True)),
+        )
+    )
+    for reason, count in session.execute(
+        select(staging.c.reason, func.count()).where(staging.c.changed.is_(True)).group_by(staging.c.reason)
+    ):
+        metrics.count_change(session, topic_id, UNSUBSCRIBE, reason, SOURCE, count=count)
+    # the staged addresses must not outlive the batch, even in a temporary table
+    session.execute(delete(staging))
+    return added, erased
+
+
+def _stage(session: Session, staged: list[tuple[Any, ...]]) -> None:
+    # the bulk of the rows: straight to the driver's executemany, values already in database form
+    connection = session.connection().connection.dbapi_connection
+    assert connection is not None
+    mark = "?" if session.get_bind().dialect.paramstyle == "qmark" else "%s"
+    cursor = connection.cursor()
+    try:
+        cursor.executemany(
+            f"INSERT INTO {staging.name} (email, fingerprint, public_id, reason, at, campaign, changed) "  # noqa: S608
+            f"VALUES ({', '.join([mark] * 6)}, {'0' if mark == '?' else 'false'})",
+            staged,
+        )
+    finally:
+        cursor.close()
+
+
+def _leave_all(session: Session) -> int:
+    # anyone already out of all marketing stays as recorded, whatever the file says
+    session.execute(
+        update(staging)
+        .where(exists().where(Subscriber.email == staging.c.email, Subscriber.left_all_reason.is_(None)))
+        .values(changed=True)
+    )
+    row = select(staging.c.reason, staging.c.at).where(staging.c.email == Subscriber.email)
+    return _rowcount(
+        session.execute(
+            update(Subscriber)
+            .where(
+                Subscriber.email.in_(select(staging.c.email).where(staging.c.changed.is_(True))),
+                Subscriber.left_all_reason.is_(None),
+            )
+            .values(
+                version=Subscriber.version + 1,
+                left_all_version=Subscriber.version + 1,
+                left_all_reason=row.with_only_columns(staging.c.reason).scalar_subquery(),
+                left_all_at=row.with_only_columns(staging.c.at).scalar_subquery(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+def _leave_topic(session: Session, topic_id: int) -> int:
+    opted_out = (
+        select(Preference.subscriber_id)
+        .join(Subscriber, Subscriber.id == Preference.subscriber_id)
+        .where(
+            Subscriber.email == staging.c.email,
+            Preference.topic_id == topic_id,
+            Preference.subscribed.is_(False),
+        )
+    )
+    session.execute(update(staging).where(~exists(opted_out)).values(changed=True))
+    added = _rowcount(
+        session.execute(
+            update(Subscriber)
+            .where(Subscriber.email.in_(select(staging.c.email).where(staging.c.changed.is_(True))))
+            .values(version=Subscriber.version + 1)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    stmt = insert_for(session)(Preference).from_select(
+        ["subscriber_id", "topic_id", "subscribed", "version", "source", "updated_at"],
+        select(Subscriber.id, literal(topic_id), false(), Subscriber.version, literal(SOURCE), staging.c.at)
+        .join(staging, and_(staging.c.email == Subscriber.email, staging.c.changed.is_(True)))
+        # SQLite needs a WHERE before ON CONFLICT to tell it from a join's ON
+        .where(true()),
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Preference.subscriber_id, Preference.topic_id],
+            set_={
+                "subscribed": False,
+                "version": stmt.excluded.version,
+                "source": SOURCE,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+    )
+    return added
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)

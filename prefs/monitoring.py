@@ -1,0 +1,116 @@
+"""The operations surface: ``/metrics``, and the timing and JSON log line of every request."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from .extensions import db
+from .logs import request_id
+from .metrics import ERRORS, LATENCY
+from .register import count_requests
+
+LOCAL = ("127.0.0.1", "::1")
+access = logging.getLogger("prefs.access")
+bp = Blueprint("monitoring", __name__)
+
+
+def route() -> str:
+    """Return the route pattern of this request (never its path, which may hold a token)."""
+    rule = request.url_rule
+    return rule.rule if rule is not None else "<unmatched>"
+
+
+class RegisterCollector(Collector):
+    """Read the open and overdue requests from the database at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        open_count, overdue = count_requests(db.session())
+        yield GaugeMetricFamily("prefs_requests_open", "Data-subject requests not yet completed", open_count)
+        yield GaugeMetricFamily("prefs_requests_overdue", "Open requests past their due date", overdue)
+
+
+def scrape() -> bytes:
+    """Return the metrics in Prometheus text format, summed across workers when multiprocess."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Default())
+    registry.register(RegisterCollector())
+    return generate_latest(registry)
+
+
+class _Default(Collector):
+    """Yield this process's own metrics (the default registry's)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+def _allowed() -> Response | None:
+    token: str | None = current_app.config["METRICS_TOKEN"]
+    if token:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return Response(
+                "a bearer token is required\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'}
+            )
+        return None
+    # behind a proxy on this host every request comes from 127.0.0.1: a forwarded one is not local
+    if request.remote_addr in LOCAL and "X-Forwarded-For" not in request.headers:
+        return None
+    return Response("set PREFS_METRICS_TOKEN to read the metrics from elsewhere\n", 403)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Answer the Prometheus scrape."""
+    refused = _allowed()
+    if refused is not None:
+        return refused
+    return Response(scrape(), content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
+
+
+def register(app: Flask) -> None:
+    """Time and log every request by route pattern, count errors by status, serve ``/metrics``."""
+
+    @app.before_request
+    def start() -> None:
+        g.request_id = request_id(request.headers.get("X-Request-ID"))
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        started = g.get("request_started")
+        if started is None:
+            return response
+        elapsed = time.perf_counter() - started
+        pattern = route()
+        LATENCY.labels(pattern, request.method).observe(elapsed)
+        if response.status_code >= 400:
+            ERRORS.labels(str(response.status_code)).inc()
+        response.headers["X-Request-ID"] = g.request_id
+        access.info(
+            "request",
+            extra={
+                "request_id": g.request_id,
+                "method": request.method,
+                "route": pattern,
+                "status": response.status_code,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
+        )
+        return response
+
+    app.register_blueprint(bp)

@@ -1,0 +1,170 @@
+"""The register of data-subject requests, each due 30 days after it was received.
+
+The raw address is kept only while a request is open, to act on it; every request
+keeps the address's keyed fingerprint and a masked label, so the register still
+proves what was asked and when it was answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from . import subjects
+from .addresses import mask, normalize
+from .db import write_transaction
+from .errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
+from .ledger import Origin, ensure_subscriber, is_erased, record_opt_out
+from .models import Request, utcnow
+from .privacy import address_fingerprint, fingerprint_key
+
+TYPES = ("access", "rectification", "erasure", "objection")
+STATUSES = ("open", "overdue", "done")
+DUE_AFTER = timedelta(days=30)
+MAX_NOTE = 2000
+# an export for an address nobody holds anything about
+NOTHING_HELD: dict[str, Any] = {"subscriber": None, "preferences": [], "events": [], "requests": []}
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A completed request, with the export when it was an access request."""
+
+    request: Request
+    export: dict[str, Any] | None = None
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def record_request(
+    session: Session,
+    type: str,
+    email: str,
+    received_at: datetime | None = None,
+    note: str = "",
+    now: datetime | None = None,
+) -> Request:
+    """Record a request received at ``received_at`` (default now); it is due 30 days later."""
+    if type not in TYPES:
+        raise InvalidValue(f"a request's type is one of {', '.join(TYPES)}, not {type!r}")
+    address = normalize(email)
+    now = now or utcnow()
+    received = _aware(received_at) if received_at is not None else now
+    if received > now + timedelta(minutes=5):
+        raise InvalidValue("a request cannot be received in the future")
+    note = (note or "").strip()
+    if len(note) > MAX_NOTE:
+        raise InvalidValue(f"a note is at most {MAX_NOTE} characters")
+    fingerprint = address_fingerprint(fingerprint_key(session), address)
+    with write_transaction(session):
+        item = Request(
+            type=type,
+            email=address,
+            fingerprint=fingerprint,
+            label=mask(address),
+            received_at=received,
+            due_at=received + DUE_AFTER,
+            note=note,
+        )
+        session.add(item)
+    return item
+
+
+def get_request(session: Session, request_id: int) -> Request:
+    """Return the request with this id, or raise ``UnknownRequest``."""
+    item = session.get(Request, request_id)
+    if item is None:
+        raise UnknownRequest(f"there is no request {request_id}")
+    return item
+
+
+def list_requests(session: Session, status: str = "open", now: datetime | None = None) -> list[Request]:
+    """Return the open (overdue first), overdue, or done (newest first) requests."""
+    if status not in STATUSES:
+        raise InvalidValue(f"status is one of {', '.join(STATUSES)}, not {status!r}")
+    now = now or utcnow()
+    query = select(Request)
+    if status == "done":
+        query = query.where(Request.completed_at.is_not(None)).order_by(
+            Request.completed_at.desc(), Request.id.desc()
+        )
+    else:
+        query = query.where(Request.completed_at.is_(None)).order_by(Request.due_at, Request.id)
+        if status == "overdue":
+            query = query.where(Request.due_at < now)
+    return list(session.scalars(query))
+
+
+def count_requests(session: Session, now: datetime | None = None) -> tuple[int, int]:
+    """Return how many requests are open, and how many of those are overdue."""
+    now = now or utcnow()
+    row = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((Request.due_at < now, 1), else_=0)), 0)).where(
+            Request.completed_at.is_(None)
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def complete_request(
+    session: Session,
+    request_id: int,
+    origin: Origin | None = None,
+    note: str | None = None,
+    now: datetime | None = None,
+) -> Completion:
+    """Act on an open request and close it: export, erase, or take the address out of marketing."""
+    item = get_request(session, request_id)
+    if item.completed_at is not None:
+        raise Conflict(f"request {request_id} was completed already")
+    email = item.email
+    export: dict[str, Any] | None = None
+    outcome = "done"
+    if email is None:
+        # the address was erased while the request was open: nothing is held any more
+        export, outcome = (dict(NOTHING_HELD), "exported") if item.type == "access" else (None, "erased")
+    elif item.type == "access":
+        export, outcome = _export(session, email), "exported"
+    elif item.type == "erasure":
+        _erase(session, email, item.fingerprint)
+        outcome = "erased"
+    elif item.type == "objection":
+        outcome = _object(session, email, origin or Origin("api"))
+    with write_transaction(session):
+        item = get_request(session, request_id)
+        item.completed_at = now or utcnow()
+        item.outcome = outcome
+        item.email = None
+        if note:
+            item.note = (item.note + "\n" + note.strip()).strip()[:MAX_NOTE]
+    return Completion(item, export)
+
+
+def _export(session: Session, email: str) -> dict[str, Any]:
+    try:
+        return subjects.export_subject(session, email)
+    except UnknownSubscriber:
+        return dict(NOTHING_HELD)
+
+
+def _erase(session: Session, email: str, fingerprint: str) -> None:
+    try:
+        subjects.erase_subject(session, email)
+    except UnknownSubscriber:
+        # nothing held, but the promise still holds: keep the address out of marketing
+        with write_transaction(session):
+            subjects.forget_address(session, email, fingerprint)
+
+
+def _object(session: Session, email: str, origin: Origin) -> str:
+    if is_erased(session, email):
+        return "already erased"
+    subscriber = ensure_subscriber(session, email)
+    record_opt_out(session, subscriber.public_id, None, origin, reason="unsubscribed")
+    return "unsubscribed"

@@ -1,0 +1,102 @@
+"""The operator's overview: Basic auth with an admin key, charts with their numbers, search."""
+
+import pytest
+
+from prefs import campaigns, keys, ledger, register, subjects
+from prefs.ledger import Origin
+from tests.factories import make_subscriber, make_topic
+
+
+@pytest.fixture
+def admin_key(session):
+    return keys.create_key(session, "ops", ["admin"])[1]
+
+
+def test_no_or_a_wrong_key_is_401_with_a_basic_challenge(client, session):
+    keys.create_key(session, "ops", ["admin"])
+    for auth in (None, ("ops", "prefs_wrong"), ("ops", "")):
+        response = client.get("/admin", auth=auth)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
+    bearer = client.get("/admin", headers={"Authorization": "Bearer prefs_x"})
+    assert bearer.status_code == 401
+
+
+def test_a_key_without_the_admin_scope_is_403(client, session):
+    _, secret = keys.create_key(session, "mailer", ["send", "read"])
+    assert client.get("/admin", auth=("anyone", secret)).status_code == 403
+
+
+def test_a_revoked_admin_key_is_401(client, session, admin_key):
+    keys.revoke_key(session, "ops")
+    assert client.get("/admin", auth=("x", admin_key)).status_code == 401
+
+
+def test_the_overview_shows_charts_tables_campaigns_topics_and_requests(client, session, admin_key):
+    make_topic(session, "news", name="Company news")
+    ann = make_subscriber(session, "ann@example.com")
+    campaigns.count_sent(session, "spring-sale", "news", 200)
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click", campaign="spring-sale"))
+    register.record_request(session, "erasure", "bob@example.com", note="by letter")
+    response = client.get("/admin", auth=("ops", admin_key))
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert 'src="/admin/charts/opt-outs.svg"' in page and 'src="/admin/charts/sources.svg"' in page
+    assert "<caption>Opt-outs per day by topic" in page and "<caption>Opt-outs by source" in page
+    assert "spring-sale" in page and "0.50%" in page
+    assert "Company news" in page and "b***@example.com" in page
+    assert "bob@example.com" not in page
+    assert "Set-Cookie" not in response.headers
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+
+def test_charts_are_svg_without_script(client, session, admin_key):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click"))
+    for path in ("/admin/charts/opt-outs.svg", "/admin/charts/sources.svg"):
+        response = client.get(path, auth=("ops", admin_key))
+        assert response.status_code == 200
+        assert response.mimetype == "image/svg+xml"
+        svg = response.get_data(as_text=True)
+        assert svg.startswith("<svg") and "<script" not in svg
+    assert client.get("/admin/charts/sources.svg").status_code == 401
+
+
+def test_search_by_address_shows_the_history(client, session, admin_key):
+    make_topic(session, "news", name="Company news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click", campaign="c7"))
+    response = client.post("/admin/search", data={"email": " Ann@Example.com "}, auth=("ops", admin_key))
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "ann@example.com" in page and "c7" in page and "one-click" in page
+    assert "not sent: unsubscribed" in page and "always sent" in page
+
+
+def test_search_for_unknown_invalid_and_erased_addresses(client, session, admin_key):
+    make_topic(session, "news")
+    assert (
+        client.post("/admin/search", data={"email": "no@example.com"}, auth=("o", admin_key)).status_code
+        == 404
+    )
+    invalid = client.post("/admin/search", data={"email": "not-an-address"}, auth=("o", admin_key))
+    assert invalid.status_code == 422 and "not a valid address" in invalid.get_data(as_text=True)
+    make_subscriber(session, "gone@example.com")
+    subjects.erase_subject(session, "gone@example.com")
+    erased = client.post("/admin/search", data={"email": "gone@example.com"}, auth=("o", admin_key))
+    assert erased.status_code == 404 and "was erased" in erased.get_data(as_text=True)
+
+
+def test_search_is_post_only(client, admin_key):
+    assert client.get("/admin/search?email=ann@example.com", auth=("o", admin_key)).status_code == 405
+
+
+def test_loading_the_charts_leaves_failed_imports_silent():
+    import importlib
+
+    import prefs.charts  # noqa: F401
+
+    with pytest.raises(ImportError):
+        importlib.import_module("surely_no_such_module_here")

@@ -1,0 +1,139 @@
+"""JSON log lines: one per request and per change, and nothing personal in any of them."""
+
+import json
+import logging
+
+import pytest
+
+from prefs import keys, ledger, links, logs
+from prefs.ledger import Origin
+from tests.factories import make_subscriber, make_topic
+
+
+def formatted(caplog):
+    formatter = logs.JsonFormatter()
+    return [formatter.format(record) for record in caplog.records]
+
+
+def test_a_request_logs_one_json_line_with_its_route_pattern(client, caplog):
+    caplog.set_level(logging.INFO)
+    response = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+    lines = [json.loads(line) for line in formatted(caplog) if '"logger":"prefs.access"' in line]
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["request_id"] == "abc-123"
+    assert entry["method"] == "GET" and entry["route"] == "/healthz" and entry["status"] == 200
+    assert isinstance(entry["duration_ms"], float)
+
+
+def test_an_insane_request_id_is_replaced():
+    assert logs.request_id("a" * 65) != "a" * 65
+    assert logs.request_id("bad id\n") != "bad id\n"
+    assert len(logs.request_id(None)) == 32
+    assert logs.request_id("req.42:x") == "req.42:x"
+
+
+def test_a_change_logs_its_action_topic_and_source_once_committed(session, caplog):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    caplog.set_level(logging.INFO)
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click", campaign="spring"))
+    entries = [json.loads(line) for line in formatted(caplog) if '"logger":"prefs.events"' in line]
+    assert entries == [
+        {
+            "time": entries[0]["time"],
+            "level": "info",
+            "logger": "prefs.events",
+            "message": "unsubscribe",
+            "action": "unsubscribe",
+            "topic": "news",
+            "source": "one-click",
+            "campaign": "spring",
+            "count": 1,
+        }
+    ]
+
+
+def test_scrub_masks_addresses_tokens_and_keys():
+    text = "ann@example.com GET /u/abc.def.ghi?x=1 /p/tok%2Fen key prefs_abcdefghijklmnop ann%40example.com"
+    scrubbed = logs.scrub(text)
+    for secret in (
+        "ann@example.com",
+        "abc.def.ghi",
+        "tok%2Fen",
+        "prefs_abcdefghijklmnop",
+        "ann%40example.com",
+    ):
+        assert secret not in scrubbed
+    assert "/u/[token]" in scrubbed
+
+
+def test_an_exception_is_logged_scrubbed():
+    try:
+        raise ValueError("bad address ann@example.com")
+    except ValueError:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "failed for %s", ("bob@example.com",), None
+        )
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = logs.JsonFormatter().format(record)
+    assert "ann@example.com" not in line and "bob@example.com" not in line
+    assert "ValueError" in json.loads(line)["error"]
+
+
+def test_failed_statements_do_not_carry_their_parameters(app):
+    assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["hide_parameters"] is True
+
+
+def test_configure_sends_json_to_stdout_with_one_handler(capsys):
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        logs.configure("INFO")
+        logs.configure("INFO")
+        added = [h for h in root.handlers if isinstance(h.formatter, logs.JsonFormatter)]
+        assert len(added) == 1 and isinstance(added[0].formatter, logs.JsonFormatter)
+        logging.getLogger("prefs.test").info("hello ann@example.com")
+        out = capsys.readouterr().out.strip().splitlines()[-1]
+        assert json.loads(out)["message"] == "hello [email]"
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before:
+                root.removeHandler(handler)
+
+
+def test_a_full_flow_logs_no_address_token_or_key(app, client, session, runner, caplog):
+    caplog.set_level(logging.DEBUG)
+    make_topic(session, "news")
+    _, secret = keys.create_key(session, "ops", ["admin"])
+    result = runner.invoke(args=["link", "ann@example.com", "--topic", "news", "--campaign", "c1"])
+    unsubscribe_url, preferences_url = result.output.strip().splitlines()[-2:]
+    token = unsubscribe_url.rsplit("/", 1)[1]
+    pref_token = preferences_url.rsplit("/", 1)[1]
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click", campaign="c1"))
+    runner.invoke(args=["unsubscribe", "ann@example.com"])
+    client.get(f"/u/{token}")
+    client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click"})
+    client.get(f"/p/{pref_token}")
+    client.get("/api/v1/subscribers/ann@example.com", headers={"Authorization": f"Bearer {secret}"})
+    client.post("/admin/search", data={"email": "ann@example.com"}, auth=("ops", secret))
+    client.get("/metrics")
+    assert links.unsubscribe_url(token) == unsubscribe_url
+    lines = "\n".join(formatted(caplog))
+    assert '"logger":"prefs.access"' in lines and '"logger":"prefs.events"' in lines
+    for secret_text in ("ann@example.com", "ann%40example.com", token, pref_token, secret, ann.public_id):
+        assert secret_text not in lines
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning"])
+def test_log_level_setting_is_checked(make_app, level):
+    assert make_app(LOG_LEVEL=level).config["LOG_LEVEL"] == level.upper()
+
+
+def test_a_bad_log_level_names_the_variable(make_app):
+    with pytest.raises(SystemExit, match="PREFS_LOG_LEVEL"):
+        make_app(LOG_LEVEL="loud")

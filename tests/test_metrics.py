@@ -1,0 +1,129 @@
+"""``/metrics``: Prometheus text that prometheus-client's parser reads, and who may read it."""
+
+from collections import Counter
+from datetime import timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefs import ledger, metrics, register
+from prefs.ledger import Origin
+from prefs.models import utcnow
+from tests.factories import make_subscriber, make_topic
+
+TOKEN = "metrics-token-0123456789"
+
+
+def scrape(client, **kwargs):
+    response = client.get("/metrics", **kwargs)
+    assert response.status_code == 200, response.data
+    assert response.mimetype == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_changes_are_counted_by_topic_and_source_once_committed(client, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    before = scrape(client)
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click", campaign="c1"))
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click"))  # no change: not counted
+    ledger.record_opt_out(session, ann.public_id, None, Origin("api"), reason="complained")
+    ledger.record_resubscribe(session, ann.public_id, "news", Origin("preferences"))
+    after = scrape(client)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("prefs_opt_outs_total", topic="news", source="one-click", reason="unsubscribed") == 1
+    assert delta("prefs_opt_outs_total", topic="all", source="api", reason="complained") == 1
+    assert delta("prefs_resubscribes_total", topic="news", source="preferences") == 1
+
+
+def test_a_rolled_back_change_is_not_counted(client, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    before = scrape(client)
+    metrics.count_change(session, None, "unsubscribe", "unsubscribed", "api")
+    session.rollback()
+    after = scrape(client)
+    key = ("prefs_opt_outs_total", (("reason", "unsubscribed"), ("source", "api"), ("topic", "all")))
+    assert after.get(key, 0) == before.get(key, 0)
+    assert ann.id  # the subscriber is untouched
+
+
+def test_check_calls_recipients_and_verdicts(client):
+    before = scrape(client)
+    metrics.count_check("news", 5, Counter({None: 3, "unsubscribed": 1, "invalid_address": 1}))
+    after = scrape(client)
+    assert (
+        value(after, "prefs_check_calls_total", topic="news")
+        - value(before, "prefs_check_calls_total", topic="news")
+        == 1
+    )
+    assert (
+        value(after, "prefs_check_recipients_total", topic="news")
+        - value(before, "prefs_check_recipients_total", topic="news")
+        == 5
+    )
+    for reason, count in (("allowed", 3), ("unsubscribed", 1), ("invalid_address", 1)):
+        labels = {"topic": "news", "reason": reason}
+        assert (
+            value(after, "prefs_check_verdicts_total", **labels)
+            - value(before, "prefs_check_verdicts_total", **labels)
+            == count
+        )
+
+
+def test_latency_is_by_route_pattern_and_errors_by_status(client):
+    before = scrape(client)
+    client.get("/healthz")
+    client.get("/no/such/page/with-a-secret")
+    after = scrape(client)
+    count = "prefs_request_duration_seconds_count"
+    assert (
+        value(after, count, endpoint="/healthz", method="GET")
+        - value(before, count, endpoint="/healthz", method="GET")
+        == 1
+    )
+    assert (
+        value(after, "prefs_http_errors_total", status="404")
+        - value(before, "prefs_http_errors_total", status="404")
+        >= 1
+    )
+    assert not any("with-a-secret" in str(labels) for _, labels in after)
+
+
+def test_open_and_overdue_requests_are_read_at_scrape_time(client, session):
+    now = utcnow()
+    register.record_request(session, "access", "ann@example.com", received_at=now - timedelta(days=31))
+    register.record_request(session, "erasure", "bob@example.com")
+    samples = scrape(client)
+    assert value(samples, "prefs_requests_open") == 2
+    assert value(samples, "prefs_requests_overdue") == 1
+
+
+def test_without_a_token_only_this_host_may_read(client):
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 403
+    # a proxy on this host makes every client look local; a forwarded request is not
+    assert client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+
+
+def test_with_a_token_a_bearer_must_present_it(make_app):
+    app = make_app(METRICS_TOKEN=TOKEN)
+    client = app.test_client()
+    missing = client.get("/metrics")
+    assert missing.status_code == 401
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    remote = {"REMOTE_ADDR": "10.1.2.3"}
+    ok = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, environ_base=remote)
+    assert ok.status_code == 200
+    assert b"prefs_requests_open" in ok.data

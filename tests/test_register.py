@@ -1,0 +1,128 @@
+"""The 30-day register of data-subject requests."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from prefs import ledger, register
+from prefs.errors import Conflict, InvalidAddress, InvalidValue, UnknownRequest
+from prefs.models import Event, Request, Subscriber, utcnow
+from tests.factories import make_subscriber, make_topic
+from tests.test_subjects import database_text
+
+
+def test_a_request_is_due_thirty_days_after_receipt(session):
+    received = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    item = register.record_request(
+        session, "access", " Ann@Example.COM ", received_at=received, note="phoned"
+    )
+    assert item.due_at == received + timedelta(days=30)
+    assert item.email == "ann@example.com"
+    assert item.label == "a***@example.com"
+    assert item.completed_at is None and item.note == "phoned"
+
+
+def test_a_naive_receipt_time_is_utc(session):
+    item = register.record_request(session, "objection", "ann@example.com", received_at=datetime(2026, 3, 1))
+    assert item.received_at == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("kind", "email", "received", "error"),
+    [
+        ("deletion", "ann@example.com", None, InvalidValue),
+        ("access", "not an address", None, InvalidAddress),
+        ("access", "ann@example.com", utcnow() + timedelta(days=2), InvalidValue),
+    ],
+)
+def test_bad_requests_are_refused(session, kind, email, received, error):
+    with pytest.raises(error):
+        register.record_request(session, kind, email, received_at=received)
+
+
+def test_lists_by_status_overdue_first(session):
+    now = utcnow()
+    late = register.record_request(session, "erasure", "a@example.com", received_at=now - timedelta(days=40))
+    soon = register.record_request(session, "access", "b@example.com", received_at=now - timedelta(days=20))
+    fresh = register.record_request(session, "access", "c@example.com", received_at=now)
+    done = register.record_request(session, "rectification", "d@example.com", received_at=now)
+    register.complete_request(session, done.id, note="changed the name")
+    ids = lambda items: [i.id for i in items]  # noqa: E731
+    assert ids(register.list_requests(session, "open")) == [late.id, soon.id, fresh.id]
+    assert ids(register.list_requests(session, "overdue")) == [late.id]
+    assert ids(register.list_requests(session, "done")) == [done.id]
+    assert register.count_requests(session) == (3, 1)
+    with pytest.raises(InvalidValue):
+        register.list_requests(session, "late")
+
+
+def test_completing_access_attaches_the_export_and_forgets_the_address(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", ledger.Origin("page"))
+    item = register.record_request(session, "access", "ann@example.com")
+    completion = register.complete_request(session, item.id)
+    assert completion.export["subscriber"]["email"] == "ann@example.com"
+    assert completion.export["preferences"][0]["topic"] == "news"
+    assert [e["action"] for e in completion.export["events"]] == ["unsubscribe"]
+    assert completion.export["requests"][0]["type"] == "access"
+    closed = session.get(Request, item.id)
+    assert closed.completed_at is not None and closed.outcome == "exported" and closed.email is None
+    with pytest.raises(Conflict):
+        register.complete_request(session, item.id)
+
+
+def test_access_for_an_unknown_address_exports_nothing_held(session):
+    item = register.record_request(session, "access", "nobody@example.com")
+    export = register.complete_request(session, item.id).export
+    assert export == {"subscriber": None, "preferences": [], "events": [], "requests": []}
+
+
+def test_completing_erasure_erases_and_the_register_keeps_no_address(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", ledger.Origin("page"))
+    item = register.record_request(session, "erasure", "ann@example.com", note="ann@example.com wrote in")
+    register.complete_request(session, item.id)
+    session.expire_all()
+    assert session.scalar(select(Subscriber)) is None
+    assert session.scalar(select(Event.subscriber_id)) is None
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "erased"
+    closed = session.get(Request, item.id)
+    assert closed.label == "erased" and closed.outcome == "erased"
+    assert "ann@example.com" not in database_text(session)
+
+
+def test_erasure_of_an_address_never_seen_still_keeps_it_out(session):
+    make_topic(session, "news")
+    item = register.record_request(session, "erasure", "ghost@example.com")
+    register.complete_request(session, item.id)
+    assert ledger.verdict_for(session, "ghost@example.com", "news").reason == "erased"
+    assert "ghost@example.com" not in database_text(session)
+
+
+def test_completing_an_objection_takes_the_address_out_of_all_marketing(session):
+    make_topic(session, "news")
+    item = register.record_request(session, "objection", "ann@example.com")
+    completion = register.complete_request(session, item.id, origin=ledger.Origin("cli"))
+    assert completion.request.outcome == "unsubscribed"
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed_all"
+    assert ledger.verdict_for(session, "ann@example.com", "transactional").allowed
+
+
+def test_an_unknown_request_is_its_own_error(session):
+    with pytest.raises(UnknownRequest):
+        register.complete_request(session, 999)
+
+
+def test_requests_overdue_prints_the_overdue_ones(runner, session):
+    now = utcnow()
+    register.record_request(session, "erasure", "ann@example.com", received_at=now - timedelta(days=35))
+    register.record_request(session, "access", "bob@example.com", received_at=now)
+    result = runner.invoke(args=["requests", "overdue"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert "erasure" in lines[0] and "a***@example.com" in lines[0] and "overdue by 5 days" in lines[0]
+    assert "ann@example.com" not in result.output
