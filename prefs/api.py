@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
 
-from . import checks, feeds, inbound, ledger, subjects, topics
+from . import campaigns, checks, feeds, inbound, ledger, metrics, register, subjects, topics
 from . import keys as api_keys
 from . import schemas as s
 from .addresses import normalize
@@ -21,10 +24,11 @@ from .errors import (
     InvalidAddress,
     InvalidToken,
     InvalidValue,
+    UnknownRequest,
     UnknownSubscriber,
     UnknownTopic,
 )
-from .extensions import session
+from .extensions import limiter, session
 from .ledger import Change, Origin
 from .links import base_url, tokens
 from .web import json_error
@@ -49,12 +53,32 @@ def requires(scope: str) -> Callable[[F], F]:
             if scope not in api_keys.scopes_of(key):
                 return json_error(403, "forbidden", f"this key lacks the {scope!r} scope")
             g.api_key_name = key.name
-            return view(*args, **kwargs)
+            # counted per key once the key is known: a stranger cannot spend a mailer's limit
+            with limiter.limit(_key_limit, key_func=_limit_key, scope="api-key"):
+                return view(*args, **kwargs)
 
         wrapper.scope = scope  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _key_limit() -> str:
+    limit: str = current_app.config["RATELIMIT_API_KEY"]
+    return limit
+
+
+def _limit_key() -> str:
+    return "api-key:" + str(g.api_key_name)
+
+
+@bp.errorhandler(RateLimitExceeded)
+def too_many_requests(err: RateLimitExceeded) -> Any:
+    """Answer a key over its limit, and say when to come back."""
+    limit = limiter.current_limit
+    retry_after = max(1, int(limit.reset_at - time.time())) if limit else 60
+    body, status = json_error(429, "rate_limited", f"this key is over its limit ({err.description})")
+    return body, status, {"Retry-After": str(retry_after)}
 
 
 def json_body(schema: Schema) -> Any:
@@ -97,6 +121,7 @@ def invalid(err: ValidationError) -> Any:
 def domain_error(err: DomainError) -> Any:
     status = {
         UnknownSubscriber: 404,
+        UnknownRequest: 404,
         Conflict: 409,
         InvalidValue: 422,
         InvalidAddress: 422,
@@ -123,6 +148,10 @@ def check() -> Response:
         )
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
+    reasons = Counter(answer.reason for _, answer in answers)
+    metrics.count_check(payload["topic"], len(answers), reasons)
+    # the denominator of each campaign's unsubscribe rate
+    campaigns.count_sent(session(), payload.get("campaign"), payload["topic"], reasons[None])
     body = s.render_check(answers, base_url(), current_app.config["UNSUBSCRIBE_MAILTO"])
     return Response(body, mimetype="application/json")
 
@@ -314,6 +343,43 @@ def topic_update(key: str) -> Response:
     except UnknownTopic as err:
         return json_error(404, err.code, str(err))  # type: ignore[return-value]
     return _json(s.topic_body(topic))
+
+
+@bp.post("/requests")
+@requires("admin")
+def request_create() -> Response:
+    """Record an access, rectification, erasure or objection request, due in 30 days."""
+    payload = json_body(s.RequestCreate())
+    try:
+        item = register.record_request(
+            session(), payload["type"], payload["email"], payload.get("received_at"), payload["note"]
+        )
+    except InvalidAddress as err:
+        raise ValidationError({"email": [str(err)]}) from None
+    except InvalidValue as err:
+        raise ValidationError({"received_at": [str(err)]}) from None
+    return _json(s.request_body(item), 201)
+
+
+@bp.get("/requests")
+@requires("admin")
+def request_list() -> Response:
+    """List the open (overdue first), overdue or done requests."""
+    params = query(s.RequestQuery())
+    items = register.list_requests(session(), params["status"])
+    return _json({"requests": [s.request_body(item) for item in items]})
+
+
+@bp.post("/requests/<int:request_id>/complete")
+@requires("admin")
+def request_complete(request_id: int) -> Response:
+    """Act on a request and close it: attach the export, erase, or take the address out."""
+    payload = json_body(s.RequestComplete()) if request.content_length else {}
+    done = register.complete_request(session(), request_id, note=payload.get("note"))
+    body = s.request_body(done.request)
+    if done.export is not None:
+        body["export"] = done.export
+    return _json(body)
 
 
 @bp.get("/openapi.json")

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_PER_CLIENT": "10 per hour; 30 per day",
     "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
     "RATELIMIT_ONE_CLICK": "60 per minute",
+    "RATELIMIT_API_KEY": "1200 per minute",
     "TRUSTED_PROXIES": 0,
     "REQUEST_MIN_SECONDS": 0.25,
     "METRICS_TOKEN": None,
@@ -46,7 +47,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _COLOR = re.compile(r"#[0-9a-fA-F]{6}\Z")
 # the storages Flask-Limiter can reach with what setup.cfg installs
 _LIMIT_STORAGES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
-_LIMIT_SETTINGS = ("RATELIMIT_PER_CLIENT", "RATELIMIT_PER_ADDRESS", "RATELIMIT_ONE_CLICK")
+_LIMIT_SETTINGS = (
+    "RATELIMIT_PER_CLIENT",
+    "RATELIMIT_PER_ADDRESS",
+    "RATELIMIT_ONE_CLICK",
+    "RATELIMIT_API_KEY",
+)
 
 KEY_FILE = "secret_keys"
 

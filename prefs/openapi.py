@@ -39,6 +39,7 @@ class Operation:
     path_params: tuple[str, ...] = ()
     errors: tuple[str, ...] = field(default=("401", "403", "429", "503"))
     extra_types: tuple[str, ...] = ()
+    body_required: bool = True
 
 
 _BODY_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "503")
@@ -83,6 +84,20 @@ OPERATIONS = (
     ),
     Operation("/topics", "get", "admin", "List the topics", "200", s.TopicList),
     Operation(
+        "/requests", "post", "admin", "Record a data-subject request, due 30 days after receipt",
+        "201", s.RequestItem, s.RequestCreate, errors=_BODY_ERRORS,
+    ),
+    Operation(
+        "/requests", "get", "admin", "List the open (overdue first), overdue or done requests",
+        "200", s.RequestList, query=s.RequestQuery, errors=_QUERY_ERRORS,
+    ),
+    Operation(
+        "/requests/{request_id}/complete", "post", "admin",
+        "Close a request: attach the export (access), erase (erasure), or leave marketing (objection)",
+        "200", s.RequestItem, s.RequestComplete, path_params=("request_id",),
+        errors=(*_BODY_ERRORS, "404", "409"), body_required=False,
+    ),
+    Operation(
         "/topics", "post", "admin", "Create a topic (the key transactional is refused)",
         "201", s.Topic, s.TopicCreate, errors=(*_BODY_ERRORS, "409"),
     ),
@@ -105,13 +120,16 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
         "responses": {},
     }
     for name in op.path_params:
-        doc["parameters"].append(
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        kind = (
+            {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+            if name.endswith("_id")
+            else {"type": "string", "minLength": 1}
         )
+        doc["parameters"].append({"name": name, "in": "path", "required": True, "schema": kind})
     if op.query is not None:
         doc["parameters"].append({"in": "query", "schema": op.query})
     if op.body is not None:
-        doc["requestBody"] = {"required": True, "content": {op.body_type: {"schema": op.body}}}
+        doc["requestBody"] = {"required": op.body_required, "content": {op.body_type: {"schema": op.body}}}
     elif op.body_type != "application/json":
         doc["requestBody"] = {
             "required": True,
@@ -120,8 +138,8 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "OK"}
     if op.response is not None:
         ok["content"] = {"application/json": {"schema": op.response}}
-        for kind in op.extra_types:
-            ok["content"][kind] = {"schema": {"type": "string"}}
+        for media in op.extra_types:
+            ok["content"][media] = {"schema": {"type": "string"}}
     doc["responses"][op.ok] = ok
     for code in sorted(op.errors):
         doc["responses"][code] = {

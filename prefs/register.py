@@ -78,6 +78,9 @@ def record_request(
 
 def get_request(session: Session, request_id: int) -> Request:
     """Return the request with this id, or raise ``UnknownRequest``."""
+    if not 0 < request_id < 2**63:
+        # no such row, and SQLite cannot even compare an integer this large
+        raise UnknownRequest(f"there is no request {request_id}")
     item = session.get(Request, request_id)
     if item is None:
         raise UnknownRequest(f"there is no request {request_id}")

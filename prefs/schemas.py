@@ -271,3 +271,58 @@ def topic_body(topic: Any) -> dict[str, Any]:
         }
     )
     return body
+
+
+REQUEST_TYPES = ("access", "rectification", "erasure", "objection")
+
+
+class RequestCreate(Schema):
+    type = fields.String(required=True, validate=validate.OneOf(REQUEST_TYPES))
+    email = fields.String(required=True, validate=validate.Length(1, 1000))
+    received_at = fields.AwareDateTime(default_timezone=None)
+    note = fields.String(load_default="", validate=validate.Length(0, 2000))
+
+
+class RequestComplete(Schema):
+    note = fields.String(validate=validate.Length(0, 2000))
+
+
+class RequestQuery(Schema):
+    status = fields.String(load_default="open", validate=validate.OneOf(["open", "overdue", "done"]))
+
+
+class RequestItem(Schema):
+    id = fields.Integer(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(REQUEST_TYPES))
+    subject = fields.String(required=True, metadata={"description": "the masked address, or 'erased'"})
+    received_at = fields.String(required=True)
+    due_at = fields.String(required=True)
+    completed_at = fields.String(required=True, allow_none=True)
+    outcome = fields.String(required=True, allow_none=True)
+    overdue = fields.Boolean(required=True)
+    note = fields.String(required=True)
+    export = fields.Nested(Subject, metadata={"description": "an access request's answer, on completion"})
+
+
+class RequestList(Schema):
+    requests = fields.List(fields.Nested(RequestItem), required=True)
+
+
+def request_body(item: Any) -> dict[str, Any]:
+    """Return a register entry as the API shows it (never the raw address)."""
+    from datetime import UTC, datetime
+
+    def iso(moment: Any) -> str | None:
+        return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+    return {
+        "id": item.id,
+        "type": item.type,
+        "subject": item.label,
+        "received_at": iso(item.received_at),
+        "due_at": iso(item.due_at),
+        "completed_at": iso(item.completed_at),
+        "outcome": item.outcome,
+        "overdue": item.completed_at is None and item.due_at < datetime.now(UTC),
+        "note": item.note,
+    }

@@ -384,3 +384,89 @@ def test_given_addresses_are_echoed_as_valid_json(client, keys, session):
     assert response.status_code == 200
     assert [r["email"] for r in response.json["results"]] == odd
     assert response.json["results"][1]["allowed"] is True
+
+
+# limits, counting, the request register
+
+
+def test_each_key_has_its_own_rate_limit(make_app):
+    app = make_app(RATELIMIT_API_KEY="2 per minute")
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        first, second = (
+            make_key(current(), "admin", name="first"),
+            make_key(current(), "admin", name="second"),
+        )
+    client = app.test_client()
+    statuses = [client.get("/api/v1/topics", headers=bearer(first)).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    limited = client.get("/api/v1/topics", headers=bearer(first))
+    assert limited.json["error"]["code"] == "rate_limited"
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    # another key is not held back by the first one's use
+    assert client.get("/api/v1/topics", headers=bearer(second)).status_code == 200
+    # and no key at all is refused before it could spend anyone's limit
+    assert client.get("/api/v1/topics").status_code == 401
+
+
+def test_the_check_counts_allowed_recipients_per_campaign(client, keys, session):
+    from prefs.models import CampaignSend
+
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("page"))
+    check(client, keys, "news", ["ann@example.com", "bob@example.com", "cat@example.com"], campaign="c1")
+    check(client, keys, "news", ["dan@example.com"], campaign="c1")
+    check(client, keys, "news", ["eve@example.com"])  # no campaign: nothing to count
+    check(client, keys, "transactional", ["fay@example.com"], campaign="c1")
+    [row] = session.scalars(select(CampaignSend)).all()
+    assert (row.campaign, row.allowed) == ("c1", 3)
+
+
+def test_the_request_register_over_the_api(client, keys, session):
+    make_topic(session, "news")
+    make_subscriber(session, "ann@example.com")
+    created = client.post(
+        "/api/v1/requests",
+        json={"type": "access", "email": "Ann@Example.com", "note": "by phone"},
+        headers=keys["admin"],
+    )
+    assert created.status_code == 201
+    body = created.json
+    assert body["subject"] == "a***@example.com" and "ann@example.com" not in created.get_data(as_text=True)
+    assert body["overdue"] is False and body["completed_at"] is None
+    late = client.post(
+        "/api/v1/requests",
+        json={"type": "objection", "email": "bob@example.com", "received_at": "2026-10-01T09:00:00Z"},
+        headers=keys["admin"],
+    ).json
+    assert late["overdue"] is True and late["due_at"].startswith("2026-10-31")
+    listing = client.get("/api/v1/requests?status=open", headers=keys["admin"]).json["requests"]
+    assert [r["id"] for r in listing] == [late["id"], body["id"]]  # overdue first
+    assert [
+        r["id"] for r in client.get("/api/v1/requests?status=overdue", headers=keys["admin"]).json["requests"]
+    ] == [late["id"]]
+    done = client.post(f"/api/v1/requests/{body['id']}/complete", headers=keys["admin"])
+    assert done.status_code == 200
+    assert (
+        done.json["outcome"] == "exported" and done.json["export"]["subscriber"]["email"] == "ann@example.com"
+    )
+    objected = client.post(
+        f"/api/v1/requests/{late['id']}/complete", json={"note": "done"}, headers=keys["admin"]
+    )
+    assert objected.json["outcome"] == "unsubscribed"
+    assert ledger.verdict_for(session, "bob@example.com", "news").reason == "unsubscribed_all"
+    again = client.post(f"/api/v1/requests/{late['id']}/complete", headers=keys["admin"])
+    assert again.status_code == 409
+    assert client.post("/api/v1/requests/999/complete", headers=keys["admin"]).status_code == 404
+    bad = client.post(
+        "/api/v1/requests", json={"type": "gossip", "email": "x@example.com"}, headers=keys["admin"]
+    )
+    assert bad.status_code == 422 and "type" in bad.json["error"]["fields"]
+    future = client.post(
+        "/api/v1/requests",
+        json={"type": "access", "email": "x@example.com", "received_at": "2099-01-01T00:00:00Z"},
+        headers=keys["admin"],
+    )
+    assert future.status_code == 422

@@ -19,6 +19,9 @@ ENDPOINTS = {
     ("GET", "/api/v1/topics"): "admin",
     ("POST", "/api/v1/topics"): "admin",
     ("PATCH", "/api/v1/topics/<key>"): "admin",
+    ("POST", "/api/v1/requests"): "admin",
+    ("GET", "/api/v1/requests"): "admin",
+    ("POST", "/api/v1/requests/<int:request_id>/complete"): "admin",
 }
 PUBLIC = {("GET", "/api/v1/openapi.json")}
 
@@ -34,7 +37,9 @@ def test_the_table_covers_every_api_endpoint(app):
 
 
 def call(client, method, rule, headers):
-    path = rule.replace("<email>", "ann@example.com").replace("<key>", "news")
+    path = (
+        rule.replace("<email>", "ann@example.com").replace("<key>", "news").replace("<int:request_id>", "1")
+    )
     return client.open(path, method=method, headers=headers, json={})
 
 

@@ -127,3 +127,24 @@ def test_with_a_token_a_bearer_must_present_it(make_app):
     ok = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, environ_base=remote)
     assert ok.status_code == 200
     assert b"prefs_requests_open" in ok.data
+
+
+def test_the_check_endpoint_feeds_the_check_metrics(client, session):
+    from tests.factories import bearer, make_key, make_topic
+
+    make_topic(session, "promo")
+    headers = bearer(make_key(session, "send"))
+    before = scrape(client)
+    body = {"topic": "promo", "recipients": ["a@example.com", "b@example.com", "not-an-address"]}
+    assert client.post("/api/v1/check", json=body, headers=headers).status_code == 200
+    after = scrape(client)
+    assert (
+        value(after, "prefs_check_recipients_total", topic="promo")
+        - value(before, "prefs_check_recipients_total", topic="promo")
+        == 3
+    )
+    assert (
+        value(after, "prefs_check_verdicts_total", topic="promo", reason="invalid_address")
+        - value(before, "prefs_check_verdicts_total", topic="promo", reason="invalid_address")
+        == 1
+    )

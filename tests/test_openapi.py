@@ -39,7 +39,7 @@ def test_every_api_route_is_documented_with_its_scope(app, client):
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1/") or rule.endpoint == "api.openapi":
             continue
-        path = rule.rule.removeprefix("/api/v1").replace("<", "{").replace(">", "}")
+        path = rule.rule.removeprefix("/api/v1").replace("<int:", "<").replace("<", "{").replace(">", "}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             view = app.view_functions[rule.endpoint]
             assert documented[(path, method.lower())] == view.scope

@@ -126,3 +126,10 @@ def test_requests_overdue_prints_the_overdue_ones(runner, session):
     assert len(lines) == 1
     assert "erasure" in lines[0] and "a***@example.com" in lines[0] and "overdue by 5 days" in lines[0]
     assert "ann@example.com" not in result.output
+
+
+@pytest.mark.parametrize("request_id", [0, -1, 2**63, 10**30])
+def test_ids_out_of_range_are_unknown_requests(session, request_id):
+    # a 31-digit id once reached SQLite and came back as a 500 (found by schemathesis)
+    with pytest.raises(UnknownRequest):
+        register.get_request(session, request_id)
