@@ -132,7 +132,7 @@ def import_file(
                         )
                         for email, (reason, at, campaign) in sorted(batch.items())
                     ]
-                    done.append((*_apply(session, staged, topic_id, now or utcnow()), len(staged)))
+                    done.append((*_apply(session, staged, topic_id, topic_key, now or utcnow()), len(staged)))
                 more = taken == BATCHES_PER_COMMIT
                 if dry_run:
                     raise _DryRun()
@@ -181,7 +181,11 @@ def _valid(
 
 
 def _apply(
-    session: Session, staged: list[tuple[Any, ...]], topic_id: int | None, now: datetime
+    session: Session,
+    staged: list[tuple[Any, ...]],
+    topic_id: int | None,
+    topic_key: str | None,
+    now: datetime,
 ) -> tuple[int, int]:
     """Within a write transaction: record one batch; return how many were added and erased."""
     if session.get_bind().dialect.name == "sqlite":
@@ -227,7 +231,7 @@ def _apply(
     for reason, count in session.execute(
         select(staging.c.reason, func.count()).where(staging.c.changed.is_(True)).group_by(staging.c.reason)
     ):
-        metrics.count_change(session, topic_id, UNSUBSCRIBE, reason, SOURCE, count=count)
+        metrics.count_change(session, topic_key, UNSUBSCRIBE, reason, SOURCE, count=count)
     # the staged addresses must not outlive the batch, even in a temporary table
     session.execute(delete(staging))
     return added, erased

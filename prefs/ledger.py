@@ -8,22 +8,23 @@ records nothing, so every audit event is a real change.
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, literal_column, select, update
+from sqlalchemy import Boolean, Engine, bindparam, literal_column, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from . import metrics
 from .db import write_transaction
-from .errors import InvalidValue, UnknownSubscriber
-from .models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
+from .errors import InvalidValue, UnknownSubscriber, UnknownTopic
+from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import LEFT_ALL_REASONS, STRANGER, Category, State, Verdict, verdict
-from .topics import get_topic, resolve
+from .topics import KEY, resolve
 
 SOURCES = ("one-click", "page", "preferences", "mailto", "api", "import", "cli")
 UNSUBSCRIBE = "unsubscribe"
@@ -189,111 +190,124 @@ def record_many(session: Session, changes: list[Change]) -> list[bool]:
     return done
 
 
+# The single-change path (one-click, pages, events) runs these prepared statements:
+# building SQLAlchemy constructs per request cost more than the database work.
+_BUMP = text(
+    "UPDATE subscribers SET version = version + 1 WHERE public_id = :public_id"
+    " RETURNING id, version, left_all_version"
+)
+_TOPIC_ID = text("SELECT id FROM topics WHERE key = :key")
+_CHOOSE = text(
+    "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
+    " VALUES (:subscriber_id, :topic_id, :subscribed, :version, :source, :now)"
+    " ON CONFLICT (subscriber_id, topic_id) DO UPDATE SET subscribed = excluded.subscribed,"
+    " version = excluded.version, source = excluded.source, updated_at = excluded.updated_at"
+    # a choice made before leaving all marketing does not count: choosing it again is a change
+    " WHERE preferences.subscribed != excluded.subscribed"
+    " OR (excluded.subscribed AND preferences.version <= :left_all_version)"
+    " RETURNING topic_id"
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("subscribed", type_=Boolean()))
+# a stronger reason replaces a weaker one; choosing a topic since leaving makes it a change
+_LEAVE_ALL = text(
+    "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
+    " left_all_reason = :reason, left_all_at = :now,"
+    " bounced_at = CASE WHEN :bounced THEN :now ELSE bounced_at END"
+    " WHERE public_id = :public_id AND (left_all_reason IS NULL"
+    " OR (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) < :rank"
+    " OR EXISTS (SELECT 1 FROM preferences p WHERE p.subscriber_id = subscribers.id"
+    " AND p.subscribed AND p.version > subscribers.left_all_version))"
+    " RETURNING id"
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("bounced", type_=Boolean()))
+_BOUNCED = text("UPDATE subscribers SET bounced_at = :now WHERE public_id = :public_id").bindparams(
+    bindparam("now", type_=UTCDateTime())
+)
+_REJOIN_ALL = text(
+    "UPDATE subscribers SET version = version + 1, left_all_reason = NULL, left_all_at = NULL,"
+    " left_all_version = NULL WHERE public_id = :public_id AND left_all_reason IS NOT NULL RETURNING id"
+)
+_EVENT = (
+    "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, campaign, fingerprint,"
+    " created_at) VALUES ({txid}, :subscriber_id, :topic_id, :action, :reason, :source, :campaign,"
+    " :fingerprint, :at)"
+)
+_EVENTS = {
+    dialect: text(_EVENT.format(txid=txid)).bindparams(bindparam("at", type_=UTCDateTime()))
+    for dialect, txid in (("postgresql", "pg_current_xact_id()::text::bigint"), ("sqlite", "0"))
+}
+
+
 def _bump(session: Session, public_id: str) -> Any:
     # locks the subscriber's row: concurrent changes to one subscriber take turns
-    row = session.execute(
-        update(Subscriber)
-        .where(Subscriber.public_id == public_id)
-        .values(version=Subscriber.version + 1)
-        .returning(Subscriber.id, Subscriber.version, Subscriber.left_all_version)
-    ).first()
+    row = session.execute(_BUMP, {"public_id": public_id}).first()
     if row is None:
         raise UnknownSubscriber("nobody is on file for this link")
     return row
 
 
+# a topic's key and id never change and topics are never deleted: once read, always right
+_topic_ids: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def _topic_id(session: Session, key: str) -> int:
+    known = _topic_ids.setdefault(session.get_bind().engine, {})
+    topic_id = known.get(key)
+    if topic_id is None:
+        found = session.execute(_TOPIC_ID, {"key": key}).scalar() if KEY.match(key) else None
+        if found is None:
+            raise UnknownTopic(f"there is no topic {key!r}")
+        topic_id = known[key] = int(found)
+    return topic_id
+
+
 def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
-    topic_id = get_topic(session, topic_key).id
+    topic_id = _topic_id(session, topic_key)
     subscriber = _bump(session, public_id)
-    now = origin.at or utcnow()
-    stmt = insert_for(session)(Preference).values(
-        subscriber_id=subscriber.id,
-        topic_id=topic_id,
-        subscribed=subscribed,
-        version=subscriber.version,
-        source=origin.source,
-        updated_at=now,
-    )
-    current = Preference.subscribed.is_(not subscribed)
-    if subscribed and subscriber.left_all_version is not None:
-        # a choice made before leaving all marketing does not count: bring it back
-        current = current | (Preference.version <= subscriber.left_all_version)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Preference.subscriber_id, Preference.topic_id],
-        set_={
+    changed = session.execute(
+        _CHOOSE,
+        {
+            "subscriber_id": subscriber.id,
+            "topic_id": topic_id,
             "subscribed": subscribed,
             "version": subscriber.version,
             "source": origin.source,
-            "updated_at": now,
+            "now": origin.at or utcnow(),
+            "left_all_version": subscriber.left_all_version,
         },
-        where=current,
-    ).returning(Preference.topic_id)
-    if session.execute(stmt).first() is None:
+    ).first()
+    if changed is None:
         return False
     action = RESUBSCRIBE if subscribed else UNSUBSCRIBE
-    _event(session, subscriber.id, topic_id, action, None, origin)
+    _event(session, subscriber.id, topic_id, topic_key, action, None, origin)
     return True
 
 
 def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) -> bool:
     if reason not in LEFT_ALL_REASONS:
         raise InvalidValue(f"unknown reason {reason!r}")
-    rank = _RANK.get(reason, 1)
-    current_rank = case(
-        (Subscriber.left_all_reason == "complained", 3),
-        (Subscriber.left_all_reason == "bounced", 2),
-        else_=1,
-    )
-    chose_since = exists().where(
-        Preference.subscriber_id == Subscriber.id,
-        Preference.subscribed.is_(True),
-        Preference.version > Subscriber.left_all_version,
-    )
     now = origin.at or utcnow()
-    values: dict[str, Any] = {
-        "version": Subscriber.version + 1,
-        "left_all_version": Subscriber.version + 1,
-        "left_all_reason": reason,
-        "left_all_at": now,
+    params = {
+        "public_id": public_id,
+        "reason": reason,
+        "now": now,
+        "bounced": reason == "bounced",
+        "rank": _RANK.get(reason, 1),
     }
-    if reason == "bounced":
-        values["bounced_at"] = now
-    row = session.execute(
-        update(Subscriber)
-        .where(
-            Subscriber.public_id == public_id,
-            Subscriber.left_all_reason.is_(None) | (current_rank < rank) | chose_since,
-        )
-        .values(**values)
-        .returning(Subscriber.id)
-    ).first()
+    row = session.execute(_LEAVE_ALL, params).first()
     if row is None:
         _bump(session, public_id)  # raises for an unknown subscriber
         if reason == "bounced":
-            session.execute(
-                update(Subscriber).where(Subscriber.public_id == public_id).values(bounced_at=now)
-            )
+            session.execute(_BOUNCED, {"now": now, "public_id": public_id})
         return False
-    _event(session, row.id, None, UNSUBSCRIBE, reason, origin)
+    _event(session, row.id, None, None, UNSUBSCRIBE, reason, origin)
     return True
 
 
 def _rejoin_all(session: Session, public_id: str, origin: Origin) -> bool:
-    row = session.execute(
-        update(Subscriber)
-        .where(Subscriber.public_id == public_id, Subscriber.left_all_reason.is_not(None))
-        .values(
-            version=Subscriber.version + 1,
-            left_all_reason=None,
-            left_all_at=None,
-            left_all_version=None,
-        )
-        .returning(Subscriber.id)
-    ).first()
+    row = session.execute(_REJOIN_ALL, {"public_id": public_id}).first()
     if row is None:
         _bump(session, public_id)
         return False
-    _event(session, row.id, None, RESUBSCRIBE, None, origin)
+    _event(session, row.id, None, None, RESUBSCRIBE, None, origin)
     return True
 
 
@@ -301,24 +315,26 @@ def _event(
     session: Session,
     subscriber_id: int,
     topic_id: int | None,
+    topic_key: str | None,
     action: str,
     reason: str | None,
     origin: Origin,
 ) -> None:
+    statement = _EVENTS["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
     session.execute(
-        insert_for(session)(Event).values(
-            txid=txid_for(session),
-            subscriber_id=subscriber_id,
-            topic_id=topic_id,
-            action=action,
-            reason=reason,
-            source=origin.source,
-            campaign=origin.campaign,
-            fingerprint=origin.fingerprint,
-            created_at=origin.at or utcnow(),
-        )
+        statement,
+        {
+            "subscriber_id": subscriber_id,
+            "topic_id": topic_id,
+            "action": action,
+            "reason": reason,
+            "source": origin.source,
+            "campaign": origin.campaign,
+            "fingerprint": origin.fingerprint,
+            "at": origin.at or utcnow(),
+        },
     )
-    metrics.count_change(session, topic_id, action, reason, origin.source, origin.campaign)
+    metrics.count_change(session, topic_key, action, reason, origin.source, origin.campaign)
 
 
 def history(session: Session, subscriber: Subscriber) -> list[tuple[Event, str | None]]:

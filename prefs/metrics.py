@@ -14,8 +14,6 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from .models import Topic
-
 ALL = "all"
 _PENDING = "prefs.metrics.pending"
 events_log = logging.getLogger("prefs.events")
@@ -44,7 +42,7 @@ def count_check(topic: str, recipients: int, reasons: Tally[str | None]) -> None
 
 def count_change(
     session: Session,
-    topic_id: int | None,
+    topic: str | None,
     action: str,
     reason: str | None,
     source: str,
@@ -52,9 +50,7 @@ def count_change(
     count: int = 1,
 ) -> None:
     """Note recorded changes; they are counted and logged once their transaction commits."""
-    # the topic is in the identity map already (the ledger just looked it up): no query
-    topic = session.get(Topic, topic_id).key if topic_id is not None else ALL  # type: ignore[union-attr]
-    session.info.setdefault(_PENDING, []).append((topic, action, reason, source, campaign, count))
+    session.info.setdefault(_PENDING, []).append((topic or ALL, action, reason, source, campaign, count))
 
 
 @event.listens_for(Session, "after_commit")

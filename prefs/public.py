@@ -99,6 +99,23 @@ def _preferences_link(public_id: str) -> str:
     return url_for("public.preferences", token=token, lang=i18n.chosen_language())
 
 
+def _one_click_page() -> str:
+    """Return the one-click answer: the same for everyone, so rendered once per language."""
+    lang = i18n.current_language()
+    pages: dict[str, str] = current_app.extensions.setdefault("prefs.one_click_pages", {})
+    page = pages.get(lang)
+    if page is None:
+        # no language switch: its links would carry this request's token into a shared page
+        page = pages[lang] = current_app.jinja_env.get_template("one_click.html").render(
+            brand_name=_config("BRAND_NAME"),
+            stylesheet_url=url_for("public.stylesheet", v=_stylesheet()[1]),
+            lang=lang,
+            chosen_lang=None,
+            languages=[],
+        )
+    return page
+
+
 @bp.route("/u/<token>", methods=["GET", "POST"])
 @limiter.limit(lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope="u")
 def unsubscribe(token: str) -> ResponseReturnValue:
@@ -107,7 +124,7 @@ def unsubscribe(token: str) -> ResponseReturnValue:
     if request.method == "POST" and request.form.get("List-Unsubscribe") == ONE_CLICK:
         # RFC 8058: the mailbox provider's server posts with no context; committed before the 200
         ledger.record_opt_out(session(), link.public_id, link.topic, _origin("one-click", link.campaign))
-        return render_template("one_click.html")
+        return _one_click_page()
     subscriber = ledger.subscriber_by_public_id(session(), link.public_id)
     topic = topics.get_topic(session(), link.topic) if link.topic else None
     page: dict[str, Any] = {
