@@ -104,7 +104,13 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
 
 @contextmanager
 def write_transaction(session: Session) -> Iterator[Session]:
-    """Run the block in one write transaction and commit it before returning."""
+    """Run the block in one write transaction and commit it before returning.
+
+    Called inside another write transaction, the block joins it: the outer one commits.
+    """
+    if session.info.get(WRITE):
+        yield session
+        return
     if session.in_transaction():
         # end the read snapshot first: the write must begin as a write
         session.commit()
@@ -120,9 +126,12 @@ def write_transaction(session: Session) -> Iterator[Session]:
 @contextmanager
 def _transaction(session: Session) -> Iterator[None]:
     session.connection(execution_options={WRITE: True})
+    session.info[WRITE] = True
     try:
         yield
         session.commit()
     except BaseException:
         session.rollback()
         raise
+    finally:
+        session.info.pop(WRITE, None)

@@ -57,3 +57,28 @@ def test_a_failed_write_transaction_is_rolled_back(app, session):
         pass
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM instance_secrets")).scalar() == 0
+
+
+def test_a_nested_write_transaction_joins_the_outer_one(app, session):
+    # the inner block used to commit the outer transaction half-way (and, with the
+    # writers' queue, to wait on itself)
+    from prefs.models import InstanceSecret
+
+    try:
+        with write_transaction(session):
+            session.add(InstanceSecret(name="outer", value="1"))
+            with write_transaction(session):
+                session.add(InstanceSecret(name="inner", value="2"))
+            raise RuntimeError("the outer transaction fails after the inner block")
+    except RuntimeError:
+        pass
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM instance_secrets")).scalar() == 0
+
+
+def test_the_fingerprint_key_can_be_made_inside_a_write_transaction(app, session):
+    from prefs import privacy
+
+    with write_transaction(session):
+        key = privacy.fingerprint_key(session)
+    assert privacy.fingerprint_key(session) == key
