@@ -202,7 +202,10 @@ def check_batch(db: Database, size: int, run: int, rng: random.Random) -> list[s
 
 
 def one_click_targets(db: Database, count: int, rng: random.Random) -> Iterator[tuple[str, str]]:
-    """Yield distinct (public id, topic) pairs whose one-click opt-out is a real change."""
-    topics = [t for t in TOPICS if t != "news"]
-    for n, i in enumerate(rng.sample(range(db.size), min(count, db.size))):
-        yield public_id(i), topics[n % len(topics)]
+    """Yield ``count`` distinct (public id, topic) pairs whose one-click opt-out is a real change."""
+    topics = [t for t in TOPICS if t != "news"]  # nobody has a choice recorded for these yet
+    if count > db.size * len(topics):
+        raise ValueError(f"{count} distinct one-click targets need more than {db.size} subscribers")
+    pairs = rng.sample(range(db.size * len(topics)), count)
+    for n in pairs:
+        yield public_id(n // len(topics)), topics[n % len(topics)]
