@@ -11,7 +11,7 @@ from datetime import timedelta
 from flask import Blueprint, Response, render_template, request
 from flask.typing import ResponseReturnValue
 
-from . import campaigns, charts, keys, ledger, overview, register, topics
+from . import campaigns, keys, ledger, overview, register, topics
 from .addresses import normalize
 from .errors import InvalidAddress
 from .extensions import session
@@ -81,12 +81,16 @@ def index() -> ResponseReturnValue:
 def opt_outs_svg() -> ResponseReturnValue:
     """Draw opt-outs per day, one line per topic."""
     days, series = overview.opt_outs_per_day(session(), DAYS)
+    from . import charts  # pygal only in the process that draws: every worker saves its memory
+
     return _svg(charts.opt_outs_chart(days, series))
 
 
 @bp.get("/charts/sources.svg")
 def sources_svg() -> ResponseReturnValue:
     """Draw the share of each source."""
+    from . import charts
+
     return _svg(charts.sources_chart(overview.opt_outs_by_source(session(), DAYS)))
 
 
