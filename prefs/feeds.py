@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from .errors import InvalidValue
 from .ledger import RESUBSCRIBE
-from .models import Event, Preference, Subscriber, Topic
+from .models import Event, Preference, Subscriber, Topic, iso_time
 from .rules import Category, State, reason_for_leaving_all, verdict
 from .topics import get_topic
 
@@ -48,6 +48,15 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
     return parts
 
 
+_LEFT_ALL = (
+    Subscriber.id,
+    Subscriber.email,
+    Subscriber.left_all_reason,
+    Subscriber.left_all_version,
+    Subscriber.left_all_at,
+)
+
+
 def suppressions(
     session: Session, topic_key: str | None, after: int, limit: int
 ) -> tuple[list[dict[str, Any]], int | None]:
@@ -57,16 +66,7 @@ def suppressions(
     topic = get_topic(session, topic_key)
     category = Category(topic.key, topic.opt_in)
     rows = session.execute(
-        select(
-            Subscriber.id,
-            Subscriber.email,
-            Subscriber.left_all_reason,
-            Subscriber.left_all_version,
-            Subscriber.left_all_at,
-            Preference.subscribed,
-            Preference.version,
-            Preference.updated_at,
-        )
+        select(*_LEFT_ALL, Preference.subscribed, Preference.version, Preference.updated_at)
         .outerjoin(
             Preference,
             (Preference.subscriber_id == Subscriber.id) & (Preference.topic_id == topic.id),
@@ -99,13 +99,7 @@ def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[di
         Preference.version > Subscriber.left_all_version,
     )
     rows = session.execute(
-        select(
-            Subscriber.id,
-            Subscriber.email,
-            Subscriber.left_all_reason,
-            Subscriber.left_all_version,
-            Subscriber.left_all_at,
-        )
+        select(*_LEFT_ALL)
         .where(Subscriber.id > after, Subscriber.left_all_reason.is_not(None), ~chose_since)
         .order_by(Subscriber.id)
         .limit(limit)
@@ -119,11 +113,7 @@ def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[di
 
 
 def _suppression(email: str, scope: str, reason: str | None, since: datetime | None) -> dict[str, Any]:
-    return {"email": email, "scope": scope, "reason": reason, "since": _iso(since)}
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+    return {"email": email, "scope": scope, "reason": reason, "since": iso_time(since)}
 
 
 def suppression_page(session: Session, topic_key: str | None, cursor: str | None, limit: int) -> Page:
@@ -184,6 +174,8 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
             change, why = "suppressed", reason_for_leaving_all(reason or "unsubscribed")
         else:
             change, why = "suppressed", "unsubscribed"
-        items.append({"email": email, "change": change, "scope": key or "all", "reason": why, "at": _iso(at)})
+        items.append(
+            {"email": email, "change": change, "scope": key or "all", "reason": why, "at": iso_time(at)}
+        )
     # the last page has a cursor too: a mailer resumes from it later
     return Page(items, encode_cursor(txid, event_id))

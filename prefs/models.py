@@ -46,6 +46,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_time(moment: datetime | None) -> str | None:
+    """Return a time as the API writes it: ISO 8601 in UTC, with a ``Z``."""
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
 class Subscriber(Base):
     """One normalized address and its subscriber-wide state."""
 

@@ -312,8 +312,7 @@ def request_body(item: Any) -> dict[str, Any]:
     """Return a register entry as the API shows it (never the raw address)."""
     from datetime import UTC, datetime
 
-    def iso(moment: Any) -> str | None:
-        return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+    from .models import iso_time as iso
 
     return {
         "id": item.id,

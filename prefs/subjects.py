@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -13,14 +12,10 @@ from .addresses import mask
 from .db import write_transaction
 from .errors import UnknownSubscriber
 from .ledger import Origin, find_subscriber, history, insert_for, txid_for
-from .models import ErasedAddress, Event, Preference, Request, Subscriber, Topic, utcnow
+from .models import ErasedAddress, Event, Preference, Request, Subscriber, Topic, iso_time, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 
 ERASED_LABEL = "erased"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
 def export_subject(session: Session, email: str) -> dict[str, Any]:
@@ -40,14 +35,14 @@ def export_subject(session: Session, email: str) -> dict[str, Any]:
         "subscriber": {
             "email": subscriber.email,
             "public_id": subscriber.public_id,
-            "created_at": _iso(subscriber.created_at),
+            "created_at": iso_time(subscriber.created_at),
             "left_all_marketing": subscriber.left_all_reason is not None,
             "left_all_reason": subscriber.left_all_reason,
-            "left_all_at": _iso(subscriber.left_all_at),
-            "hard_bounce_at": _iso(subscriber.bounced_at),
+            "left_all_at": iso_time(subscriber.left_all_at),
+            "hard_bounce_at": iso_time(subscriber.bounced_at),
         },
         "preferences": [
-            {"topic": key, "subscribed": subscribed, "source": source, "updated_at": _iso(at)}
+            {"topic": key, "subscribed": subscribed, "source": source, "updated_at": iso_time(at)}
             for key, subscribed, source, at in preferences
         ],
         "events": [
@@ -58,16 +53,16 @@ def export_subject(session: Session, email: str) -> dict[str, Any]:
                 "source": event.source,
                 "campaign": event.campaign,
                 "client_fingerprint": event.fingerprint,
-                "at": _iso(event.created_at),
+                "at": iso_time(event.created_at),
             }
             for event, key in history(session, subscriber)
         ],
         "requests": [
             {
                 "type": item.type,
-                "received_at": _iso(item.received_at),
-                "due_at": _iso(item.due_at),
-                "completed_at": _iso(item.completed_at),
+                "received_at": iso_time(item.received_at),
+                "due_at": iso_time(item.due_at),
+                "completed_at": iso_time(item.completed_at),
             }
             for item in requests
         ],
