@@ -121,3 +121,35 @@ def test_demo_builds_the_schema_and_prints_links(tmp_path):
     assert "/u/" in result.output and "/p/" in result.output
     again = app.test_cli_runner().invoke(args=["demo", "--no-serve"])
     assert again.exit_code == 0, again.output
+
+
+def test_smtpd_refuses_a_listen_address_without_a_port(runner, session):
+    result = run(runner, "smtpd", "--listen", "localhost")
+    assert result.exit_code != 0
+    assert "HOST:PORT" in result.output
+
+
+def test_smtpd_receives_until_stopped(runner, session, monkeypatch):
+    import threading
+
+    from prefs import receiver
+
+    started = {}
+
+    class Controller:
+        def stop(self):
+            started["stopped"] = True
+
+    def start(app, host, port):
+        started["at"] = (host, port)
+        return Controller()
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(receiver, "start", start)
+    monkeypatch.setattr(threading.Event, "wait", interrupted)
+    result = run(runner, "smtpd", "--listen", "127.0.0.1:2525")
+    assert result.exit_code == 0, result.output
+    assert started == {"at": ("127.0.0.1", 2525), "stopped": True}
+    assert "receiving unsubscribe mail on 127.0.0.1:2525" in result.output
