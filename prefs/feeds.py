@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, literal_column, select, tuple_
 from sqlalchemy.orm import Session
 
 from .errors import InvalidValue
 from .ledger import RESUBSCRIBE
-from .models import Event, Preference, Subscriber, Topic, iso_time
+from .models import iso_time
 from .rules import Category, State, reason_for_leaving_all, verdict
 from .topics import get_topic
 
@@ -48,13 +47,51 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
     return parts
 
 
-_LEFT_ALL = (
-    Subscriber.id,
-    Subscriber.email,
-    Subscriber.left_all_reason,
-    Subscriber.left_all_version,
-    Subscriber.left_all_at,
+# plain driver SQL: a million rows need no SQLAlchemy row objects or datetime parsing
+_TOPIC_CANDIDATES = (
+    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, s.left_all_at,"
+    " p.subscribed, p.version, p.updated_at FROM subscribers s"
+    " LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {topic_id}"
+    # candidates only: the verdict below decides who is suppressed
+    " WHERE s.id > {mark} AND (s.left_all_reason IS NOT NULL OR NOT p.subscribed)"
+    " ORDER BY s.id LIMIT {limit}"
 )
+_ALL_CANDIDATES = (
+    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, s.left_all_at FROM subscribers s"
+    " WHERE s.id > {mark} AND s.left_all_reason IS NOT NULL AND NOT EXISTS (SELECT 1 FROM preferences p"
+    " WHERE p.subscriber_id = s.id AND p.subscribed AND p.version > s.left_all_version)"
+    " ORDER BY s.id LIMIT {limit}"
+)
+_CHANGES = (
+    "SELECT e.txid, e.id, e.action, e.reason, e.created_at, s.email, t.key FROM events e"
+    " JOIN subscribers s ON s.id = e.subscriber_id LEFT JOIN topics t ON t.id = e.topic_id"
+    " WHERE (e.txid, e.id) > ({mark}, {mark}){visible} ORDER BY e.txid, e.id LIMIT {limit}"
+)
+# a transaction still open may hold a smaller txid than rows already committed; stopping
+# below the oldest open one means no row can ever appear behind a cursor
+_VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
+def _rows(session: Session, sql: str, params: tuple[Any, ...], **parts: Any) -> list[tuple[Any, ...]]:
+    """Run one read on the session's connection and return its rows as plain tuples."""
+    connection = session.connection()
+    mark = "%s" if connection.dialect.name == "postgresql" else "?"
+    cursor = connection.connection.cursor()
+    try:
+        # every piece of the text is a constant or an int; values are parameters
+        cursor.execute(sql.format(mark=mark, **parts), params)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _time(value: Any) -> str | None:
+    """Write a stored time as the API does, whether the driver gave text or a datetime."""
+    if value is None or isinstance(value, datetime):
+        return iso_time(value)
+    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC): reshape it without parsing it
+    text = str(value).replace(" ", "T").removesuffix("+00:00")
+    return text + "Z"
 
 
 def suppressions(
@@ -65,22 +102,10 @@ def suppressions(
         return _all_suppressions(session, after, limit)
     topic = get_topic(session, topic_key)
     category = Category(topic.key, topic.opt_in)
-    rows = session.execute(
-        select(*_LEFT_ALL, Preference.subscribed, Preference.version, Preference.updated_at)
-        .outerjoin(
-            Preference,
-            (Preference.subscriber_id == Subscriber.id) & (Preference.topic_id == topic.id),
-        )
-        # candidates only: the verdict below decides who is suppressed
-        .where(
-            Subscriber.id > after,
-            Subscriber.left_all_reason.is_not(None) | Preference.subscribed.is_(False),
-        )
-        .order_by(Subscriber.id)
-        .limit(limit)
-    ).all()
+    rows = _rows(session, _TOPIC_CANDIDATES, (after,), topic_id=int(topic.id), limit=int(limit))
     items = []
     for _sid, email, left, left_version, left_at, subscribed, version, updated in rows:
+        subscribed = None if subscribed is None else bool(subscribed)
         judged = verdict(State(False, left, left_version, subscribed, version), category)
         if judged.allowed:
             continue
@@ -93,17 +118,7 @@ def suppressions(
 
 
 def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
-    chose_since = exists().where(
-        Preference.subscriber_id == Subscriber.id,
-        Preference.subscribed.is_(True),
-        Preference.version > Subscriber.left_all_version,
-    )
-    rows = session.execute(
-        select(*_LEFT_ALL)
-        .where(Subscriber.id > after, Subscriber.left_all_reason.is_not(None), ~chose_since)
-        .order_by(Subscriber.id)
-        .limit(limit)
-    ).all()
+    rows = _rows(session, _ALL_CANDIDATES, (after,), limit=int(limit))
     items = []
     for _sid, email, left, left_version, left_at in rows:
         judged = verdict(State(False, left, left_version), _ANY_TOPIC)
@@ -112,8 +127,8 @@ def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[di
     return items, last
 
 
-def _suppression(email: str, scope: str, reason: str | None, since: datetime | None) -> dict[str, Any]:
-    return {"email": email, "scope": scope, "reason": reason, "since": iso_time(since)}
+def _suppression(email: str, scope: str, reason: str | None, since: Any) -> dict[str, Any]:
+    return {"email": email, "scope": scope, "reason": reason, "since": _time(since)}
 
 
 def suppression_page(session: Session, topic_key: str | None, cursor: str | None, limit: int) -> Page:
@@ -134,39 +149,13 @@ def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[dic
         yield from items
 
 
-def _visible_below(session: Session) -> Any:
-    """Return the bound under which every transaction's events are committed or gone."""
-    if session.get_bind().dialect.name == "postgresql":
-        # a transaction still open may hold a smaller txid than rows already committed;
-        # stopping below the oldest open one means no row can appear behind the cursor
-        return literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-    return None
-
-
 def change_page(session: Session, cursor: str | None, limit: int) -> Page:
     """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from."""
     txid, event_id = decode_cursor(cursor, 2) if cursor else (0, 0)
-    query = (
-        select(
-            Event.txid,
-            Event.id,
-            Event.action,
-            Event.reason,
-            Event.created_at,
-            Subscriber.email,
-            Topic.key,
-        )
-        .join(Subscriber, Subscriber.id == Event.subscriber_id)
-        .outerjoin(Topic, Topic.id == Event.topic_id)
-        .where(tuple_(Event.txid, Event.id) > tuple_(txid, event_id))
-        .order_by(Event.txid, Event.id)
-        .limit(limit)
-    )
-    bound = _visible_below(session)
-    if bound is not None:
-        query = query.where(Event.txid < bound)
+    visible = _VISIBLE if session.get_bind().dialect.name == "postgresql" else ""
+    rows = _rows(session, _CHANGES, (txid, event_id), visible=visible, limit=int(limit))
     items = []
-    for row_txid, row_id, action, reason, at, email, key in session.execute(query):
+    for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id
         if action == RESUBSCRIBE:
             change, why = "unsuppressed", None
@@ -175,7 +164,7 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
         else:
             change, why = "suppressed", "unsubscribed"
         items.append(
-            {"email": email, "change": change, "scope": key or "all", "reason": why, "at": iso_time(at)}
+            {"email": email, "change": change, "scope": key or "all", "reason": why, "at": _time(at)}
         )
     # the last page has a cursor too: a mailer resumes from it later
     return Page(items, encode_cursor(txid, event_id))
