@@ -222,7 +222,7 @@ class Outcome:
     error: str | None = None
     content_type: str = ""
     body: bytes = b""
-    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def timed(base: str, method: str, path: str, **kwargs: Any) -> Outcome:
@@ -232,7 +232,8 @@ def timed(base: str, method: str, path: str, **kwargs: Any) -> Outcome:
         status, headers, body = request(base, method, path, **kwargs)
     except (OSError, http.client.HTTPException) as err:
         return Outcome(None, started, time.monotonic() - started, type(err).__name__)
-    return Outcome(status, started, time.monotonic() - started, None, headers.get("content-type", ""), body)
+    elapsed = time.monotonic() - started
+    return Outcome(status, started, elapsed, None, headers.get("content-type", ""), body, headers)
 
 
 class Cluster:
