@@ -47,6 +47,18 @@ def error_response(status: int, code: str, title: str, message: str) -> Any:
     return page_error(status, title, message)
 
 
+def read_body_first() -> None:
+    """Read a request's body before any view takes a database connection.
+
+    A client that trickles its body in then holds one thread and no pooled connection:
+    without this, an API call authenticates (a read on a pooled connection) and only then
+    reads the body, and a few slow clients starve every other request of connections.
+    A body over ``PREFS_MAX_BODY_BYTES`` is refused (413) without being read.
+    """
+    if request.content_length or "Transfer-Encoding" in request.headers:
+        request.get_data(cache=True)
+
+
 def register(app: Flask) -> None:
     """Install the app-wide error handlers."""
 
