@@ -3,11 +3,16 @@
 Every value can be overridden on the command line (``-b``, ``-w``...) or in
 ``GUNICORN_CMD_ARGS``; the ``PREFS_*`` variables below are the usual knobs.
 
-- Workers: ``gthread``, a few processes with a pool of threads each. Idle keep-alive
-  connections wait in the worker's selector, not in a thread, and a slow client
-  ties up one thread, never a whole process, so a handful of slow clients leave the
-  other threads serving. The TLS proxy in front (nginx, Caddy, a load balancer)
-  buffers request bodies, which is what really absorbs slow uploads. Async workers
+- Workers: ``prefs.serving.ThreadWorker``, gthread (a few processes with a pool of
+  threads each) that stops accepting while all its threads are busy, so the kernel hands
+  new connections to a worker with a thread free. Idle keep-alive connections wait in
+  the worker's selector, not in a thread; a client that trickles its body in holds one
+  thread (and no database connection: the app reads bodies before touching the
+  database) until it finishes, never a whole process. So a host serves others while
+  fewer than workers x threads slow clients are connected (80 on two CPUs;
+  tests/reliability/test_slow_clients.py holds 50 against 4 x 16). The TLS proxy in
+  front (nginx, Caddy, a load balancer) buffers request bodies, which is what really
+  absorbs slow uploads. Async workers
   (gevent) were not chosen: SQLite's lock wait and psycopg's calls would block the
   whole event loop.
 - No preload: each worker imports the app after the fork, so no database connection
@@ -46,7 +51,8 @@ def _int_env(*names: str, default: int) -> int:
 
 bind = [os.environ.get("PREFS_BIND", "127.0.0.1:8000")]
 workers = _int_env("PREFS_WORKERS", "WEB_CONCURRENCY", default=multiprocessing.cpu_count() * 2 + 1)
-worker_class = "gthread"
+# gthread, but a worker whose threads are all busy leaves new connections to the others
+worker_class = "prefs.serving.ThreadWorker"
 # each slow client holds one thread while it trickles its request in: workers x threads
 # (80 on two CPUs) is how many one host absorbs with no buffering proxy in front
 threads = _int_env("PREFS_THREADS", default=16)

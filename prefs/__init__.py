@@ -56,6 +56,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     web.register(app)
     monitoring.register(app)
+    # after monitoring's timer starts, before any view (or the admin's login) reads the database
+    app.before_request(web.read_body_first)
     public.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)

@@ -122,7 +122,12 @@ def engine_options(config: dict[str, Any]) -> dict[str, Any]:
         "pool_timeout": config["DB_POOL_TIMEOUT"],
         "pool_pre_ping": True,
         "pool_recycle": 1800,
-        "connect_args": {"connect_timeout": 2},
+        # lock_timeout: a row another session holds (an operator's psql, a migration) makes a
+        # write fail after the busy timeout, as on SQLite, instead of hanging until the worker dies
+        "connect_args": {
+            "connect_timeout": 2,
+            "options": f"-c lock_timeout={int(config['DB_BUSY_TIMEOUT_MS'])}",
+        },
     }
 
 

@@ -58,6 +58,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+class Scrubbed(logging.Filter):
+    """Mask addresses, tokens and keys in a logger's records, whichever handler writes them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), None
+        return True
+
+
+# werkzeug's development server (``flask --app prefs demo``) logs each request line, path
+# and all: mask it at the logger, before any handler (its own, alembic's) writes it
+SCRUBBED_LOGGERS = ("werkzeug",)
+
+
 def configure(level: str = "INFO") -> None:
     """Send every log record to stdout as JSON; calling it again replaces the handler."""
     root = logging.getLogger()
@@ -69,6 +82,10 @@ def configure(level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in SCRUBBED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Scrubbed) for f in logger.filters):
+            logger.addFilter(Scrubbed())
 
 
 def request_id(header: str | None) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import i18n
 from .extensions import db
@@ -45,6 +45,25 @@ def error_response(status: int, code: str, title: str, message: str) -> Any:
     # the page speaks the reader's language; werkzeug's own words are English only
     title, message = i18n.error_text(status) or (title, message)
     return page_error(status, title, message)
+
+
+def read_body_first() -> None:
+    """Read a request's body before any view takes a database connection.
+
+    A client that trickles its body in then holds one thread and no pooled connection:
+    without this, an API call authenticates (a read on a pooled connection) and only then
+    reads the body, and a few slow clients starve every other request of connections.
+    A body over ``PREFS_MAX_BODY_BYTES`` is refused (413): unread when its length is
+    announced, read no further than the limit when it is not.
+    """
+    if not request.content_length and "Transfer-Encoding" not in request.headers:
+        return
+    data = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # a body without a length (chunked) stops at the limit: werkzeug would hand on the
+    # first PREFS_MAX_BODY_BYTES as if they were all, so look for one byte more
+    if request.content_length is None and len(data) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
 
 
 def register(app: Flask) -> None:

@@ -128,7 +128,11 @@ def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_pat
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     settings = {}
     exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), settings)  # noqa: S102
-    assert (settings["workers"], settings["threads"], settings["worker_class"]) == (3, 7, "gthread")
+    assert (settings["workers"], settings["threads"], settings["worker_class"]) == (
+        3,
+        7,
+        "prefs.serving.ThreadWorker",
+    )
     assert settings["preload_app"] is False
     assert (
         settings["mask"]("GET /u/abc.def?x HTTP/1.1 ann%40example.com") == "GET /u/[token]?x HTTP/1.1 [email]"
