@@ -1,30 +1,22 @@
 """The operator's overview in Chromium: Basic auth, the charts drawn, the tables filled."""
 
-import threading
+import urllib.error
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 from sqlalchemy import update
-from werkzeug.serving import make_server
 
 from prefs import campaigns, keys, ledger, register
 from prefs.extensions import db
 from prefs.ledger import Origin
 from prefs.models import Event, utcnow
 from tests.factories import make_subscriber, make_topic
+from tests.servers import serving
 
 pytestmark = pytest.mark.browser
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "admin-overview.png"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def seed(session):
@@ -58,62 +50,52 @@ def seed(session):
 
 
 @pytest.fixture
-def live(app):
+def overview(app):
     session = db.session()
     seed(session)
     _, secret = keys.create_key(session, "ops", ["admin"])
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", secret
-    server.shutdown()
-    thread.join(timeout=5)
+    with serving(app) as origin:
+        yield origin, secret
 
 
-def test_the_overview_in_a_browser(live):
-    base, secret = live
-    with sync_playwright() as playwright:
-        # no skip: a browser that cannot start fails the test
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            anonymous = playwright.request.new_context()
-            assert anonymous.get(base + "/admin").status == 401
-            anonymous.dispose()
+def test_the_overview_in_a_browser(overview, browser):
+    base, secret = overview
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(base + "/admin", timeout=10)  # noqa: S310 (loopback)
+    assert refused.value.code == 401
+    # the shared browser comes from conftest: a browser that cannot start fails there, never skips
+    context = browser.new_context(
+        http_credentials={"username": "ops", "password": secret},
+        viewport={"width": 1100, "height": 900},
+    )
+    try:
+        page = context.new_page()
+        response = page.goto(base + "/admin")
+        assert response.status == 200
+        assert page.title() == "Overview · prefs admin"
+        charts = page.locator("img.chart")
+        assert charts.count() == 2
+        drawn = "[...document.querySelectorAll('img.chart')].every(i => i.complete && i.naturalWidth > 0)"
+        page.wait_for_function(f"() => {drawn}")
+        assert page.get_by_role("table", name="Opt-outs per day by topic").locator("tbody tr").count() > 5
+        sources = page.get_by_role("table", name="Opt-outs by source")
+        assert sources.locator("tbody tr").count() == 6
+        ranked = page.get_by_role("table", name="divided by the recipients")
+        assert ranked.locator("tbody tr").first.locator("th").inner_text() == "summer-sale"
+        requests_table = page.get_by_role("table", name="not yet completed")
+        first = requests_table.locator("tbody tr").first
+        assert "erasure" in first.inner_text() and "overdue" in first.inner_text()
+        assert context.cookies() == []
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-            context = browser.new_context(
-                http_credentials={"username": "ops", "password": secret},
-                viewport={"width": 1100, "height": 900},
-            )
-            page = context.new_page()
-            response = page.goto(base + "/admin")
-            assert response.status == 200
-            assert page.title() == "Overview · prefs admin"
-            charts = page.locator("img.chart")
-            assert charts.count() == 2
-            drawn = "[...document.querySelectorAll('img.chart')].every(i => i.complete && i.naturalWidth > 0)"
-            page.wait_for_function(f"() => {drawn}")
-            assert page.get_by_role("table", name="Opt-outs per day by topic").locator("tbody tr").count() > 5
-            sources = page.get_by_role("table", name="Opt-outs by source")
-            assert sources.locator("tbody tr").count() == 6
-            ranked = page.get_by_role("table", name="divided by the recipients")
-            assert ranked.locator("tbody tr").first.locator("th").inner_text() == "summer-sale"
-            requests_table = page.get_by_role("table", name="not yet completed")
-            first = requests_table.locator("tbody tr").first
-            assert "erasure" in first.inner_text() and "overdue" in first.inner_text()
-            assert context.cookies() == []
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-
-            page.get_by_label("Find a subscriber by address").fill("person5@example.com")
-            page.get_by_role("button", name="Search").click()
-            page.wait_for_load_state()
-            assert page.get_by_role("heading", level=1).inner_text() == "person5@example.com"
-            history = page.get_by_role("table", name="History")
-            assert "unsubscribe" in history.inner_text()
-            # the address went in the POST body, never in the URL
-            assert "person5" not in page.url
-            context.close()
-        finally:
-            browser.close()
+        page.get_by_label("Find a subscriber by address").fill("person5@example.com")
+        page.get_by_role("button", name="Search").click()
+        page.wait_for_load_state()
+        assert page.get_by_role("heading", level=1).inner_text() == "person5@example.com"
+        history = page.get_by_role("table", name="History")
+        assert "unsubscribe" in history.inner_text()
+        # the address went in the POST body, never in the URL
+        assert "person5" not in page.url
+    finally:
+        context.close()
