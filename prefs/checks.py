@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from .addresses import normalize_or_none
-from .db import write_transaction
+from .db import driver_rows, write_transaction
 from .ledger import insert_for, new_public_id
 from .models import ErasedAddress, Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -127,28 +127,24 @@ _SOURCE = {
 def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:
     """Read the state of the known subscribers among ``emails``, one query per chunk."""
     # plain driver SQL: the rows need no ORM objects and no per-value type processing
-    connection = session.connection()
-    postgresql = connection.dialect.name == "postgresql"
+    postgresql = session.get_bind().dialect.name == "postgresql"
     columns, join = _COLUMNS, ""
     if topic_id is not None:
         columns += ", p.subscribed, p.version"
         join = f" LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {int(topic_id)}"
     source = _SOURCE["postgresql" if postgresql else "sqlite"]
     found: dict[str, Known | None] = {}
-    cursor = connection.connection.cursor()
     for chunk in _chunks(emails):
         where = "" if postgresql else f" WHERE s.email IN ({','.join('?' * len(chunk))})"
         # every piece of the text is a constant or an int; the addresses are parameters
         sql = f"SELECT {columns} FROM {source}{join}{where}"  # noqa: S608
-        cursor.execute(sql, (chunk,) if postgresql else chunk)
-        for row in cursor.fetchall():
+        for row in driver_rows(session, sql, (chunk,) if postgresql else chunk):
             if topic_id is None:
                 state = State(left_all_reason=row[2], left_all_version=row[3])
             else:
                 subscribed = None if row[5] is None else bool(row[5])
                 state = State(False, row[2], row[3], subscribed, row[6])
             found[row[0]] = Known(row[1], state, bool(row[4]))
-    cursor.close()
     session.commit()  # end the read snapshot; inserts below take the write lock
     return found
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 WRITE = "prefs_write"
@@ -135,3 +136,28 @@ def _transaction(session: Session) -> Iterator[None]:
         raise
     finally:
         session.info.pop(WRITE, None)
+
+
+def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:
+    """Run one read on the session's connection with the driver's own cursor; return its rows.
+
+    The bulk reads use this to skip SQLAlchemy's per-row processing. The driver's errors
+    are turned into SQLAlchemy's, as every other statement's are, and a lost connection is
+    invalidated, so a database outage answers 503 here too and the pool recovers.
+    """
+    connection = session.connection()
+    dbapi_connection = connection.connection
+    driver_error = connection.dialect.loaded_dbapi.Error
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    except driver_error as err:
+        lost = connection.dialect.is_disconnect(err, dbapi_connection, cursor)
+        if lost:
+            connection.invalidate(err)
+        raise DBAPIError.instance(sql, params, err, driver_error, connection_invalidated=lost) from err
+    finally:
+        # on a lost connection closing fails too; the error above already says so
+        with contextlib.suppress(driver_error):
+            cursor.close()

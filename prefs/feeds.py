@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from .db import driver_rows
 from .errors import InvalidValue
 from .ledger import RESUBSCRIBE
 from .models import iso_time
@@ -73,16 +74,10 @@ _VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
 def _rows(session: Session, sql: str, params: tuple[Any, ...], **parts: Any) -> list[tuple[Any, ...]]:
-    """Run one read on the session's connection and return its rows as plain tuples."""
-    connection = session.connection()
-    mark = "%s" if connection.dialect.name == "postgresql" else "?"
-    cursor = connection.connection.cursor()
-    try:
-        # every piece of the text is a constant or an int; values are parameters
-        cursor.execute(sql.format(mark=mark, **parts), params)
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
+    """Run one read with the driver's cursor and return its rows as plain tuples."""
+    mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
+    # every piece of the text is a constant or an int; values are parameters
+    return driver_rows(session, sql.format(mark=mark, **parts), params)
 
 
 def _time(value: Any) -> str | None:

@@ -1,5 +1,6 @@
 """SQLite is durable and takes the write lock up front; writes commit before returning."""
 
+import pytest
 from sqlalchemy import text
 
 from prefs.db import write_transaction
@@ -82,3 +83,16 @@ def test_the_fingerprint_key_can_be_made_inside_a_write_transaction(app, session
     with write_transaction(session):
         key = privacy.fingerprint_key(session)
     assert privacy.fingerprint_key(session) == key
+
+
+def test_driver_errors_in_bulk_reads_become_sqlalchemy_errors(app, session):
+    from sqlalchemy.exc import DBAPIError
+
+    from prefs.db import driver_rows
+
+    with pytest.raises(DBAPIError) as err:
+        driver_rows(session, "SELECT * FROM no_such_table", ())
+    # the driver's own exception is kept as the cause, as SQLAlchemy does for every statement
+    assert isinstance(err.value.orig, session.get_bind().dialect.loaded_dbapi.Error)
+    session.rollback()
+    assert driver_rows(session, "SELECT 1", ()) == [(1,)]

@@ -1,5 +1,6 @@
 """App-wide errors: JSON on the API, a page elsewhere, 503 when the database is away."""
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
 
@@ -54,3 +55,37 @@ def test_a_value_the_database_refuses_is_400_not_500(app, client):
     response = client.get("/api/v1/_refused")
     assert response.status_code == 400
     assert response.json["error"]["code"] == "invalid_input"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/check", {"topic": "transactional", "recipients": ["a@example.com"]}),
+        ("/api/v1/suppressions", None),
+        ("/api/v1/changes", None),
+    ],
+)
+def test_a_driver_error_in_a_bulk_read_is_503_not_500(make_app, tmp_path, path, body):
+    # the bulk reads use the driver's cursor; its errors once escaped as a 500 during a
+    # PostgreSQL outage (found by the outage test). A SQLite file whose tables are gone
+    # gives the driver's OperationalError on either suite database.
+    from sqlalchemy import text
+
+    from prefs.extensions import db
+    from tests.factories import bearer, make_key
+
+    app = make_app(DATABASE_URL=f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    client = app.test_client()
+    with app.app_context():
+        session = db.session()
+        headers = bearer(make_key(session, "send", "read"))
+        session.execute(text("DROP TABLE events"))
+        session.execute(text("DROP TABLE preferences"))
+        session.execute(text("DROP TABLE subscribers"))
+        session.commit()
+        if body is None:
+            response = client.get(path, headers=headers)
+        else:
+            response = client.post(path, json=body, headers=headers)
+        assert response.status_code == 503
+        assert response.json["error"]["code"] == "unavailable"
