@@ -196,7 +196,13 @@ _BUMP = text(
     "UPDATE subscribers SET version = version + 1 WHERE public_id = :public_id"
     " RETURNING id, version, left_all_version"
 )
-_TOPIC_ID = text("SELECT id FROM topics WHERE key = :key")
+_TOPIC_ID = text("SELECT id, opt_in FROM topics WHERE key = :key")
+# choosing an opt-out topic one receives by default changes nothing, unless a refusal is on file
+_BACK_TO_DEFAULT = text(
+    "UPDATE preferences SET subscribed = :subscribed, version = :version, source = :source,"
+    " updated_at = :now WHERE subscriber_id = :subscriber_id AND topic_id = :topic_id"
+    " AND NOT subscribed RETURNING topic_id"
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("subscribed", type_=Boolean()))
 _CHOOSE = text(
     "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
     " VALUES (:subscriber_id, :topic_id, :subscribed, :version, :source, :now)"
@@ -245,25 +251,31 @@ def _bump(session: Session, public_id: str) -> Any:
 
 
 # a topic's key and id never change and topics are never deleted: once read, always right
-_topic_ids: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
+_topic_ids: weakref.WeakKeyDictionary[Engine, dict[str, tuple[int, bool]]] = weakref.WeakKeyDictionary()
 
 
-def _topic_id(session: Session, key: str) -> int:
+def _topic(session: Session, key: str) -> tuple[int, bool]:
+    """Return a topic's id and whether it is opt-in; neither ever changes."""
     known = _topic_ids.setdefault(session.get_bind().engine, {})
-    topic_id = known.get(key)
-    if topic_id is None:
-        found = session.execute(_TOPIC_ID, {"key": key}).scalar() if KEY.match(key) else None
+    topic = known.get(key)
+    if topic is None:
+        found = session.execute(_TOPIC_ID, {"key": key}).first() if KEY.match(key) else None
         if found is None:
             raise UnknownTopic(f"there is no topic {key!r}")
-        topic_id = known[key] = int(found)
-    return topic_id
+        topic = known[key] = (int(found[0]), bool(found[1]))
+    return topic
 
 
 def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
-    topic_id = _topic_id(session, topic_key)
+    topic_id, opt_in = _topic(session, topic_key)
     subscriber = _bump(session, public_id)
+    # someone who never left all marketing receives an opt-out topic by default: choosing
+    # it is a change only where a refusal is on file (a repeat records nothing)
+    statement = (
+        _BACK_TO_DEFAULT if subscribed and not opt_in and subscriber.left_all_version is None else _CHOOSE
+    )
     changed = session.execute(
-        _CHOOSE,
+        statement,
         {
             "subscriber_id": subscriber.id,
             "topic_id": topic_id,
