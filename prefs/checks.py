@@ -22,7 +22,7 @@ from .ledger import insert_for, new_public_id
 from .models import ErasedAddress, Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import Category, State, verdict
-from .tokens import Tokens
+from .tokens import Tokens, check_campaign
 from .topics import resolve
 
 CHUNK = 5000
@@ -61,14 +61,11 @@ def check_recipients(
     """Return each recipient as given with its answer, in order, for mail of category ``key``."""
     category, topic = resolve(session, key)
     if campaign is not None:
-        tokens.unsubscribe("A" * 16, None, campaign)  # raises InvalidValue for a bad id
+        check_campaign(campaign)
     normalized = [normalize_or_none(r) for r in recipients]
-    wanted = {n for n in normalized if n is not None}
-    topic_id = None if topic is None else topic.id
-    known = _known(session, wanted, topic_id)
-    new = wanted.difference(known)
-    if new:
-        known.update(_create(session, new, topic_id))
+    known = _subscribers(
+        session, {n for n in normalized if n is not None}, None if topic is None else topic.id
+    )
 
     topic_key = None if topic is None else topic.key
     answers: list[tuple[str, Answer]] = []
@@ -180,10 +177,18 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     return created
 
 
-def public_ids(session: Session, emails: set[str]) -> dict[str, str | None]:
-    """Return the public id of each normalized address, creating the new ones (None: erased)."""
-    known = _known(session, emails, None)
+def _subscribers(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:
+    """Return every address's subscriber state, creating the new ones (None: erased)."""
+    known = _known(session, emails, topic_id)
     new = emails.difference(known)
     if new:
-        known.update(_create(session, new, None))
-    return {email: (None if k is None else k.public_id) for email, k in known.items()}
+        known.update(_create(session, new, topic_id))
+    return known
+
+
+def public_ids(session: Session, emails: set[str]) -> dict[str, str | None]:
+    """Return the public id of each normalized address, creating the new ones (None: erased)."""
+    return {
+        email: (None if k is None else k.public_id)
+        for email, k in _subscribers(session, emails, None).items()
+    }

@@ -58,10 +58,14 @@ def insert_for(session: Session) -> Any:
     return postgresql.insert if name == "postgresql" else sqlite.insert
 
 
+# the writing transaction's id on PostgreSQL; SQLite's writers are serialized and write 0
+PG_TXID = "pg_current_xact_id()::text::bigint"
+
+
 def txid_for(session: Session) -> Any:
     """Return the value of ``events.txid`` for rows written in this transaction."""
     if session.get_bind().dialect.name == "postgresql":
-        return literal_column("pg_current_xact_id()::text::bigint")
+        return literal_column(PG_TXID)
     return 0
 
 
@@ -238,7 +242,7 @@ _EVENT = (
 )
 _EVENTS = {
     dialect: text(_EVENT.format(txid=txid)).bindparams(bindparam("at", type_=UTCDateTime()))
-    for dialect, txid in (("postgresql", "pg_current_xact_id()::text::bigint"), ("sqlite", "0"))
+    for dialect, txid in (("postgresql", PG_TXID), ("sqlite", "0"))
 }
 
 

@@ -73,6 +73,13 @@ class _Purpose:
         return value
 
 
+def check_campaign(campaign: str) -> str:
+    """Return a campaign id a link can carry, or raise ``InvalidValue``."""
+    if not isinstance(campaign, str) or not CAMPAIGN.match(campaign):
+        raise InvalidValue("a campaign id is 1 to 64 letters, digits or . _ ~ -")
+    return campaign
+
+
 class Tokens:
     """Mint and read the tokens for unsubscribe and preference links."""
 
@@ -85,8 +92,8 @@ class Tokens:
 
     def unsubscribe(self, public_id: str, topic: str | None = None, campaign: str | None = None) -> str:
         """Return the token of an unsubscribe link."""
-        if campaign is not None and not CAMPAIGN.match(campaign):
-            raise InvalidValue("a campaign id is 1 to 64 letters, digits or . _ ~ -")
+        if campaign is not None:
+            check_campaign(campaign)
         value = f"{public_id}.{topic or ''}"
         if campaign:
             value += "." + campaign
