@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, render_template, request
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -66,8 +67,28 @@ def read_body_first() -> None:
         raise RequestEntityTooLarge()
 
 
+def discard_session(err: BaseException | None = None) -> None:
+    """End this context's session; a connection lost at the very end costs nothing.
+
+    The closing rollback of a read is the request's last word with the database. When the
+    database goes away after the answer is ready, that rollback fails: log it, drop the
+    session's connections from the pool, and let the answer stand.
+    """
+    try:
+        db.session.remove()
+    except SQLAlchemyError as lost:
+        log.warning("database connection lost while closing a session: %s", type(lost).__name__)
+        with contextlib.suppress(SQLAlchemyError):
+            db.session().invalidate()
+        db.session.registry.clear()
+
+
 def register(app: Flask) -> None:
-    """Install the app-wide error handlers."""
+    """Install the app-wide error handlers, and the session's end of every app context."""
+
+    # runs before Flask-SQLAlchemy's own teardown (teardowns run last-registered first),
+    # which then finds no session left to close
+    app.teardown_appcontext(discard_session)
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Any:
@@ -82,7 +103,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(PoolTimeout)
     def database_unavailable(err: Exception) -> Any:
         # a lost or locked database is a passing condition: say so, never a stack trace
-        db.session.rollback()
+        discard_session()
         log.warning("database unavailable: %s", type(err).__name__)
         body, status = error_response(
             503,
@@ -95,7 +116,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(DataError)
     def refused_by_database(err: DataError) -> Any:
         # input the database cannot store (the checks before it should have caught it)
-        db.session.rollback()
+        discard_session()
         log.warning("database refused a value: %s", type(err.orig).__name__)
         return error_response(
             400, "invalid_input", "This request is not valid", "A value in the request is not valid."
@@ -106,7 +127,7 @@ def register(app: Flask) -> None:
         if isinstance(err, HTTPException):
             return http_error(err)
         log.exception("unexpected error on %s %s", request.method, request.url_rule)
-        db.session.rollback()
+        discard_session()
         return error_response(
             500, "internal_error", "Something went wrong", "Something went wrong on our side."
         )

@@ -89,3 +89,33 @@ def test_a_driver_error_in_a_bulk_read_is_503_not_500(make_app, tmp_path, path, 
             response = client.post(path, json=body, headers=headers)
         assert response.status_code == 503
         assert response.json["error"]["code"] == "unavailable"
+
+
+def test_a_connection_lost_after_the_answer_keeps_the_answer(make_app, monkeypatch):
+    # PostgreSQL stopped between a page's read and the end of its request: the session's
+    # closing rollback failed in the teardown, after the page was ready, and the client got
+    # gunicorn's bare 500 instead (found once in about 2,000 requests by the outage test)
+    from sqlalchemy import text
+
+    from prefs.extensions import db
+
+    app = make_app()
+
+    @app.get("/_read")
+    def read():
+        db.session.execute(text("SELECT 1"))
+        return "read"
+
+    client = app.test_client()
+    with app.app_context():
+        dialect = db.engine.dialect
+    error = dialect.loaded_dbapi.OperationalError
+
+    def lost(connection):
+        raise error("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_rollback", lost)
+    response = client.get("/_read")
+    assert response.status_code == 200 and response.data == b"read"
+    monkeypatch.undo()
+    assert client.get("/_read").data == b"read"
