@@ -156,7 +156,15 @@ def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:
         lost = connection.dialect.is_disconnect(err, dbapi_connection, cursor)
         if lost:
             connection.invalidate(err)
-        raise DBAPIError.instance(sql, params, err, driver_error, connection_invalidated=lost) from err
+        raise DBAPIError.instance(
+            sql,
+            params,
+            err,
+            driver_error,
+            # the parameters are addresses: keep them out of the message, as the engine does
+            hide_parameters=connection.engine.hide_parameters,
+            connection_invalidated=lost,
+        ) from err
     finally:
         # on a lost connection closing fails too; the error above already says so
         with contextlib.suppress(driver_error):

@@ -26,7 +26,8 @@ FIELDS = (
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 # last line of defence: whatever a message says, addresses, link tokens and keys are masked
-_EMAIL = re.compile(r"[^\s/?&=\"'<>(),;:]+(?:@|%40)[^\s/?&=\"'<>(),;:]+")
+# (either side may be empty: a message cut short can split an address in two)
+_EMAIL = re.compile(r"[^\s/?&=\"'<>(),;:]*(?:@|%40)[^\s/?&=\"'<>(),;:]*")
 _TOKEN_PATH = re.compile(r"(/[up]/)[^\s/?\"']+")
 _API_KEY = re.compile(r"prefs_[A-Za-z0-9_-]{8,}")
 _MARK = "_prefs_json_handler"
