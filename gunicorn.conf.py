@@ -114,3 +114,15 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def post_worker_init(worker: Any) -> None:
+    """Keep the loaded app out of the garbage collector's full passes.
+
+    Everything imported so far lives as long as the worker. Frozen, the collector's
+    passes no longer walk it: a 10,000-recipient check makes enough short-lived objects
+    to start a full pass every other request, which cost it a quarter of its time.
+    """
+    import gc
+
+    gc.freeze()

@@ -8,9 +8,8 @@ recipient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import String, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -18,19 +17,19 @@ from sqlalchemy.orm import Session
 
 from .addresses import normalize_or_none
 from .db import driver_rows, write_transaction
-from .ledger import insert_for, new_public_id
+from .ledger import new_public_id
 from .models import ErasedAddress, Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import Category, State, verdict
+from .rules import REASONS, Category, State, verdict
 from .tokens import Tokens, check_campaign
 from .topics import resolve
 
 CHUNK = 5000
 ERASED_STATE = State(erased=True)
+STRANGER = State()
 
 
-@dataclass(frozen=True, slots=True)
-class Known:
+class Known(NamedTuple):
     """What one query tells about a subscriber for the topic being checked."""
 
     public_id: str
@@ -49,6 +48,8 @@ class Answer(NamedTuple):
 
 
 INVALID = Answer(False, "invalid_address", None, None, False)
+# a refusal carries no links: one shared answer per reason
+_REFUSED = {reason: Answer(False, reason, None, None, False) for reason in REASONS}
 
 
 def check_recipients(
@@ -67,34 +68,32 @@ def check_recipients(
         session, {n for n in normalized if n is not None}, None if topic is None else topic.id
     )
 
-    topic_key = None if topic is None else topic.key
-    answers: list[tuple[str, Answer]] = []
-    seen: dict[str, Answer] = {}
-    for given, address in zip(recipients, normalized, strict=True):
-        if address is None:
-            answers.append((given, INVALID))
-            continue
-        answer = seen.get(address)
-        if answer is None:
-            answer = seen[address] = _answer(known[address], category, tokens, topic_key, campaign)
-        answers.append((given, answer))
-    return answers
+    # one minter for the whole batch: the topic and campaign are encoded once
+    mint = tokens.preferencer() if topic is None else tokens.unsubscriber(topic.key, campaign)
+    transactional = topic is None
+    # one answer per distinct address, however often the batch repeats it
+    by_address = {
+        address: _answer(subscriber, category, mint, transactional) for address, subscriber in known.items()
+    }
+    return [
+        (given, INVALID if address is None else by_address[address])
+        for given, address in zip(recipients, normalized, strict=True)
+    ]
 
 
 def _answer(
-    subscriber: Known | None, category: Category, tokens: Tokens, topic_key: str | None, campaign: str | None
+    subscriber: Known | None, category: Category, mint: Callable[[str], str], transactional: bool
 ) -> Answer:
     if subscriber is None:  # erased: no links, since nothing may name the person any more
-        judged = verdict(ERASED_STATE, category)
         judged = verdict(ERASED_STATE, category)
         return Answer(judged.allowed, judged.reason, None, None, False)
     judged = verdict(subscriber.state, category)
     if not judged.allowed:
-        return Answer(False, judged.reason, None, None, False)
-    if topic_key is None:  # transactional: a preferences link, no unsubscribe headers
-        return Answer(True, None, None, tokens.preferences(subscriber.public_id), subscriber.bounced)
+        return _REFUSED[cast(str, judged.reason)]  # a refusal always names its reason
+    if transactional:  # a preferences link, no unsubscribe headers
+        return Answer(True, None, None, mint(subscriber.public_id), subscriber.bounced)
     # one token serves both links: the preference center accepts unsubscribe tokens
-    token = tokens.unsubscribe(subscriber.public_id, topic_key, campaign)
+    token = mint(subscriber.public_id)
     return Answer(True, None, token, token, False)
 
 
@@ -135,13 +134,16 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
         where = "" if postgresql else f" WHERE s.email IN ({','.join('?' * len(chunk))})"
         # every piece of the text is a constant or an int; the addresses are parameters
         sql = f"SELECT {columns} FROM {source}{join}{where}"  # noqa: S608
-        for row in driver_rows(session, sql, (chunk,) if postgresql else chunk):
-            if topic_id is None:
-                state = State(left_all_reason=row[2], left_all_version=row[3])
-            else:
-                subscribed = None if row[5] is None else bool(row[5])
-                state = State(False, row[2], row[3], subscribed, row[6])
-            found[row[0]] = Known(row[1], state, bool(row[4]))
+        rows = driver_rows(session, sql, (chunk,) if postgresql else chunk)
+        if topic_id is None:
+            for email, public_id, left, left_version, bounced in rows:
+                found[email] = Known(public_id, State(False, left, left_version), bool(bounced))
+        else:
+            for email, public_id, left, left_version, bounced, subscribed, version in rows:
+                if subscribed is not None:
+                    subscribed = bool(subscribed)  # SQLite gives 0 and 1
+                state = State(False, left, left_version, subscribed, version)
+                found[email] = Known(public_id, state, bool(bounced))
     session.commit()  # end the read snapshot; inserts below take the write lock
     return found
 
@@ -159,22 +161,46 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     fresh = emails - erased
     if not fresh:
         return created
-    now = utcnow()
-    insert = insert_for(session)
     with write_transaction(session):
-        for chunk in _chunks(fresh):
-            rows = [
-                {"email": e, "public_id": new_public_id(), "created_at": now, "version": 0} for e in chunk
-            ]
-            session.execute(
-                insert(Subscriber).on_conflict_do_nothing(index_elements=[Subscriber.email]),
-                rows,
-                # one multi-row INSERT per chunk, not one per 1,000 rows
-                execution_options={"insertmanyvalues_page_size": CHUNK},
-            )
-    # read back: a concurrent check may have inserted some of them first
-    created.update(_known(session, set(fresh), topic_id))
+        inserted = _insert(session, fresh)
+    # a stranger until now: no choices, never left, never bounced
+    created.update((email, Known(public_id, STRANGER, False)) for email, public_id in inserted)
+    raced = fresh.difference(created)
+    if raced:  # a concurrent check inserted these first: read what it made
+        created.update(_known(session, raced, topic_id))
     return created
+
+
+_INSERT = {
+    # one statement per chunk; RETURNING tells which rows this call made
+    "postgresql": (
+        "INSERT INTO subscribers (email, public_id, created_at, version)"
+        " SELECT e, p, %s, 0 FROM unnest(%s::text[], %s::text[]) AS new(e, p)"
+        " ON CONFLICT (email) DO NOTHING RETURNING email, public_id"
+    ),
+    "sqlite": (
+        "INSERT INTO subscribers (email, public_id, created_at, version) VALUES {rows}"
+        " ON CONFLICT (email) DO NOTHING RETURNING email, public_id"
+    ),
+}
+
+
+def _insert(session: Session, emails: set[str]) -> list[tuple[str, str]]:
+    """Insert a subscriber for each address not yet on file; return those made here."""
+    dialect = session.get_bind().dialect
+    # the time as the column's own type stores it, so the rows read like the ORM's
+    stamp = Subscriber.__table__.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+    now = utcnow() if stamp is None else stamp(utcnow())
+    made: list[tuple[str, str]] = []
+    for chunk in _chunks(emails):
+        ids = [new_public_id() for _ in chunk]
+        if dialect.name == "postgresql":
+            made.extend(driver_rows(session, _INSERT["postgresql"], (now, chunk, ids)))
+        else:
+            sql = _INSERT["sqlite"].format(rows=",".join(["(?, ?, ?, 0)"] * len(chunk)))
+            params = [value for row in zip(chunk, ids, [now] * len(chunk), strict=True) for value in row]
+            made.extend(driver_rows(session, sql, params))
+    return made
 
 
 def _subscribers(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:

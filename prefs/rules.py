@@ -6,6 +6,7 @@ Every surface (pages, API, CLI) asks ``verdict``; nothing re-implements a part o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 TRANSACTIONAL = "transactional"
 
@@ -45,9 +46,12 @@ class Category:
 TRANSACTIONAL_CATEGORY = Category(TRANSACTIONAL)
 
 
-@dataclass(frozen=True, slots=True)
-class State:
-    """What is recorded for one address and one topic; the default is a stranger's."""
+class State(NamedTuple):
+    """What is recorded for one address and one topic; the default is a stranger's.
+
+    A named tuple, not a dataclass: the check makes one per known recipient, thousands a
+    request, and a tuple is made several times faster.
+    """
 
     erased: bool = False
     left_all_reason: str | None = None
