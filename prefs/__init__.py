@@ -11,7 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config, i18n, logs
 from .db import configure_engine
-from .extensions import babel, db, limiter, migrate
+from .extensions import MigrationCommands, babel, db, limiter
 from .mail import Mailer
 from .tokens import Tokens
 
@@ -41,7 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     db.init_app(app)
-    migrate.init_app(app, db)
+    app.cli.add_command(MigrationCommands("db", help="Perform database migrations (Flask-Migrate)."))
     with app.app_context():
         configure_engine(db.engine, app.config["DB_BUSY_TIMEOUT_MS"])
     app.extensions["prefs.tokens"] = Tokens(app.config["SECRET_KEYS"], app.config["TOKEN_MAX_AGE"])

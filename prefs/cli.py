@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
-from flask_migrate import upgrade
 from werkzeug.serving import run_simple
 
 from . import imports, ledger, links, topics
@@ -17,7 +16,7 @@ from . import keys as api_keys
 from . import register as request_register
 from .addresses import normalize
 from .errors import DomainError, UnknownSubscriber
-from .extensions import session
+from .extensions import migrations, session
 from .import_formats import FORMATS
 from .ledger import Origin
 from .models import utcnow
@@ -189,6 +188,9 @@ DEMO_TOPICS = (
 @reports_errors
 def demo(serve: bool, port: int) -> None:
     """Build the schema, add sample topics and print a link to open, then serve."""
+    from flask_migrate import upgrade
+
+    migrations(current_app._get_current_object())  # type: ignore[attr-defined]
     upgrade()
     db = session()
     existing = {t.key for t in topics.list_topics(db)}

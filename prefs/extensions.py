@@ -1,11 +1,14 @@
 """Create the Flask extensions; ``create_app`` binds them with ``init_app``."""
 
 from pathlib import Path
+from typing import Any
 
+import click
+from flask import Flask
+from flask.cli import ScriptInfo
 from flask_babel import Babel
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase, Session
@@ -25,11 +28,39 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
-migrate = Migrate(
-    directory=str(Path(__file__).resolve().parent.parent / "migrations"),
-    render_as_batch=True,
-    compare_type=True,
-)
+MIGRATIONS = {
+    "directory": str(Path(__file__).resolve().parent.parent / "migrations"),
+    "render_as_batch": True,
+    "compare_type": True,
+}
+
+
+def migrations(app: Flask) -> None:
+    """Bind Flask-Migrate to ``app``, once; what ``flask db`` and ``upgrade()`` need.
+
+    Flask-Migrate imports Alembic, 11 MB in every worker that never migrates anything, so
+    it is imported here, when a migration is first asked for, not by ``create_app``.
+    """
+    if "migrate" not in app.extensions:
+        from flask_migrate import Migrate
+
+        Migrate(app, db, **MIGRATIONS)  # also puts its own ``db`` group on app.cli
+
+
+class MigrationCommands(click.Command):
+    """``flask db``: stands in for Flask-Migrate's command group until the command line runs it."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        app = (parent or click.get_current_context()).ensure_object(ScriptInfo).load_app()
+        migrations(app)
+        # Flask-Migrate's own group, options and subcommands, parsed as if it had been there
+        return app.cli.commands["db"].make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return ctx.command.invoke(ctx)
+
 
 # limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI.
 # settings live here, not in app.config: Flask-Limiter keeps the first app's values anyway.

@@ -9,7 +9,7 @@ from flask_migrate import upgrade
 from sqlalchemy import create_engine, inspect
 
 from prefs import create_app
-from prefs.extensions import Base, db
+from prefs.extensions import Base, db, migrations
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -22,6 +22,7 @@ def test_upgrade_from_nothing_has_no_drift(tmp_path):
         url = f"sqlite:///{tmp_path / 'migrated.sqlite3'}"
     try:
         app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url})
+        migrations(app)
         with app.app_context():
             upgrade(directory=str(MIGRATIONS))
             engine = db.engine
@@ -45,3 +46,18 @@ def test_the_cli_upgrade_command_runs(tmp_path):
     assert "subscribers" in inspect(engine).get_table_names()
     engine.dispose()
     assert os.path.exists(tmp_path / "cli.sqlite3")
+
+
+def test_serving_never_loads_alembic():
+    # Flask-Migrate imports Alembic, 11 MB a worker; only a migration command loads it
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from prefs import create_app; "
+        "app = create_app({'SECRET_KEYS': 'k' * 20, 'DATABASE_URL': 'sqlite://'}); "
+        "app.test_client().get('/healthz'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'flask_migrate')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
