@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -167,9 +168,9 @@ def suppressions() -> Any:
             ["application/json", "text/csv", "application/x-ndjson"], default="application/json"
         )
         if kind in ("text/csv", "application/x-ndjson"):
-            rows = feeds.stream_suppressions(session(), topic)
-            first = next(rows, None)  # an unknown topic fails here, before the 200
-            return Response(stream_with_context(_stream(kind, first, rows)), mimetype=kind)
+            batches = feeds.stream_suppressions(session(), topic)
+            first = next(batches, None)  # an unknown topic fails here, before the 200
+            return Response(stream_with_context(_stream(kind, first, batches)), mimetype=kind)
         page = feeds.suppression_page(session(), topic, params.get("cursor"), params["limit"])
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
@@ -178,27 +179,31 @@ def suppressions() -> Any:
     return _json({"items": page.items, "next_cursor": page.next_cursor})
 
 
-def _stream(kind: str, first: dict[str, Any] | None, rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+def _stream(
+    kind: str, first: list[feeds.Suppression] | None, batches: Iterator[list[feeds.Suppression]]
+) -> Iterator[str]:
     if kind == "text/csv":
         yield "email,scope,reason,since\r\n"
-    buffer: list[str] = []
-    for item in itertools.chain([first] if first else [], rows):
+    for batch in itertools.chain([first] if first else [], batches):
         if kind == "text/csv":
-            buffer.append(
-                f"{_csv(item['email'])},{item['scope']},{item['reason'] or ''},{item['since'] or ''}\r\n"
+            yield "".join(
+                [
+                    f"{_csv(email)},{scope},{reason or ''},{since or ''}\r\n"
+                    for email, scope, reason, since in batch
+                ]
             )
         else:
-            buffer.append(json.dumps(item, separators=(",", ":")) + "\n")
-        if len(buffer) >= 1000:
-            yield "".join(buffer)
-            buffer.clear()
-    if buffer:
-        yield "".join(buffer)
+            yield "".join([json.dumps(feeds.as_item(row), separators=(",", ":")) + "\n" for row in batch])
+
+
+# what a value needing quotes holds: a comma, quote or line break; or a leading formula sign
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')
+_FORMULA = frozenset("=+-@")
 
 
 def _csv(value: str) -> str:
     # addresses may hold quotes or commas in a quoted local part; spreadsheet formulas too
-    if any(c in value for c in ',"\r\n') or value[:1] in "=+-@":
+    if value[:1] in _FORMULA or _CSV_SPECIAL.search(value):
         return '"' + value.replace('"', '""') + '"'
     return value
 

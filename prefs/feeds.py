@@ -6,7 +6,6 @@ import base64
 import binascii
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -14,7 +13,6 @@ from sqlalchemy.orm import Session
 from .db import driver_rows
 from .errors import InvalidValue
 from .ledger import RESUBSCRIBE
-from .models import iso_time
 from .rules import Category, State, reason_for_leaving_all, verdict
 from .topics import get_topic
 
@@ -50,21 +48,21 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
 
 # plain driver SQL: a million rows need no SQLAlchemy row objects or datetime parsing
 _TOPIC_CANDIDATES = (
-    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, s.left_all_at,"
-    " p.subscribed, p.version, p.updated_at FROM subscribers s"
+    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at},"
+    " p.subscribed, p.version, {iso_p_updated_at} FROM subscribers s"
     " LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {topic_id}"
     # candidates only: the verdict below decides who is suppressed
     " WHERE s.id > {mark} AND (s.left_all_reason IS NOT NULL OR NOT p.subscribed)"
     " ORDER BY s.id LIMIT {limit}"
 )
 _ALL_CANDIDATES = (
-    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, s.left_all_at FROM subscribers s"
+    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at} FROM subscribers s"
     " WHERE s.id > {mark} AND s.left_all_reason IS NOT NULL AND NOT EXISTS (SELECT 1 FROM preferences p"
     " WHERE p.subscriber_id = s.id AND p.subscribed AND p.version > s.left_all_version)"
     " ORDER BY s.id LIMIT {limit}"
 )
 _CHANGES = (
-    "SELECT e.txid, e.id, e.action, e.reason, e.created_at, s.email, t.key FROM events e"
+    "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
     " JOIN subscribers s ON s.id = e.subscriber_id LEFT JOIN topics t ON t.id = e.topic_id"
     " WHERE (e.txid, e.id) > ({mark}, {mark}){visible} ORDER BY e.txid, e.id LIMIT {limit}"
 )
@@ -73,75 +71,86 @@ _CHANGES = (
 _VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
+# each stored time, written by the database as the API writes it (ISO 8601, UTC, "Z", to the
+# microsecond): a million rows need no datetime objects made and formatted one by one
+_ISO = {
+    "postgresql": "to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC)
+    "sqlite": "replace({column}, ' ', 'T') || 'Z'",
+}
+_TIMES = ("s.left_all_at", "p.updated_at", "e.created_at")
+
+
 def _rows(session: Session, sql: str, params: tuple[Any, ...], **parts: Any) -> list[tuple[Any, ...]]:
     """Run one read with the driver's cursor and return its rows as plain tuples."""
-    mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
+    dialect = session.get_bind().dialect.name
+    mark = "%s" if dialect == "postgresql" else "?"
+    iso = {f"iso_{c.replace('.', '_')}": _ISO[dialect].format(column=c) for c in _TIMES}
     # every piece of the text is a constant or an int; values are parameters
-    return driver_rows(session, sql.format(mark=mark, **parts), params)
+    return driver_rows(session, sql.format(mark=mark, **iso, **parts), params)
 
 
-def _time(value: Any) -> str | None:
-    """Write a stored time as the API does, whether the driver gave text or a datetime."""
-    if value is None or isinstance(value, datetime):
-        return iso_time(value)
-    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC): reshape it without parsing it
-    text = str(value).replace(" ", "T").removesuffix("+00:00")
-    return text + "Z"
+# one suppressed address: email, scope (a topic key or "all"), reason, since (ISO 8601)
+Suppression = tuple[str, str, "str | None", "str | None"]
 
 
 def suppressions(
     session: Session, topic_key: str | None, after: int, limit: int
-) -> tuple[list[dict[str, Any]], int | None]:
+) -> tuple[list[Suppression], int | None]:
     """Return the suppressed addresses after subscriber id ``after``, and the id to go on from."""
     if topic_key is None:
         return _all_suppressions(session, after, limit)
     topic = get_topic(session, topic_key)
     category = Category(topic.key, topic.opt_in)
     rows = _rows(session, _TOPIC_CANDIDATES, (after,), topic_id=int(topic.id), limit=int(limit))
-    items = []
+    items: list[Suppression] = []
     for _sid, email, left, left_version, left_at, subscribed, version, updated in rows:
         subscribed = None if subscribed is None else bool(subscribed)
         judged = verdict(State(False, left, left_version, subscribed, version), category)
         if judged.allowed:
             continue
         if judged.reason == "unsubscribed":
-            items.append(_suppression(email, topic.key, "unsubscribed", updated))
+            items.append((email, topic.key, "unsubscribed", updated))
         else:
-            items.append(_suppression(email, "all", judged.reason, left_at))
+            items.append((email, "all", judged.reason, left_at))
     last = rows[-1][0] if len(rows) == limit else None
     return items, last
 
 
-def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[Suppression], int | None]:
     rows = _rows(session, _ALL_CANDIDATES, (after,), limit=int(limit))
-    items = []
-    for _sid, email, left, left_version, left_at in rows:
-        judged = verdict(State(False, left, left_version), _ANY_TOPIC)
-        items.append(_suppression(email, "all", judged.reason, left_at))
+    # tuples straight from the rows: the export writes a million of them
+    items: list[Suppression] = [
+        (email, "all", verdict(State(False, left, left_version), _ANY_TOPIC).reason, left_at)
+        for _sid, email, left, left_version, left_at in rows
+    ]
     last = rows[-1][0] if len(rows) == limit else None
     return items, last
 
 
-def _suppression(email: str, scope: str, reason: str | None, since: Any) -> dict[str, Any]:
-    return {"email": email, "scope": scope, "reason": reason, "since": _time(since)}
+def as_item(row: Suppression) -> dict[str, Any]:
+    """Return a suppression as the API's JSON names its fields."""
+    email, scope, reason, since = row
+    return {"email": email, "scope": scope, "reason": reason, "since": since}
 
 
 def suppression_page(session: Session, topic_key: str | None, cursor: str | None, limit: int) -> Page:
     """Return one page of the suppression list."""
     after = decode_cursor(cursor, 1)[0] if cursor else 0
-    items, last = suppressions(session, topic_key, after, limit)
-    return Page(items, None if last is None else encode_cursor(last))
+    rows, last = suppressions(session, topic_key, after, limit)
+    return Page([as_item(row) for row in rows], None if last is None else encode_cursor(last))
 
 
-def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[dict[str, Any]]:
-    """Yield the whole suppression list, a batch of rows in memory at a time."""
+def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[list[Suppression]]:
+    """Yield the whole suppression list a batch at a time, one batch in memory."""
     if topic_key is not None:
         get_topic(session, topic_key)
     after: int | None = 0
     while after is not None:
-        items, after = suppressions(session, topic_key, after, STREAM_BATCH)
+        rows, after = suppressions(session, topic_key, after, STREAM_BATCH)
         session.commit()  # no snapshot held between batches
-        yield from items
+        if rows:
+            yield rows
 
 
 def change_page(session: Session, cursor: str | None, limit: int) -> Page:
@@ -158,8 +167,6 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
             change, why = "suppressed", reason_for_leaving_all(reason or "unsubscribed")
         else:
             change, why = "suppressed", "unsubscribed"
-        items.append(
-            {"email": email, "change": change, "scope": key or "all", "reason": why, "at": _time(at)}
-        )
+        items.append({"email": email, "change": change, "scope": key or "all", "reason": why, "at": at})
     # the last page has a cursor too: a mailer resumes from it later
     return Page(items, encode_cursor(txid, event_id))

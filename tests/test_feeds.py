@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import threading
 
 import pytest
@@ -82,6 +83,22 @@ def test_suppressions_stream_as_csv_and_ndjson(client, session, reader, monkeypa
     nd = client.get("/api/v1/suppressions", headers={**reader, "Accept": "application/x-ndjson"})
     lines = [json.loads(line) for line in nd.get_data(as_text=True).splitlines()]
     assert [line["email"] for line in lines] == [p.email for p in crowd]
+
+
+def test_the_csv_export_quotes_what_a_spreadsheet_would_misread(client, session, reader):
+    # "=sum..." is a valid address that a spreadsheet would run as a formula
+    odd = [make_subscriber(session, a) for a in ("=sum@example.com", "+1@example.com", "plain@example.com")]
+    for person in odd:
+        ledger.record_opt_out(session, person.public_id, None, API)
+    body = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}).get_data(as_text=True)
+    lines = body.splitlines()
+    assert lines[1].startswith('"=sum@example.com",') and lines[2].startswith('"+1@example.com",')
+    assert lines[3].startswith("plain@example.com,all,unsubscribed_all,")
+    # the time as the JSON gives it: ISO 8601, UTC, to the microsecond, on either database
+    since = [row["since"] for row in csv.DictReader(io.StringIO(body))]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", t) for t in since), since
+    page = client.get("/api/v1/suppressions", headers=reader).json["items"]
+    assert [item["since"] for item in page] == since
 
 
 def test_an_empty_stream_is_still_a_csv_with_its_header(client, session, reader):
