@@ -75,8 +75,8 @@ _VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 # microsecond): a million rows need no datetime objects made and formatted one by one
 _ISO = {
     "postgresql": "to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC)
-    "sqlite": "replace({column}, ' ', 'T') || 'Z'",
+    # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC); rows loaded by other tools may say "+00:00"
+    "sqlite": "replace(replace({column}, ' ', 'T'), '+00:00', '') || 'Z'",
 }
 _TIMES = ("s.left_all_at", "p.updated_at", "e.created_at")
 

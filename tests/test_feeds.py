@@ -101,6 +101,17 @@ def test_the_csv_export_quotes_what_a_spreadsheet_would_misread(client, session,
     assert [item["since"] for item in page] == since
 
 
+def test_a_time_loaded_by_another_tool_is_still_written_in_utc_with_z(client, session, reader):
+    person = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, person.public_id, None, API)
+    # a bulk load (the benchmark's, an operator's) may store the offset in the text on SQLite
+    session.execute(text("UPDATE subscribers SET left_all_at = '2026-11-02 00:00:00+00:00'"))
+    session.commit()
+    (item,) = client.get("/api/v1/suppressions", headers=reader).json["items"]
+    assert item["since"].startswith("2026-11-02T00:00:00") and item["since"].endswith("Z")
+    assert "+" not in item["since"]
+
+
 def test_an_empty_stream_is_still_a_csv_with_its_header(client, session, reader):
     make_topic(session, "news")
     response = client.get("/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"})
