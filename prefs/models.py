@@ -55,6 +55,19 @@ class Subscriber(Base):
     """One normalized address and its subscriber-wide state."""
 
     __tablename__ = "subscribers"
+    # the check's lookup answered from the index alone: address to everything the verdict
+    # and the links need, without a visit to the row (a third of the lookup's time)
+    __table_args__ = (
+        Index(
+            "ix_subscribers_lookup",
+            "email",
+            "public_id",
+            "left_all_reason",
+            "left_all_version",
+            "bounced_at",
+            "id",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     public_id: Mapped[str] = mapped_column(String(22), unique=True)
