@@ -8,17 +8,16 @@ recipient.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import String, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from .addresses import normalize_or_none
 from .db import driver_rows, write_transaction
 from .ledger import new_public_id
-from .models import ErasedAddress, Subscriber, utcnow
+from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import REASONS, Category, State, verdict
 from .tokens import Tokens, check_campaign
@@ -97,13 +96,6 @@ def _answer(
     return Answer(True, None, token, token, False)
 
 
-def _emails_match(session: Session, column: Any, name: str) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        # one array parameter instead of thousands of bound values
-        return column == func.any(bindparam(name, type_=ARRAY(String)))
-    return column.in_(bindparam(name, expanding=True))
-
-
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
     # sorted: neighbouring keys share index pages, and concurrent inserts lock in one order
     ordered = sorted(values)
@@ -112,29 +104,36 @@ def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
 
 
 _COLUMNS = "s.email, s.public_id, s.left_all_reason, s.left_all_version, s.bounced_at IS NOT NULL"
-# PostgreSQL: joining the unnested array makes the planner probe the index once per
-# address; "= ANY(array)" of thousands makes it scan the whole table instead
-_SOURCE = {
-    "postgresql": "unnest(%s::text[]) AS wanted(email) JOIN subscribers s ON s.email = wanted.email",
-    "sqlite": "subscribers s",
+# One statement text however many addresses a chunk holds, the list passed as one value:
+# SQLite keeps each distinct text prepared (about 1 MB for thousands of placeholders, 128
+# of them a connection), so "IN (?, ?, ...)" of every size in turn grew each worker without
+# end. PostgreSQL: joining the unnested array makes the planner probe the index once per
+# address; "= ANY(array)" of thousands makes it scan the whole table instead.
+_WANTED = {
+    "postgresql": ("unnest(%s::text[]) AS wanted(email) JOIN subscribers s ON s.email = wanted.email", ""),
+    "sqlite": ("subscribers s", " WHERE s.email IN (SELECT value FROM json_each(?))"),
 }
+
+
+def _list(dialect: str, values: list[str]) -> Any:
+    """Return a list of values as the one parameter the statements above take."""
+    return values if dialect == "postgresql" else json.dumps(values)
 
 
 def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:
     """Read the state of the known subscribers among ``emails``, one query per chunk."""
     # plain driver SQL: the rows need no ORM objects and no per-value type processing
-    postgresql = session.get_bind().dialect.name == "postgresql"
+    dialect = session.get_bind().dialect.name
     columns, join = _COLUMNS, ""
     if topic_id is not None:
         columns += ", p.subscribed, p.version"
         join = f" LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {int(topic_id)}"
-    source = _SOURCE["postgresql" if postgresql else "sqlite"]
+    source, where = _WANTED[dialect]
+    # every piece of the text is a constant or an int; the addresses are one parameter
+    sql = f"SELECT {columns} FROM {source}{join}{where}"  # noqa: S608
     found: dict[str, Known | None] = {}
     for chunk in _chunks(emails):
-        where = "" if postgresql else f" WHERE s.email IN ({','.join('?' * len(chunk))})"
-        # every piece of the text is a constant or an int; the addresses are parameters
-        sql = f"SELECT {columns} FROM {source}{join}{where}"  # noqa: S608
-        rows = driver_rows(session, sql, (chunk,) if postgresql else chunk)
+        rows = driver_rows(session, sql, (_list(dialect, chunk),))
         if topic_id is None:
             for email, public_id, left, left_version, bounced in rows:
                 found[email] = Known(public_id, State(False, left, left_version), bool(bounced))
@@ -153,9 +152,10 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     key = fingerprint_key(session)
     by_fingerprint = {address_fingerprint(key, e): e for e in emails}
     erased: set[str] = set()
-    query = select(ErasedAddress.fingerprint).where(_emails_match(session, ErasedAddress.fingerprint, "fps"))
+    dialect = session.get_bind().dialect.name
     for chunk in _chunks(by_fingerprint):
-        erased.update(by_fingerprint[fp] for fp in session.scalars(query, {"fps": chunk}))
+        rows = driver_rows(session, _ERASED[dialect], (_list(dialect, chunk),))
+        erased.update(by_fingerprint[fingerprint] for (fingerprint,) in rows)
     session.commit()
     created: dict[str, Known | None] = dict.fromkeys(erased)
     fresh = emails - erased
@@ -171,6 +171,12 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     return created
 
 
+_ERASED = {
+    "postgresql": "SELECT fingerprint FROM erased_addresses WHERE fingerprint = ANY(%s::text[])",
+    "sqlite": (
+        "SELECT fingerprint FROM erased_addresses WHERE fingerprint IN (SELECT value FROM json_each(?))"
+    ),
+}
 _INSERT = {
     # one statement per chunk; RETURNING tells which rows this call made
     "postgresql": (
@@ -178,9 +184,11 @@ _INSERT = {
         " SELECT e, p, %s, 0 FROM unnest(%s::text[], %s::text[]) AS new(e, p)"
         " ON CONFLICT (email) DO NOTHING RETURNING email, public_id"
     ),
+    # the pairs as one JSON array; "WHERE true" tells SQLite's parser ON CONFLICT is the upsert's
     "sqlite": (
-        "INSERT INTO subscribers (email, public_id, created_at, version) VALUES {rows}"
-        " ON CONFLICT (email) DO NOTHING RETURNING email, public_id"
+        "INSERT INTO subscribers (email, public_id, created_at, version)"
+        " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?, 0 FROM json_each(?)"
+        " WHERE true ON CONFLICT (email) DO NOTHING RETURNING email, public_id"
     ),
 }
 
@@ -197,9 +205,8 @@ def _insert(session: Session, emails: set[str]) -> list[tuple[str, str]]:
         if dialect.name == "postgresql":
             made.extend(driver_rows(session, _INSERT["postgresql"], (now, chunk, ids)))
         else:
-            sql = _INSERT["sqlite"].format(rows=",".join(["(?, ?, ?, 0)"] * len(chunk)))
-            params = [value for row in zip(chunk, ids, [now] * len(chunk), strict=True) for value in row]
-            made.extend(driver_rows(session, sql, params))
+            pairs = json.dumps(list(zip(chunk, ids, strict=True)))
+            made.extend(driver_rows(session, _INSERT["sqlite"], (now, pairs)))
     return made
 
 
