@@ -15,14 +15,19 @@ branch_labels = None
 depends_on = None
 
 
+COLUMNS = ['email', 'public_id', 'left_all_reason', 'left_all_version', 'bounced_at', 'id']
+
+
 def upgrade():
     # a plain CREATE INDEX, never a batch table copy: the table may hold millions of rows
-    op.create_index(
-        'ix_subscribers_lookup',
-        'subscribers',
-        ['email', 'public_id', 'left_all_reason', 'left_all_version', 'bounced_at', 'id'],
-        unique=False,
-    )
+    if op.get_bind().dialect.name == 'postgresql':
+        # built without blocking writes: opt-outs keep arriving while a release migrates
+        with op.get_context().autocommit_block():
+            op.create_index(
+                'ix_subscribers_lookup', 'subscribers', COLUMNS, unique=False, postgresql_concurrently=True
+            )
+    else:
+        op.create_index('ix_subscribers_lookup', 'subscribers', COLUMNS, unique=False)
 
 
 def downgrade():
