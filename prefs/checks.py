@@ -19,13 +19,12 @@ from .db import driver_rows, write_transaction
 from .ledger import new_public_id
 from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import REASONS, Category, State, verdict
+from .rules import REASONS, STRANGER, Category, State, verdict
 from .tokens import Tokens, check_campaign
 from .topics import resolve
 
 CHUNK = 5000
 ERASED_STATE = State(erased=True)
-STRANGER = State()
 
 
 class Known(NamedTuple):
