@@ -8,19 +8,20 @@ records nothing, so every audit event is a real change.
 from __future__ import annotations
 
 import secrets
+import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, Engine, bindparam, literal_column, select, text
+from sqlalchemy import Boolean, Engine, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .db import write_transaction
-from .errors import InvalidValue, UnknownSubscriber, UnknownTopic
+from .db import GroupCommit, Statement, write_transaction
+from .errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import LEFT_ALL_REASONS, STRANGER, Category, State, Verdict, verdict
@@ -140,19 +141,16 @@ def record_opt_out(
     origin: Origin,
     reason: str = "unsubscribed",
 ) -> bool:
-    """Take a subscriber out of one topic, or of all marketing; return whether anything changed."""
-    with write_transaction(session):
-        if topic_key is None:
-            return _leave_all(session, public_id, reason, origin)
-        return _choose(session, public_id, topic_key, False, origin)
+    """Take a subscriber out of one topic, or of all marketing; return whether anything changed.
+
+    Committed before it returns, in a group with the changes of concurrent requests.
+    """
+    return _group(session).run(session, Change(public_id, topic_key, False, origin, reason))
 
 
 def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> bool:
     """Bring a subscriber back to one topic, or undo leaving all marketing."""
-    with write_transaction(session):
-        if topic_key is None:
-            return _rejoin_all(session, public_id, origin)
-        return _choose(session, public_id, topic_key, True, origin)
+    return _group(session).run(session, Change(public_id, topic_key, True, origin))
 
 
 def record_choices(
@@ -180,34 +178,51 @@ class Change:
 
 def record_many(session: Session, changes: list[Change]) -> list[bool]:
     """Record a batch of changes in one transaction; return, for each, whether it changed."""
-    done = []
     with write_transaction(session):
-        for change in changes:
-            if change.topic_key is not None:
-                done.append(
-                    _choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
-                )
-            elif change.subscribe:
-                done.append(_rejoin_all(session, change.public_id, change.origin))
-            else:
-                done.append(_leave_all(session, change.public_id, change.reason, change.origin))
-    return done
+        return [_apply(session, change) for change in changes]
+
+
+def _apply(session: Session, change: Change) -> bool:
+    """Record one change in the open write transaction; a domain error comes before any write."""
+    if change.topic_key is not None:
+        return _choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
+    if change.subscribe:
+        return _rejoin_all(session, change.public_id, change.origin)
+    return _leave_all(session, change.public_id, change.reason, change.origin)
+
+
+# one group commit per database: requests of this process share it
+_groups: weakref.WeakKeyDictionary[Engine, GroupCommit[Change, bool]] = weakref.WeakKeyDictionary()
+_groups_lock = threading.Lock()
+
+
+def _group(session: Session) -> GroupCommit[Change, bool]:
+    engine = session.get_bind().engine
+    group = _groups.get(engine)
+    if group is None:
+        with _groups_lock:
+            group = _groups.setdefault(
+                engine, GroupCommit(_apply, DomainError, order=lambda change: change.public_id)
+            )
+    return group
 
 
 # The single-change path (one-click, pages, events) runs these prepared statements:
 # building SQLAlchemy constructs per request cost more than the database work.
-_BUMP = text(
+_BUMP = Statement(
     "UPDATE subscribers SET version = version + 1 WHERE public_id = :public_id"
     " RETURNING id, version, left_all_version"
 )
-_TOPIC_ID = text("SELECT id, opt_in FROM topics WHERE key = :key")
+_TOPIC_ID = Statement("SELECT id, opt_in FROM topics WHERE key = :key")
 # choosing an opt-out topic one receives by default changes nothing, unless a refusal is on file
-_BACK_TO_DEFAULT = text(
+_BACK_TO_DEFAULT = Statement(
     "UPDATE preferences SET subscribed = :subscribed, version = :version, source = :source,"
     " updated_at = :now WHERE subscriber_id = :subscriber_id AND topic_id = :topic_id"
-    " AND NOT subscribed RETURNING topic_id"
-).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("subscribed", type_=Boolean()))
-_CHOOSE = text(
+    " AND NOT subscribed RETURNING topic_id",
+    now=UTCDateTime(),
+    subscribed=Boolean(),
+)
+_CHOOSE = Statement(
     "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
     " VALUES (:subscriber_id, :topic_id, :subscribed, :version, :source, :now)"
     " ON CONFLICT (subscriber_id, topic_id) DO UPDATE SET subscribed = excluded.subscribed,"
@@ -215,10 +230,12 @@ _CHOOSE = text(
     # a choice made before leaving all marketing does not count: choosing it again is a change
     " WHERE preferences.subscribed != excluded.subscribed"
     " OR (excluded.subscribed AND preferences.version <= :left_all_version)"
-    " RETURNING topic_id"
-).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("subscribed", type_=Boolean()))
+    " RETURNING topic_id",
+    now=UTCDateTime(),
+    subscribed=Boolean(),
+)
 # a stronger reason replaces a weaker one; choosing a topic since leaving makes it a change
-_LEAVE_ALL = text(
+_LEAVE_ALL = Statement(
     "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
     " left_all_reason = :reason, left_all_at = :now,"
     " bounced_at = CASE WHEN :bounced THEN :now ELSE bounced_at END"
@@ -226,12 +243,14 @@ _LEAVE_ALL = text(
     " OR (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) < :rank"
     " OR EXISTS (SELECT 1 FROM preferences p WHERE p.subscriber_id = subscribers.id"
     " AND p.subscribed AND p.version > subscribers.left_all_version))"
-    " RETURNING id"
-).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("bounced", type_=Boolean()))
-_BOUNCED = text("UPDATE subscribers SET bounced_at = :now WHERE public_id = :public_id").bindparams(
-    bindparam("now", type_=UTCDateTime())
+    " RETURNING id",
+    now=UTCDateTime(),
+    bounced=Boolean(),
 )
-_REJOIN_ALL = text(
+_BOUNCED = Statement(
+    "UPDATE subscribers SET bounced_at = :now WHERE public_id = :public_id", now=UTCDateTime()
+)
+_REJOIN_ALL = Statement(
     "UPDATE subscribers SET version = version + 1, left_all_reason = NULL, left_all_at = NULL,"
     " left_all_version = NULL WHERE public_id = :public_id AND left_all_reason IS NOT NULL RETURNING id"
 )
@@ -241,14 +260,14 @@ _EVENT = (
     " :fingerprint, :at)"
 )
 _EVENTS = {
-    dialect: text(_EVENT.format(txid=txid)).bindparams(bindparam("at", type_=UTCDateTime()))
+    dialect: Statement(_EVENT.format(txid=txid), at=UTCDateTime())
     for dialect, txid in (("postgresql", PG_TXID), ("sqlite", "0"))
 }
 
 
 def _bump(session: Session, public_id: str) -> Any:
     # locks the subscriber's row: concurrent changes to one subscriber take turns
-    row = session.execute(_BUMP, {"public_id": public_id}).first()
+    row = _BUMP.first(session, {"public_id": public_id})
     if row is None:
         raise UnknownSubscriber("nobody is on file for this link")
     return row
@@ -263,7 +282,7 @@ def _topic(session: Session, key: str) -> tuple[int, bool]:
     known = _topic_ids.setdefault(session.get_bind().engine, {})
     topic = known.get(key)
     if topic is None:
-        found = session.execute(_TOPIC_ID, {"key": key}).first() if KEY.match(key) else None
+        found = _TOPIC_ID.first(session, {"key": key}) if KEY.match(key) else None
         if found is None:
             raise UnknownTopic(f"there is no topic {key!r}")
         topic = known[key] = (int(found[0]), bool(found[1]))
@@ -272,28 +291,26 @@ def _topic(session: Session, key: str) -> tuple[int, bool]:
 
 def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
     topic_id, opt_in = _topic(session, topic_key)
-    subscriber = _bump(session, public_id)
+    subscriber_id, version, left_all_version = _bump(session, public_id)
     # someone who never left all marketing receives an opt-out topic by default: choosing
     # it is a change only where a refusal is on file (a repeat records nothing)
-    statement = (
-        _BACK_TO_DEFAULT if subscribed and not opt_in and subscriber.left_all_version is None else _CHOOSE
-    )
-    changed = session.execute(
-        statement,
+    statement = _BACK_TO_DEFAULT if subscribed and not opt_in and left_all_version is None else _CHOOSE
+    changed = statement.first(
+        session,
         {
-            "subscriber_id": subscriber.id,
+            "subscriber_id": subscriber_id,
             "topic_id": topic_id,
             "subscribed": subscribed,
-            "version": subscriber.version,
+            "version": version,
             "source": origin.source,
             "now": origin.at or utcnow(),
-            "left_all_version": subscriber.left_all_version,
+            "left_all_version": left_all_version,
         },
-    ).first()
+    )
     if changed is None:
         return False
     action = RESUBSCRIBE if subscribed else UNSUBSCRIBE
-    _event(session, subscriber.id, topic_id, topic_key, action, None, origin)
+    _event(session, subscriber_id, topic_id, topic_key, action, None, origin)
     return True
 
 
@@ -308,22 +325,22 @@ def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) ->
         "bounced": reason == "bounced",
         "rank": _RANK.get(reason, 1),
     }
-    row = session.execute(_LEAVE_ALL, params).first()
+    row = _LEAVE_ALL.first(session, params)
     if row is None:
         _bump(session, public_id)  # raises for an unknown subscriber
         if reason == "bounced":
-            session.execute(_BOUNCED, {"now": now, "public_id": public_id})
+            _BOUNCED.first(session, {"now": now, "public_id": public_id})
         return False
-    _event(session, row.id, None, None, UNSUBSCRIBE, reason, origin)
+    _event(session, row[0], None, None, UNSUBSCRIBE, reason, origin)
     return True
 
 
 def _rejoin_all(session: Session, public_id: str, origin: Origin) -> bool:
-    row = session.execute(_REJOIN_ALL, {"public_id": public_id}).first()
+    row = _REJOIN_ALL.first(session, {"public_id": public_id})
     if row is None:
         _bump(session, public_id)
         return False
-    _event(session, row.id, None, None, RESUBSCRIBE, None, origin)
+    _event(session, row[0], None, None, RESUBSCRIBE, None, origin)
     return True
 
 
@@ -337,8 +354,8 @@ def _event(
     origin: Origin,
 ) -> None:
     statement = _EVENTS["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
-    session.execute(
-        statement,
+    statement.first(
+        session,
         {
             "subscriber_id": subscriber_id,
             "topic_id": topic_id,

@@ -1,0 +1,161 @@
+"""Concurrent single changes commit together, and each request still gets its own outcome."""
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from prefs import ledger
+from prefs.db import GroupCommit, write_transaction
+from prefs.errors import DomainError, UnknownSubscriber
+from prefs.extensions import db
+from prefs.ledger import Origin
+from tests.factories import make_subscriber, make_topic
+
+INSERT = text("INSERT INTO instance_secrets (name, value) VALUES (:name, 'v')")
+
+
+def stored(names: list[str]) -> set[str]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(text("SELECT name FROM instance_secrets")).scalars().all()
+    return set(rows) & set(names)
+
+
+class Recorder:
+    """An apply function that writes a row per item; the first call waits until told."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.hold_first = hold_first
+        self.calls: list[str] = []
+
+    def __call__(self, session: Any, name: str) -> str:
+        self.calls.append(name)
+        if self.hold_first and len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+        if name.startswith("unknown"):
+            raise UnknownSubscriber(name)
+        if name.startswith("broken"):
+            raise RuntimeError(name)
+        session.execute(INSERT, {"name": name})
+        return name.upper()
+
+
+def run_together(app, group: GroupCommit, recorder: Recorder, names: list[str]) -> dict[str, Any]:
+    """Start one thread per name; the first leads and holds until all others are queued."""
+    outcomes: dict[str, Any] = {}
+    seen_on_return: dict[str, bool] = {}
+
+    def one(name: str) -> None:
+        with app.app_context():
+            try:
+                outcomes[name] = group.run(db.session(), name)
+            except Exception as err:  # the outcome under test
+                outcomes[name] = err
+            # nobody hears back before their change is on disk
+            seen_on_return[name] = name in stored([name])
+
+    first = threading.Thread(target=one, args=(names[0],))
+    first.start()
+    assert recorder.entered.wait(10)
+    rest = [threading.Thread(target=one, args=(n,)) for n in names[1:]]
+    for thread in rest:
+        thread.start()
+    while len(group._queue) < len(rest):  # all queued behind the leader
+        threading.Event().wait(0.005)
+    recorder.release.set()
+    for thread in [first, *rest]:
+        thread.join(20)
+    outcomes["_seen"] = seen_on_return
+    return outcomes
+
+
+def count_commits() -> list[int]:
+    commits = [0]
+
+    @event.listens_for(db.engine, "commit")
+    def on_commit(conn: Any) -> None:
+        commits[0] += 1
+
+    return commits
+
+
+def test_waiting_changes_commit_in_one_transaction_and_each_gets_its_result(app):
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    names = ["lead"] + [f"follower{i}" for i in range(5)]
+    commits = count_commits()
+    outcomes = run_together(app, group, recorder, names)
+    assert {n: outcomes[n] for n in names} == {n: n.upper() for n in names}
+    assert stored(names) == set(names)
+    assert all(outcomes["_seen"][n] for n in names)
+    # the leader's own transaction, then one for the five that waited
+    assert commits[0] == 2
+
+
+def test_a_domain_error_fails_only_its_own_change(app):
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    names = ["lead", "a", "unknown-b", "c"]
+    outcomes = run_together(app, group, recorder, names)
+    assert isinstance(outcomes["unknown-b"], UnknownSubscriber)
+    assert outcomes["a"] == "A" and outcomes["c"] == "C"
+    assert stored(names) == {"lead", "a", "c"}
+
+
+def test_an_unexpected_failure_retries_the_others_alone(app):
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    names = ["lead", "a", "broken-b", "c"]
+    outcomes = run_together(app, group, recorder, names)
+    assert isinstance(outcomes["broken-b"], RuntimeError)
+    assert outcomes["a"] == "A" and outcomes["c"] == "C"
+    assert stored(names) == {"lead", "a", "c"}
+    # the group was tried once together, then each change on its own
+    assert recorder.calls.count("a") == 2
+
+
+def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    run_together(app, group, recorder, ["lead", "d", "b", "c", "a"])
+    assert recorder.calls[1:] == ["a", "b", "c", "d"]
+
+
+def test_inside_a_write_transaction_the_change_joins_it(app, session):
+    recorder = Recorder()
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    with pytest.raises(RuntimeError), write_transaction(session):
+        assert group.run(session, "inner") == "INNER"
+        raise RuntimeError("the outer transaction fails")
+    assert stored(["inner"]) == set()
+
+
+def test_concurrent_one_click_opt_outs_are_all_recorded(app):
+    # the real path: many threads opting out at once, each change and its event on disk
+    with app.app_context():
+        session = db.session()
+        make_topic(session, "news")
+        people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(24)]
+        session.commit()
+    results: dict[str, bool] = {}
+    start = threading.Barrier(len(people))
+
+    def opt_out(public_id: str) -> None:
+        with app.app_context():
+            start.wait(10)
+            results[public_id] = ledger.record_opt_out(db.session(), public_id, "news", Origin("one-click"))
+
+    threads = [threading.Thread(target=opt_out, args=(p,)) for p in people]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == dict.fromkeys(people, True)
+    with db.engine.connect() as conn:
+        events = conn.execute(text("SELECT count(*) FROM events WHERE action = 'unsubscribe'")).scalar()
+        out = conn.execute(text("SELECT count(*) FROM preferences WHERE NOT subscribed")).scalar()
+    assert events == out == len(people)
