@@ -5,6 +5,7 @@ import threading
 from sqlalchemy import func, select
 
 from prefs import checks, ledger
+from prefs.addresses import normalize
 from prefs.extensions import session as current
 from prefs.ledger import Origin
 from prefs.models import Subscriber
@@ -96,3 +97,18 @@ def test_the_fingerprint_key_is_made_once_under_concurrency(make_app):
     for thread in threads:
         thread.join(30)
     assert errors == [] and len(set(keys)) == 1
+
+
+def test_addresses_beyond_ascii_are_found_again_not_made_twice(app, session):
+    # the lookup's list travels as one JSON value: what it decodes must equal what is stored
+    make_topic(session, "news")
+    given = ["ünï@exämple.de", "jörg@bücher.example", "zoë+news@example.com"]
+    stored = [normalize(a) for a in given]  # Unicode local parts, A-label domains
+    first = checks.public_ids(session, set(stored))
+    ledger.record_opt_out(session, first[stored[1]], "news", Origin("page"))
+    assert checks.public_ids(session, set(stored)) == first
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 3
+    results = {r["email"]: r for r in run_check(app, "news", given)}
+    assert results["jörg@bücher.example"]["reason"] == "unsubscribed"
+    assert results["ünï@exämple.de"]["allowed"] is True
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 3
