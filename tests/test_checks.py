@@ -112,3 +112,29 @@ def test_addresses_beyond_ascii_are_found_again_not_made_twice(app, session):
     assert results["jörg@bücher.example"]["reason"] == "unsubscribed"
     assert results["ünï@exämple.de"]["allowed"] is True
     assert session.scalar(select(func.count()).select_from(Subscriber)) == 3
+
+
+def test_a_large_check_reads_the_same_with_its_lookups_split(app, session, monkeypatch):
+    # on PostgreSQL a helper reads every other chunk on its own connection
+    make_topic(session, "news")
+    people = [f"p{i:03d}@example.com" for i in range(60)]
+    ids = checks.public_ids(session, set(people))
+    for address in people[::3]:
+        ledger.record_opt_out(session, ids[address], "news", Origin("page"))
+    inline = run_check(app, "news", people)
+    monkeypatch.setattr(checks, "CHUNK", 7)
+    used = []
+    submit = checks._ASIDE.submit
+
+    def spy(*args):
+        future = submit(*args)
+        used.append(future is not None)
+        return future
+
+    monkeypatch.setattr(checks._ASIDE, "submit", spy)
+    split = run_check(app, "news", people)
+    assert [(r["email"], r["allowed"], r["reason"]) for r in split] == [
+        (r["email"], r["allowed"], r["reason"]) for r in inline
+    ]
+    assert sum(not r["allowed"] for r in split) == 20
+    assert used == [session.get_bind().dialect.name == "postgresql"]
