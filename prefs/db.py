@@ -201,6 +201,10 @@ class GroupCommit(Generic[T, R]):
         """Apply ``item`` and commit it, with whatever else is waiting; return its result."""
         if session.info.get(WRITE):
             return self._apply(session, item)  # inside a caller's transaction: theirs commits
+        if session.in_transaction():
+            # end the caller's read snapshot, as write_transaction does: another request's
+            # session may commit this change, and what the caller reads next must show it
+            session.commit()
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)

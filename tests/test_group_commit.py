@@ -125,6 +125,44 @@ def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):
     assert recorder.calls[1:] == ["a", "b", "c", "d"]
 
 
+def test_a_follower_reads_its_own_change_afterwards(app):
+    # SQLite keeps a read transaction's snapshot: a follower that had read before queueing
+    # must not go on seeing the database as it was before its own change was committed
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    seen: list[int] = []
+    count = text("SELECT count(*) FROM instance_secrets WHERE name = 'follower'")
+
+    def lead(name: str) -> None:
+        with app.app_context():
+            group.run(db.session(), name)
+
+    def follow() -> None:
+        with app.app_context():
+            session = db.session()
+            seen.append(session.execute(count).scalar())  # a snapshot from before
+            group.run(session, "follower")
+            seen.append(session.execute(count).scalar())
+
+    leader = threading.Thread(target=lead, args=("lead",))
+    leader.start()
+    assert recorder.entered.wait(10)
+    # the next group's leader queues first, so the follower's change is committed by it
+    second = threading.Thread(target=lead, args=("second",))
+    second.start()
+    while len(group._queue) < 1:
+        threading.Event().wait(0.005)
+    follower = threading.Thread(target=follow)
+    follower.start()
+    while len(group._queue) < 2:
+        threading.Event().wait(0.005)
+    recorder.release.set()
+    for thread in (leader, second, follower):
+        thread.join(20)
+    assert recorder.calls == ["lead", "follower", "second"]  # one group after the first
+    assert seen == [0, 1]
+
+
 def test_inside_a_write_transaction_the_change_joins_it(app, session):
     recorder = Recorder()
     group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
