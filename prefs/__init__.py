@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config, i18n, logs
+from . import config, i18n, logs, ratelimit
 from .db import configure_engine
 from .extensions import MigrationCommands, babel, db, limiter
 from .mail import Mailer
@@ -50,6 +50,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     babel.init_app(
         app, locale_selector=i18n.select_locale, default_translation_directories=str(i18n.CATALOGS)
     )
+    # memory:// is limits' in-process storage, without its thread-a-write expiry (ratelimit.py)
+    app.config["RATELIMIT_STORAGE_URI"] = ratelimit.storage_uri(app.config["RATELIMIT_STORAGE_URI"])
     limiter.init_app(app)
 
     from . import admin, api, cli, health, monitoring, public, web
