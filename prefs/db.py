@@ -246,14 +246,22 @@ class GroupCommit(Generic[T, R]):
                     except self._expected as err:
                         outcomes.append((waiter, None, err))
         except Exception as err:
-            if len(group) == 1:
-                group[0].settle(error=err)
+            if len(group) == 1 or _unavailable(err):
+                # a database that is down or busy is so for each of them: retrying one by
+                # one would make the last wait out every timeout in turn
+                for waiter in group:
+                    waiter.settle(error=err)
                 return
             for waiter in group:  # alone, each change meets only its own fault
                 self._commit(session, [waiter])
             return
         for waiter, result, error in outcomes:
             waiter.settle(result, error)
+
+
+def _unavailable(err: Exception) -> bool:
+    """Tell whether a failure is the database's (lost, unreachable, busy), not a change's."""
+    return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
 
 
 def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from prefs import ledger
 from prefs.db import GroupCommit, write_transaction
@@ -40,6 +41,8 @@ class Recorder:
             raise UnknownSubscriber(name)
         if name.startswith("broken"):
             raise RuntimeError(name)
+        if name.startswith("busy"):
+            raise OperationalError("INSERT", None, TimeoutError("the database is busy"))
         session.execute(INSERT, {"name": name})
         return name.upper()
 
@@ -116,6 +119,17 @@ def test_an_unexpected_failure_retries_the_others_alone(app):
     assert stored(names) == {"lead", "a", "c"}
     # the group was tried once together, then each change on its own
     assert recorder.calls.count("a") == 2
+
+
+def test_a_database_that_is_down_or_busy_fails_the_group_at_once(app):
+    # retried one by one, the last change would wait out every timeout in turn
+    recorder = Recorder(hold_first=True)
+    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    names = ["lead", "a", "busy-b", "c"]
+    outcomes = run_together(app, group, recorder, names)
+    assert all(isinstance(outcomes[n], OperationalError) for n in ("a", "busy-b", "c"))
+    assert recorder.calls == ["lead", "a", "busy-b"]  # no change tried again
+    assert stored(names) == {"lead"}
 
 
 def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):
