@@ -144,7 +144,7 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
     aside = _ASIDE.submit(session, sql, chunks[1::2]) if len(chunks) > 1 else None
     if aside is not None:
         chunks = chunks[0::2]
-    rows = [row for chunk in chunks for row in driver_rows(session, sql, (_list(chunk),))]
+    rows = _read(session, sql, chunks)
     session.commit()  # end the read snapshot; inserts below take the write lock
     if aside is not None:
         rows.extend(aside.result())
@@ -159,6 +159,11 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
             state = State(False, left, left_version, subscribed, version)
             found[email] = Known(public_id, state, bool(bounced))
     return found
+
+
+def _read(session: Session, sql: str, chunks: list[list[str]]) -> list[Any]:
+    """Run the lookup for each chunk in turn and return all their rows."""
+    return [row for chunk in chunks for row in driver_rows(session, sql, (_list(chunk),))]
 
 
 class _Aside:
@@ -195,7 +200,7 @@ class _Aside:
     def _read(self, engine: Engine, sql: str, chunks: list[list[str]]) -> list[Any]:
         try:
             with Session(engine) as session:
-                return [row for chunk in chunks for row in driver_rows(session, sql, (_list(chunk),))]
+                return _read(session, sql, chunks)
         finally:
             self._idle.release()
 
