@@ -107,6 +107,12 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
+def _end_read(session: Session) -> None:
+    """End the session's read transaction, if any: on SQLite it keeps its snapshot until then."""
+    if session.in_transaction():
+        session.commit()
+
+
 @contextmanager
 def write_transaction(session: Session) -> Iterator[Session]:
     """Run the block in one write transaction and commit it before returning.
@@ -116,9 +122,7 @@ def write_transaction(session: Session) -> Iterator[Session]:
     if session.info.get(WRITE):
         yield session
         return
-    if session.in_transaction():
-        # end the read snapshot first: the write must begin as a write
-        session.commit()
+    _end_read(session)  # the write must begin as a write
     gate = _gates.get(session.get_bind().engine)
     if gate is None:
         with _transaction(session):
@@ -201,10 +205,8 @@ class GroupCommit(Generic[T, R]):
         """Apply ``item`` and commit it, with whatever else is waiting; return its result."""
         if session.info.get(WRITE):
             return self._apply(session, item)  # inside a caller's transaction: theirs commits
-        if session.in_transaction():
-            # end the caller's read snapshot, as write_transaction does: another request's
-            # session may commit this change, and what the caller reads next must show it
-            session.commit()
+        # another request's session may commit this change: what the caller reads next must show it
+        _end_read(session)
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)
