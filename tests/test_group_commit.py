@@ -47,6 +47,12 @@ class Recorder:
         return name.upper()
 
 
+def held_group(hold_first: bool = True) -> tuple[Recorder, GroupCommit[str, str]]:
+    """Return a recorder (its first call waits until released) and a group commit over it."""
+    recorder = Recorder(hold_first=hold_first)
+    return recorder, GroupCommit(recorder, DomainError, order=str)
+
+
 def run_together(app, group: GroupCommit, recorder: Recorder, names: list[str]) -> dict[str, Any]:
     """Start one thread per name; the first leads and holds until all others are queued."""
     outcomes: dict[str, Any] = {}
@@ -87,8 +93,7 @@ def count_commits() -> list[int]:
 
 
 def test_waiting_changes_commit_in_one_transaction_and_each_gets_its_result(app):
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     names = ["lead"] + [f"follower{i}" for i in range(5)]
     commits = count_commits()
     outcomes = run_together(app, group, recorder, names)
@@ -100,8 +105,7 @@ def test_waiting_changes_commit_in_one_transaction_and_each_gets_its_result(app)
 
 
 def test_a_domain_error_fails_only_its_own_change(app):
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     names = ["lead", "a", "unknown-b", "c"]
     outcomes = run_together(app, group, recorder, names)
     assert isinstance(outcomes["unknown-b"], UnknownSubscriber)
@@ -110,8 +114,7 @@ def test_a_domain_error_fails_only_its_own_change(app):
 
 
 def test_an_unexpected_failure_retries_the_others_alone(app):
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     names = ["lead", "a", "broken-b", "c"]
     outcomes = run_together(app, group, recorder, names)
     assert isinstance(outcomes["broken-b"], RuntimeError)
@@ -123,8 +126,7 @@ def test_an_unexpected_failure_retries_the_others_alone(app):
 
 def test_a_database_that_is_down_or_busy_fails_the_group_at_once(app):
     # retried one by one, the last change would wait out every timeout in turn
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     names = ["lead", "a", "busy-b", "c"]
     outcomes = run_together(app, group, recorder, names)
     assert all(isinstance(outcomes[n], OperationalError) for n in ("a", "busy-b", "c"))
@@ -133,8 +135,7 @@ def test_a_database_that_is_down_or_busy_fails_the_group_at_once(app):
 
 
 def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     run_together(app, group, recorder, ["lead", "d", "b", "c", "a"])
     assert recorder.calls[1:] == ["a", "b", "c", "d"]
 
@@ -142,8 +143,7 @@ def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):
 def test_a_follower_reads_its_own_change_afterwards(app):
     # SQLite keeps a read transaction's snapshot: a follower that had read before queueing
     # must not go on seeing the database as it was before its own change was committed
-    recorder = Recorder(hold_first=True)
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    recorder, group = held_group()
     seen: list[int] = []
     count = text("SELECT count(*) FROM instance_secrets WHERE name = 'follower'")
 
@@ -178,8 +178,7 @@ def test_a_follower_reads_its_own_change_afterwards(app):
 
 
 def test_inside_a_write_transaction_the_change_joins_it(app, session):
-    recorder = Recorder()
-    group: GroupCommit[str, str] = GroupCommit(recorder, DomainError, order=str)
+    _, group = held_group(hold_first=False)
     with pytest.raises(RuntimeError), write_transaction(session):
         assert group.run(session, "inner") == "INNER"
         raise RuntimeError("the outer transaction fails")
