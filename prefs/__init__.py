@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config, i18n, logs, ratelimit
+from . import config, i18n, logs, oneclick, ratelimit
 from .db import configure_engine
 from .extensions import MigrationCommands, babel, db, limiter
 from .mail import Mailer
@@ -35,6 +35,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         # before finish(), which may warn about a generated key
         logs.configure(config.log_level(app.config.get("LOG_LEVEL")))
     config.finish(app.config, app.instance_path)
+    oneclick.install(app)
     if app.config["TRUSTED_PROXIES"]:
         # behind a load balancer: rate limits and fingerprints need the client's address
         hops = app.config["TRUSTED_PROXIES"]

@@ -65,9 +65,10 @@ class MigrationCommands(click.Command):
 # limits are declared per route (public.py); storage comes from PREFS_RATELIMIT_STORAGE_URI.
 # settings live here, not in app.config: Flask-Limiter keeps the first app's values anyway.
 # swallow_errors: a storage outage must never turn a mailbox provider away
+RATELIMIT_KEY_PREFIX = "prefs"
 limiter = Limiter(
     key_func=get_remote_address,
-    key_prefix="prefs",
+    key_prefix=RATELIMIT_KEY_PREFIX,
     strategy="fixed-window",
     headers_enabled=False,
     swallow_errors=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -13,6 +14,8 @@ from babel.messages.pofile import read_po
 from flask import request
 from flask_babel import get_locale
 from flask_babel import lazy_gettext as _l
+from werkzeug.datastructures import LanguageAccept
+from werkzeug.http import parse_accept_header
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,16 @@ def chosen_language() -> str | None:
     return lang if lang in LANGUAGES else None
 
 
+@functools.lru_cache(maxsize=256)
+def accepted_language(header: str | None) -> str:
+    """Return the language an ``Accept-Language`` header prefers among ours, or the default."""
+    # a few browsers' headers account for nearly every request: each is parsed once
+    return parse_accept_header(header, LanguageAccept).best_match(LANGUAGES) or DEFAULT
+
+
 def select_locale() -> str:
     """Pick the language: the switch's choice first, then the browser's ``Accept-Language``."""
-    return chosen_language() or request.accept_languages.best_match(LANGUAGES) or DEFAULT
+    return chosen_language() or accepted_language(request.headers.get("Accept-Language"))
 
 
 def current_language() -> str:

@@ -82,6 +82,23 @@ def metrics() -> Response:
     return Response(scrape(), content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 
 
+def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
+    """Count one answered request in the metrics and write its access-log line."""
+    LATENCY.labels(pattern, method).observe(elapsed)
+    if status >= 400:
+        ERRORS.labels(str(status)).inc()
+    access.info(
+        "request",
+        extra={
+            "request_id": rid,
+            "method": method,
+            "route": pattern,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
+
+
 def register(app: Flask) -> None:
     """Time and log every request by route pattern, count errors by status, serve ``/metrics``."""
 
@@ -95,22 +112,8 @@ def register(app: Flask) -> None:
         started = g.get("request_started")
         if started is None:
             return response
-        elapsed = time.perf_counter() - started
-        pattern = route()
-        LATENCY.labels(pattern, request.method).observe(elapsed)
-        if response.status_code >= 400:
-            ERRORS.labels(str(response.status_code)).inc()
+        observe(route(), request.method, response.status_code, time.perf_counter() - started, g.request_id)
         response.headers["X-Request-ID"] = g.request_id
-        access.info(
-            "request",
-            extra={
-                "request_id": g.request_id,
-                "method": request.method,
-                "route": pattern,
-                "status": response.status_code,
-                "duration_ms": round(elapsed * 1000, 2),
-            },
-        )
         return response
 
     app.register_blueprint(bp)

@@ -31,6 +31,8 @@ from .web import API_PREFIX, page_error
 bp = Blueprint("public", __name__)
 
 ONE_CLICK = "One-Click"
+ONE_CLICK_SCOPE = "u"  # the link's rate limit (prefs/oneclick.py counts in it too)
+ONE_CLICK_PAGES = "prefs.one_click_pages"
 STYLESHEET = "static/pages.css"
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -53,10 +55,13 @@ def _config(name: str) -> Any:
     return current_app.config[name]
 
 
-def _token_key() -> str:
-    # the limiter's storage never holds a whole token
-    token = (request.view_args or {}).get("token", "")
+def token_key(token: str) -> str:
+    """Return the one-click limit's key for a link: the limiter's storage never holds a token."""
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _token_key() -> str:
+    return token_key((request.view_args or {}).get("token", ""))
 
 
 def _requested_address() -> str | None:
@@ -78,10 +83,14 @@ def _address_key() -> str:
     return "address:" + hmac.new(key, b"ratelimit:" + address.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _origin(source: str, campaign: str | None = None) -> Origin:
+def client_origin(source: str, campaign: str | None, ip: str | None, user_agent: str | None) -> Origin:
+    """Return the audit origin of a change a client asked for, with its fingerprint."""
     key = privacy.fingerprint_key(session())
-    fingerprint = privacy.client_fingerprint(key, request.remote_addr, request.user_agent.string)
-    return Origin(source, campaign, fingerprint)
+    return Origin(source, campaign, privacy.client_fingerprint(key, ip, user_agent))
+
+
+def _origin(source: str, campaign: str | None = None) -> Origin:
+    return client_origin(source, campaign, request.remote_addr, request.user_agent.string)
 
 
 def _receives(subscriber: Subscriber, topic: Topic) -> bool:
@@ -102,7 +111,7 @@ def _preferences_link(public_id: str) -> str:
 def _one_click_page() -> str:
     """Return the one-click answer: the same for everyone, so rendered once per language."""
     lang = i18n.current_language()
-    pages: dict[str, str] = current_app.extensions.setdefault("prefs.one_click_pages", {})
+    pages: dict[str, str] = current_app.extensions.setdefault(ONE_CLICK_PAGES, {})
     page = pages.get(lang)
     if page is None:
         # no language switch: its links would carry this request's token into a shared page
@@ -117,7 +126,9 @@ def _one_click_page() -> str:
 
 
 @bp.route("/u/<token>", methods=["GET", "POST"])
-@limiter.limit(lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope="u")
+@limiter.limit(
+    lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope=ONE_CLICK_SCOPE
+)
 def unsubscribe(token: str) -> ResponseReturnValue:
     """Ask before unsubscribing (GET), or record the opt-out the link names (POST)."""
     link = links.tokens().read_unsubscribe(token)
