@@ -8,7 +8,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from prefs import ledger
+from prefs import ledger, oneclick
 from prefs.extensions import limiter
 from prefs.extensions import session as db_session
 from prefs.models import Event
@@ -160,6 +160,9 @@ def test_the_layer_logs_and_times_its_answers_without_the_token(app, client, peo
     )
     assert token not in json.dumps(line.__dict__, default=str)
     assert REGISTRY.get_sample_value("prefs_request_duration_seconds_count", timed) == before + 1
+    # the route and endpoint the layer answers for are the view's
+    (rule,) = [r for r in app.url_map.iter_rules() if r.endpoint == oneclick.ENDPOINT]
+    assert rule.rule == oneclick.ROUTE and rule.rule.startswith(oneclick.PREFIX)
 
 
 def test_behind_a_proxy_the_layer_fingerprints_the_forwarded_client(make_app):
