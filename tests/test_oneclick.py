@@ -39,6 +39,16 @@ def post(client, token, **kwargs):
     return client.post(f"/u/{token}", data=ONE_CLICK, **kwargs)
 
 
+def served(make_app, emails, **settings):
+    """Return an app with no app context left pushed, and a "news" link for each address."""
+    app = make_app(**settings)
+    with app.app_context():
+        s = db_session()
+        make_topic(s, "news")
+        tokens = [unsubscribe_token(make_subscriber(s, email), "news") for email in emails]
+    return app, tokens
+
+
 def test_once_the_view_has_rendered_the_page_one_clicks_are_answered_beneath_it(app, client, session, people):
     calls = count_view_calls(app)
     client_env = {"REMOTE_ADDR": "203.0.113.9"}
@@ -61,11 +71,7 @@ def test_once_the_view_has_rendered_the_page_one_clicks_are_answered_beneath_it(
 
 
 def test_the_layer_and_the_view_count_one_rate_limit_per_link(make_app):
-    app = make_app(RATELIMIT_ONE_CLICK="3 per minute")
-    with app.app_context():
-        s = db_session()
-        make_topic(s, "news")
-        token = unsubscribe_token(make_subscriber(s, "a@example.com"), "news")
+    app, (token,) = served(make_app, ["a@example.com"], RATELIMIT_ONE_CLICK="3 per minute")
     calls = count_view_calls(app)
     client = app.test_client()
     assert [post(client, token).status_code for _ in range(3)] == [200, 200, 200]
@@ -79,11 +85,7 @@ def test_the_layer_and_the_view_count_one_rate_limit_per_link(make_app):
 
 def test_what_the_layer_cannot_answer_goes_to_the_view(make_app):
     # no app context pushed around the requests: Flask-Babel keeps a context's first language
-    app = make_app()
-    with app.app_context():
-        s = db_session()
-        make_topic(s, "news")
-        tokens = [unsubscribe_token(make_subscriber(s, f"p{i}@example.com"), "news") for i in range(4)]
+    app, tokens = served(make_app, [f"p{i}@example.com" for i in range(4)])
     calls = count_view_calls(app)
     client = app.test_client()
     assert post(client, tokens[0]).status_code == 200  # renders the page
@@ -166,11 +168,7 @@ def test_the_layer_logs_and_times_its_answers_without_the_token(app, client, peo
 
 
 def test_behind_a_proxy_the_layer_fingerprints_the_forwarded_client(make_app):
-    app = make_app(TRUSTED_PROXIES=1)
-    with app.app_context():
-        s = db_session()
-        make_topic(s, "news")
-        tokens = [unsubscribe_token(make_subscriber(s, f"q{i}@example.com"), "news") for i in range(3)]
+    app, tokens = served(make_app, [f"q{i}@example.com" for i in range(3)], TRUSTED_PROXIES=1)
     calls = count_view_calls(app)
     client = app.test_client()
     for token, forwarded in zip(tokens, ("198.51.100.7", "198.51.100.7", "198.51.100.8"), strict=True):
