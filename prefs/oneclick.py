@@ -39,7 +39,15 @@ from . import i18n, ledger, monitoring
 from .errors import InvalidToken
 from .extensions import RATELIMIT_KEY_PREFIX, limiter, session
 from .logs import request_id
-from .public import ONE_CLICK, ONE_CLICK_PAGES, ONE_CLICK_SCOPE, SECURITY_HEADERS, client_origin, token_key
+from .public import (
+    ONE_CLICK,
+    ONE_CLICK_PAGES,
+    ONE_CLICK_ROUTE,
+    ONE_CLICK_SCOPE,
+    SECURITY_HEADERS,
+    client_origin,
+    token_key,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -47,9 +55,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/u/"
-ROUTE = "/u/<token>"
+ROUTE = ONE_CLICK_ROUTE
+PREFIX = ROUTE.partition("<")[0]
 ENDPOINT = "public.unsubscribe"
+# the view's limit counts under endpoint:scope (Flask-Limiter's layout)
+LIMIT_SCOPE = f"{ENDPOINT}:{ONE_CLICK_SCOPE}"
 BODY = f"List-Unsubscribe={ONE_CLICK}".encode()
 FORM = "application/x-www-form-urlencoded"
 # the view's headers (public.security_headers): a test holds the two answers equal
@@ -119,8 +129,8 @@ class OneClick:
         """Count this link against the view's one-click limit; tell whether it is within it."""
         if not limiter.enabled:
             return True
-        # the key the view's limit uses: Flask-Limiter's prefix, the key, endpoint:scope
-        key = (RATELIMIT_KEY_PREFIX, token_key(token), f"{ENDPOINT}:{ONE_CLICK_SCOPE}")
+        # the key the view's limit uses: Flask-Limiter's prefix, the link's key, the scope
+        key = (RATELIMIT_KEY_PREFIX, token_key(token), LIMIT_SCOPE)
         try:
             # each limit in turn, stopping at the first reached, as Flask-Limiter does
             limits = _limits(self.app.config["RATELIMIT_ONE_CLICK"])

@@ -31,6 +31,7 @@ from .web import API_PREFIX, page_error
 bp = Blueprint("public", __name__)
 
 ONE_CLICK = "One-Click"
+ONE_CLICK_ROUTE = "/u/<token>"  # the unsubscribe link, which prefs/oneclick.py also answers
 ONE_CLICK_SCOPE = "u"  # the link's rate limit (prefs/oneclick.py counts in it too)
 ONE_CLICK_PAGES = "prefs.one_click_pages"
 STYLESHEET = "static/pages.css"
@@ -125,7 +126,7 @@ def _one_click_page() -> str:
     return page
 
 
-@bp.route("/u/<token>", methods=["GET", "POST"])
+@bp.route(ONE_CLICK_ROUTE, methods=["GET", "POST"])
 @limiter.limit(
     lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope=ONE_CLICK_SCOPE
 )
