@@ -169,6 +169,104 @@ class _Waiter(Generic[T, R]):
         return self.result  # type: ignore[return-value]
 
 
+class DriverTransaction:
+    """One write transaction on a driver connection: what a group commit's changes run in.
+
+    It offers what the statements of a single change use, as a session does: the engine
+    (``get_bind``) and ``info``, where notes wait for the commit (``metrics.count_change``).
+    The driver's errors are turned into SQLAlchemy's, so an outage answers 503 as anywhere.
+    """
+
+    __slots__ = ("connection", "cursor", "engine", "info", "lost")
+
+    def __init__(self, engine: Engine, connection: Any) -> None:
+        self.engine = engine
+        self.connection = connection
+        self.cursor: Any = None
+        self.info: dict[str, Any] = {}
+        self.lost = False
+
+    def get_bind(self) -> Engine:
+        return self.engine
+
+    def begin(self) -> None:
+        with self._translated("BEGIN", None):
+            self.cursor = self.connection.cursor()
+            if self.engine.dialect.name == "sqlite":
+                self.cursor.execute("BEGIN IMMEDIATE")  # pysqlite is told not to begin itself
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        """Run one statement; return the cursor, to read its rows."""
+        with self._translated(sql, params):
+            if params is None:
+                self.cursor.execute(sql)
+            else:
+                self.cursor.execute(sql, params)
+        return self.cursor
+
+    def commit(self) -> None:
+        with self._translated("COMMIT", None):
+            self.connection.commit()
+
+    def rollback(self) -> None:
+        """Roll back, if the connection still can: a lost one has nothing left to undo."""
+        with contextlib.suppress(self.engine.dialect.loaded_dbapi.Error):
+            self.connection.rollback()
+
+    @contextmanager
+    def _translated(self, sql: str, params: Any) -> Iterator[None]:
+        driver_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            yield
+        except driver_error as err:
+            self.lost = self.lost or self.engine.dialect.is_disconnect(err, self.connection, self.cursor)
+            raise DBAPIError.instance(
+                sql,
+                params,
+                err,
+                driver_error,
+                hide_parameters=self.engine.hide_parameters,
+                connection_invalidated=self.lost,
+            ) from err
+
+
+# what a single change's statements run in: a caller's session, or a group commit's transaction
+Writer = Session | DriverTransaction
+
+
+class _OwnConnection:
+    """A driver connection of one group commit's, in one process, outside the engine's pool.
+
+    Taken from the pool and detached from it, so the pool keeps its size for everyone
+    else, and kept: a group needs no checkout, ping or session around it.
+    """
+
+    def __init__(self) -> None:
+        self._connection: Any = None
+        self._pid = 0
+        self.fresh = True
+
+    def get(self, engine: Engine) -> Any:
+        # a forked worker must not use its parent's connection (nor close it for the parent)
+        if self._connection is None or self._pid != os.getpid():
+            driver_error = engine.dialect.loaded_dbapi.Error
+            try:
+                pooled = engine.raw_connection()
+            except driver_error as err:  # unreachable: an outage, as the session's checkout says
+                raise DBAPIError.instance(None, None, err, driver_error, hide_parameters=True) from err
+            self._connection, self._pid, self.fresh = pooled.dbapi_connection, os.getpid(), True
+            pooled.detach()
+        else:
+            self.fresh = False
+        return self._connection
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):  # lost already, or the engine is going away
+                connection.close()
+
+
 class GroupCommit(Generic[T, R]):
     """Commit the single changes of concurrent requests together: one transaction for many.
 
@@ -179,6 +277,14 @@ class GroupCommit(Generic[T, R]):
     only then wakes the others with their outcomes, so nobody is answered before their
     change is on disk. Whoever arrived during that commit leads the next group.
 
+    The group's transaction runs on a driver connection of its own (there is one leader
+    at a time), not in a session: a session's checkout, begin and commit cost more than
+    the statements of a one-click. ``apply`` gets a ``DriverTransaction``; ``on_commit``
+    gets its ``info`` once it is committed. A connection found lost is replaced, and a
+    group that met a lost connection it had used before is tried once more on a new one
+    (the database may have restarted while it sat idle). An in-memory SQLite database
+    has no second connection to the same data: there the group runs in the session.
+
     ``apply`` raising ``expected`` (a domain error: unknown subscriber, say) fails that
     change alone; it must raise it before writing anything. Any other failure rolls the
     group back and each change is retried in a transaction of its own, so one change's
@@ -188,18 +294,26 @@ class GroupCommit(Generic[T, R]):
 
     def __init__(
         self,
-        apply: Callable[[Session, T], R],
+        apply: Callable[[Any, T], R],
         expected: type[Exception],
         order: Callable[[T], Any],
+        engine: Engine,
+        on_commit: Callable[[dict[str, Any]], None] = lambda info: None,
         limit: int = 64,
     ) -> None:
         self._apply = apply
         self._expected = expected
         self._order = order
+        self._on_commit = on_commit
         self._limit = limit
         self._mutex = threading.Lock()
         self._queue: list[_Waiter[T, R]] = []
         self._leading = False
+        self._own: _OwnConnection | None = None
+        if not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")):
+            own = self._own = _OwnConnection()
+            event.listen(engine, "engine_disposed", lambda _engine: own.close())
+            weakref.finalize(self, own.close)
 
     def run(self, session: Session, item: T) -> R:
         """Apply ``item`` and commit it, with whatever else is waiting; return its result."""
@@ -238,16 +352,19 @@ class GroupCommit(Generic[T, R]):
                 else:
                     self._leading = False
 
-    def _commit(self, session: Session, group: list[_Waiter[T, R]]) -> None:
+    def _commit(self, session: Session, group: list[_Waiter[T, R]], again: bool = False) -> None:
         outcomes: list[tuple[_Waiter[T, R], R | None, BaseException | None]] = []
         try:
-            with write_transaction(session):
+            with self._transaction(session) as writer:
                 for waiter in group:
                     try:
-                        outcomes.append((waiter, self._apply(session, waiter.item), None))
+                        outcomes.append((waiter, self._apply(writer, waiter.item), None))
                     except self._expected as err:
                         outcomes.append((waiter, None, err))
         except Exception as err:
+            if self._stale(err) and not again:
+                self._commit(session, group, again=True)
+                return
             if len(group) == 1 or _unavailable(err):
                 # a database that is down or busy is so for each of them: retrying one by
                 # one would make the last wait out every timeout in turn
@@ -259,6 +376,40 @@ class GroupCommit(Generic[T, R]):
             return
         for waiter, result, error in outcomes:
             waiter.settle(result, error)
+
+    @contextmanager
+    def _transaction(self, session: Session) -> Iterator[Writer]:
+        if self._own is None:
+            with write_transaction(session):
+                yield session
+            return
+        engine = session.get_bind().engine
+        gate = _gates.get(engine)
+        with gate.held() if gate is not None else contextlib.nullcontext():
+            transaction = DriverTransaction(engine, self._own.get(engine))
+            try:
+                transaction.begin()
+                yield transaction
+                transaction.commit()
+            except BaseException:
+                transaction.rollback()
+                if transaction.lost:
+                    self._own.close()
+                raise
+            finally:
+                if transaction.cursor is not None:
+                    with contextlib.suppress(Exception):
+                        transaction.cursor.close()
+        self._on_commit(transaction.info)
+
+    def _stale(self, err: Exception) -> bool:
+        """Tell whether a group failed on a kept connection that has died since its last use."""
+        return (
+            self._own is not None
+            and not self._own.fresh
+            and isinstance(err, DBAPIError)
+            and err.connection_invalidated
+        )
 
 
 def _unavailable(err: Exception) -> bool:
@@ -340,11 +491,14 @@ class Statement:
             prepared = self._prepared[key] = (sql, [(n, p) for n, p in processors if p is not None])
         return prepared
 
-    def first(self, session: Session, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def first(self, session: Writer, params: dict[str, Any]) -> tuple[Any, ...] | None:
         """Run the statement in the session's transaction; return its first row, if any."""
         sql, processors = self._for(session.get_bind().dialect)
         for name, process in processors:
             params[name] = process(params[name])
+        if isinstance(session, DriverTransaction):
+            cursor = session.execute(sql, params)
+            return cursor.fetchone() if cursor.description else None
         with _driver_cursor(session, sql, params) as cursor:
             cursor.execute(sql, params)
             row: tuple[Any, ...] | None = cursor.fetchone() if cursor.description else None

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .db import GroupCommit, Statement, write_transaction
+from .db import GroupCommit, Statement, Writer, write_transaction
 from .errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -182,7 +182,7 @@ def record_many(session: Session, changes: list[Change]) -> list[bool]:
         return [_apply(session, change) for change in changes]
 
 
-def _apply(session: Session, change: Change) -> bool:
+def _apply(session: Writer, change: Change) -> bool:
     """Record one change in the open write transaction; a domain error comes before any write."""
     if change.topic_key is not None:
         return _choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
@@ -202,7 +202,14 @@ def _group(session: Session) -> GroupCommit[Change, bool]:
     if group is None:
         with _groups_lock:
             group = _groups.setdefault(
-                engine, GroupCommit(_apply, DomainError, order=lambda change: change.public_id)
+                engine,
+                GroupCommit(
+                    _apply,
+                    DomainError,
+                    order=lambda change: change.public_id,
+                    engine=engine,
+                    on_commit=metrics.committed,
+                ),
             )
     return group
 
@@ -265,7 +272,7 @@ _EVENTS = {
 }
 
 
-def _bump(session: Session, public_id: str) -> Any:
+def _bump(session: Writer, public_id: str) -> Any:
     # locks the subscriber's row: concurrent changes to one subscriber take turns
     row = _BUMP.first(session, {"public_id": public_id})
     if row is None:
@@ -277,7 +284,7 @@ def _bump(session: Session, public_id: str) -> Any:
 _topic_ids: weakref.WeakKeyDictionary[Engine, dict[str, tuple[int, bool]]] = weakref.WeakKeyDictionary()
 
 
-def _topic(session: Session, key: str) -> tuple[int, bool]:
+def _topic(session: Writer, key: str) -> tuple[int, bool]:
     """Return a topic's id and whether it is opt-in; neither ever changes."""
     known = _topic_ids.setdefault(session.get_bind().engine, {})
     topic = known.get(key)
@@ -289,7 +296,7 @@ def _topic(session: Session, key: str) -> tuple[int, bool]:
     return topic
 
 
-def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
+def _choose(session: Writer, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
     topic_id, opt_in = _topic(session, topic_key)
     subscriber_id, version, left_all_version = _bump(session, public_id)
     # someone who never left all marketing receives an opt-out topic by default: choosing
@@ -314,7 +321,7 @@ def _choose(session: Session, public_id: str, topic_key: str, subscribed: bool, 
     return True
 
 
-def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) -> bool:
+def _leave_all(session: Writer, public_id: str, reason: str, origin: Origin) -> bool:
     if reason not in LEFT_ALL_REASONS:
         raise InvalidValue(f"unknown reason {reason!r}")
     now = origin.at or utcnow()
@@ -335,7 +342,7 @@ def _leave_all(session: Session, public_id: str, reason: str, origin: Origin) ->
     return True
 
 
-def _rejoin_all(session: Session, public_id: str, origin: Origin) -> bool:
+def _rejoin_all(session: Writer, public_id: str, origin: Origin) -> bool:
     row = _REJOIN_ALL.first(session, {"public_id": public_id})
     if row is None:
         _bump(session, public_id)
@@ -345,7 +352,7 @@ def _rejoin_all(session: Session, public_id: str, origin: Origin) -> bool:
 
 
 def _event(
-    session: Session,
+    session: Writer,
     subscriber_id: int,
     topic_id: int | None,
     topic_key: str | None,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter as Tally
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+
+from .db import Writer
 
 ALL = "all"
 _PENDING = "prefs.metrics.pending"
@@ -41,7 +44,7 @@ def count_check(topic: str, recipients: int, reasons: Tally[str | None]) -> None
 
 
 def count_change(
-    session: Session,
+    session: Writer,
     topic: str | None,
     action: str,
     reason: str | None,
@@ -55,7 +58,12 @@ def count_change(
 
 @event.listens_for(Session, "after_commit")
 def _committed(session: Session) -> None:
-    for topic, action, reason, source, campaign, count in session.info.pop(_PENDING, ()):
+    committed(session.info)
+
+
+def committed(info: dict[str, Any]) -> None:
+    """Count and log the changes noted in a transaction's ``info``, now that it is committed."""
+    for topic, action, reason, source, campaign, count in info.pop(_PENDING, ()):
         if action == "unsubscribe":
             OPT_OUTS.labels(topic, source, reason or "unsubscribed").inc(count)
         else:

@@ -1,20 +1,21 @@
 """Concurrent single changes commit together, and each request still gets its own outcome."""
 
+import sqlite3
 import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from prefs import ledger
-from prefs.db import GroupCommit, write_transaction
+from prefs.db import GroupCommit, Statement, write_transaction
 from prefs.errors import DomainError, UnknownSubscriber
 from prefs.extensions import db
 from prefs.ledger import Origin
 from tests.factories import make_subscriber, make_topic
 
-INSERT = text("INSERT INTO instance_secrets (name, value) VALUES (:name, 'v')")
+INSERT = Statement("INSERT INTO instance_secrets (name, value) VALUES (:name, 'v')")
 
 
 def stored(names: list[str]) -> set[str]:
@@ -31,9 +32,11 @@ class Recorder:
         self.entered = threading.Event()
         self.hold_first = hold_first
         self.calls: list[str] = []
+        self.writers: dict[str, Any] = {}  # the transaction each change was applied in
 
-    def __call__(self, session: Any, name: str) -> str:
+    def __call__(self, writer: Any, name: str) -> str:
         self.calls.append(name)
+        self.writers[name] = writer
         if self.hold_first and len(self.calls) == 1:
             self.entered.set()
             assert self.release.wait(10)
@@ -43,14 +46,14 @@ class Recorder:
             raise RuntimeError(name)
         if name.startswith("busy"):
             raise OperationalError("INSERT", None, TimeoutError("the database is busy"))
-        session.execute(INSERT, {"name": name})
+        INSERT.first(writer, {"name": name})
         return name.upper()
 
 
 def held_group(hold_first: bool = True) -> tuple[Recorder, GroupCommit[str, str]]:
     """Return a recorder (its first call waits until released) and a group commit over it."""
     recorder = Recorder(hold_first=hold_first)
-    return recorder, GroupCommit(recorder, DomainError, order=str)
+    return recorder, GroupCommit(recorder, DomainError, order=str, engine=db.engine)
 
 
 def run_together(app, group: GroupCommit, recorder: Recorder, names: list[str]) -> dict[str, Any]:
@@ -82,26 +85,17 @@ def run_together(app, group: GroupCommit, recorder: Recorder, names: list[str]) 
     return outcomes
 
 
-def count_commits() -> list[int]:
-    commits = [0]
-
-    @event.listens_for(db.engine, "commit")
-    def on_commit(conn: Any) -> None:
-        commits[0] += 1
-
-    return commits
-
-
 def test_waiting_changes_commit_in_one_transaction_and_each_gets_its_result(app):
     recorder, group = held_group()
     names = ["lead"] + [f"follower{i}" for i in range(5)]
-    commits = count_commits()
     outcomes = run_together(app, group, recorder, names)
     assert {n: outcomes[n] for n in names} == {n: n.upper() for n in names}
     assert stored(names) == set(names)
     assert all(outcomes["_seen"][n] for n in names)
     # the leader's own transaction, then one for the five that waited
-    assert commits[0] == 2
+    transactions = [recorder.writers[n] for n in names]
+    assert transactions[0] is not transactions[1]
+    assert all(t is transactions[1] for t in transactions[1:])
 
 
 def test_a_domain_error_fails_only_its_own_change(app):
@@ -210,3 +204,71 @@ def test_concurrent_one_click_opt_outs_are_all_recorded(app):
         events = conn.execute(text("SELECT count(*) FROM events WHERE action = 'unsubscribe'")).scalar()
         out = conn.execute(text("SELECT count(*) FROM preferences WHERE NOT subscribed")).scalar()
     assert events == out == len(people)
+
+
+def unsubscribes() -> int:
+    with db.engine.connect() as conn:
+        return int(
+            conn.execute(text("SELECT count(*) FROM events WHERE action = 'unsubscribe'")).scalar_one()
+        )
+
+
+def kept_connection(session: Any) -> Any:
+    """Return the driver connection the ledger's group commit keeps for this database."""
+    return ledger._group(session)._own._connection
+
+
+def cut(connection: Any) -> None:
+    """Lose a driver connection underneath its owner, as a database restart would."""
+    if db.engine.dialect.name == "sqlite":
+        connection.close()
+        return
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": connection.info.backend_pid})
+
+
+def is_closed(connection: Any) -> bool:
+    if db.engine.dialect.name != "sqlite":
+        return bool(connection.closed)
+    try:
+        connection.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_a_group_commits_on_a_connection_of_its_own_outside_the_pool(session):
+    make_topic(session, "news")
+    people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(2)]
+    session.commit()
+    assert ledger.record_opt_out(session, people[0], "news", Origin("one-click"))
+    kept = kept_connection(session)
+    session.commit()
+    # nothing is left checked out: the kept connection does not count against the pool
+    assert db.engine.pool.checkedout() == 0
+    assert ledger.record_opt_out(session, people[1], "news", Origin("one-click"))
+    assert kept_connection(session) is kept
+    assert unsubscribes() == 2
+
+
+def test_a_kept_connection_lost_while_idle_is_replaced_and_the_change_recorded(session):
+    make_topic(session, "news")
+    people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(2)]
+    session.commit()
+    assert ledger.record_opt_out(session, people[0], "news", Origin("one-click"))
+    lost = kept_connection(session)
+    cut(lost)
+    assert ledger.record_opt_out(session, people[1], "news", Origin("one-click"))
+    assert kept_connection(session) is not lost
+    assert unsubscribes() == 2
+
+
+def test_disposing_of_the_engine_closes_the_kept_connection(session):
+    make_topic(session, "news")
+    person = make_subscriber(session, "p@example.com").public_id
+    session.commit()
+    ledger.record_opt_out(session, person, "news", Origin("one-click"))
+    kept = kept_connection(session)
+    session.close()
+    db.engine.dispose()
+    assert is_closed(kept)
