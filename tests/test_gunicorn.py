@@ -8,9 +8,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from gunicorn.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefs import create_app, ledger
@@ -122,12 +125,17 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
     assert '"route":"/healthz"' in log  # the app's own JSON lines are there too
 
 
+def load_config() -> dict:
+    settings: dict = {}
+    exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), settings)  # noqa: S102
+    return settings
+
+
 def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PREFS_WORKERS", "3")
     monkeypatch.setenv("PREFS_THREADS", "7")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    settings = {}
-    exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), settings)  # noqa: S102
+    settings = load_config()
     assert (settings["workers"], settings["threads"], settings["worker_class"]) == (
         3,
         7,
@@ -137,3 +145,30 @@ def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_pat
     assert (
         settings["mask"]("GET /u/abc.def?x HTTP/1.1 ann%40example.com") == "GET /u/[token]?x HTTP/1.1 [email]"
     )
+
+
+def test_the_access_log_masks_the_atoms_its_format_writes_and_hands_on_no_other(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    settings = load_config()
+    cfg = Config()
+    cfg.set("access_log_format", '%(h)s "%(r)s" %(U)s %({Authorization}i)s %({x-request-id}o)s %(s)s')
+    logger = settings["MaskingLogger"](cfg)
+    response = SimpleNamespace(status="200 OK", headers=[("X-Request-ID", "r1")], sent=12)
+    request = SimpleNamespace(headers=[("AUTHORIZATION", "Bearer prefs_secretkey123"), ("COOKIE", "s=1")])
+    environ = {
+        "REMOTE_ADDR": "127.0.0.1",
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/u/abc.def?e=ann@example.com",
+        "PATH_INFO": "/u/abc.def",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_COOKIE": "s=1",
+    }
+    atoms = logger.atoms(response, request, environ, timedelta(milliseconds=3))
+    assert atoms == {
+        "h": "127.0.0.1",
+        "r": "GET /u/[token]?e=[email] HTTP/1.1",
+        "U": "/u/[token]",
+        "{authorization}i": "[hidden]",
+        "{x-request-id}o": "r1",
+        "s": "200",
+    }
