@@ -283,7 +283,7 @@ class GroupCommit(Generic[T, R]):
     gets its ``info`` once it is committed. A connection found lost is replaced, and a
     group that met a lost connection it had used before is tried once more on a new one
     (the database may have restarted while it sat idle). An in-memory SQLite database
-    has no second connection to the same data: there the group runs in the session.
+    has no second connection to the same data: there the group runs in a session.
 
     ``apply`` raising ``expected`` (a domain error: unknown subscriber, say) fails that
     change alone; it must raise it before writing anything. Any other failure rolls the
@@ -309,18 +309,24 @@ class GroupCommit(Generic[T, R]):
         self._mutex = threading.Lock()
         self._queue: list[_Waiter[T, R]] = []
         self._leading = False
+        self._engine = weakref.ref(engine)  # the engine's map of groups holds the group
         self._own: _OwnConnection | None = None
         if not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")):
             own = self._own = _OwnConnection()
             event.listen(engine, "engine_disposed", lambda _engine: own.close())
             weakref.finalize(self, own.close)
 
-    def run(self, session: Session, item: T) -> R:
-        """Apply ``item`` and commit it, with whatever else is waiting; return its result."""
-        if session.info.get(WRITE):
-            return self._apply(session, item)  # inside a caller's transaction: theirs commits
-        # another request's session may commit this change: what the caller reads next must show it
-        _end_read(session)
+    def run(self, item: T, session: Session | None = None) -> R:
+        """Apply ``item`` and commit it, with whatever else is waiting; return its result.
+
+        ``session`` is the caller's, if it has one. Inside its write transaction the change
+        joins it. Otherwise its read ends first: another request's group may commit this
+        change, and what the caller reads next must show it.
+        """
+        if session is not None:
+            if session.info.get(WRITE):
+                return self._apply(session, item)  # inside a caller's transaction: theirs commits
+            _end_read(session)
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)
@@ -331,15 +337,15 @@ class GroupCommit(Generic[T, R]):
             # bounded by the database's timeouts, and a hung worker by gunicorn's
             me.woken.wait()
         if not me.done:
-            self._lead(session)
+            self._lead()
         return me.outcome()
 
-    def _lead(self, session: Session) -> None:
+    def _lead(self) -> None:
         with self._mutex:
             group = self._queue[: self._limit]
             del self._queue[: self._limit]
         try:
-            self._commit(session, sorted(group, key=lambda w: self._order(w.item)))
+            self._commit(sorted(group, key=lambda w: self._order(w.item)))
         finally:
             for waiter in group:
                 if not waiter.done:  # only if something escaped (a worker being stopped)
@@ -352,10 +358,10 @@ class GroupCommit(Generic[T, R]):
                 else:
                     self._leading = False
 
-    def _commit(self, session: Session, group: list[_Waiter[T, R]], again: bool = False) -> None:
+    def _commit(self, group: list[_Waiter[T, R]], again: bool = False) -> None:
         outcomes: list[tuple[_Waiter[T, R], R | None, BaseException | None]] = []
         try:
-            with self._transaction(session) as writer:
+            with self._transaction() as writer:
                 for waiter in group:
                     try:
                         outcomes.append((waiter, self._apply(writer, waiter.item), None))
@@ -363,7 +369,7 @@ class GroupCommit(Generic[T, R]):
                         outcomes.append((waiter, None, err))
         except Exception as err:
             if self._stale(err) and not again:
-                self._commit(session, group, again=True)
+                self._commit(group, again=True)
                 return
             if len(group) == 1 or _unavailable(err):
                 # a database that is down or busy is so for each of them: retrying one by
@@ -372,18 +378,19 @@ class GroupCommit(Generic[T, R]):
                     waiter.settle(error=err)
                 return
             for waiter in group:  # alone, each change meets only its own fault
-                self._commit(session, [waiter])
+                self._commit([waiter])
             return
         for waiter, result, error in outcomes:
             waiter.settle(result, error)
 
     @contextmanager
-    def _transaction(self, session: Session) -> Iterator[Writer]:
+    def _transaction(self) -> Iterator[Writer]:
+        engine = self._engine()
+        assert engine is not None, "a group commit outlived its engine"
         if self._own is None:
-            with write_transaction(session):
+            with Session(engine) as session, write_transaction(session):
                 yield session
             return
-        engine = session.get_bind().engine
         gate = _gates.get(engine)
         with gate.held() if gate is not None else contextlib.nullcontext():
             transaction = DriverTransaction(engine, self._own.get(engine))

@@ -135,7 +135,7 @@ def verdict_for(session: Session, email: str, key: str) -> Verdict:
 
 
 def record_opt_out(
-    session: Session,
+    session: Session | Engine,
     public_id: str,
     topic_key: str | None,
     origin: Origin,
@@ -143,14 +143,21 @@ def record_opt_out(
 ) -> bool:
     """Take a subscriber out of one topic, or of all marketing; return whether anything changed.
 
-    Committed before it returns, in a group with the changes of concurrent requests.
+    Committed before it returns, in a group with the changes of concurrent requests. A
+    caller with no session of its own (the one-click layer) passes the engine.
     """
-    return _group(session).run(session, Change(public_id, topic_key, False, origin, reason))
+    return _run(session, Change(public_id, topic_key, False, origin, reason))
 
 
 def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> bool:
     """Bring a subscriber back to one topic, or undo leaving all marketing."""
-    return _group(session).run(session, Change(public_id, topic_key, True, origin))
+    return _run(session, Change(public_id, topic_key, True, origin))
+
+
+def _run(session: Session | Engine, change: Change) -> bool:
+    if isinstance(session, Engine):
+        return _group(session).run(change)
+    return _group(session.get_bind().engine).run(change, session)
 
 
 def record_choices(
@@ -196,8 +203,7 @@ _groups: weakref.WeakKeyDictionary[Engine, GroupCommit[Change, bool]] = weakref.
 _groups_lock = threading.Lock()
 
 
-def _group(session: Session) -> GroupCommit[Change, bool]:
-    engine = session.get_bind().engine
+def _group(engine: Engine) -> GroupCommit[Change, bool]:
     group = _groups.get(engine)
     if group is None:
         with _groups_lock:

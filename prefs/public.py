@@ -84,14 +84,16 @@ def _address_key() -> str:
     return "address:" + hmac.new(key, b"ratelimit:" + address.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def client_origin(source: str, campaign: str | None, ip: str | None, user_agent: str | None) -> Origin:
-    """Return the audit origin of a change a client asked for, with its fingerprint."""
-    key = privacy.fingerprint_key(session())
+def client_origin(
+    key: bytes, source: str, campaign: str | None, ip: str | None, user_agent: str | None
+) -> Origin:
+    """Return the audit origin of a change a client asked for, fingerprinted with ``key``."""
     return Origin(source, campaign, privacy.client_fingerprint(key, ip, user_agent))
 
 
 def _origin(source: str, campaign: str | None = None) -> Origin:
-    return client_origin(source, campaign, request.remote_addr, request.user_agent.string)
+    key = privacy.fingerprint_key(session())
+    return client_origin(key, source, campaign, request.remote_addr, request.user_agent.string)
 
 
 def _receives(subscriber: Subscriber, topic: Topic) -> bool:

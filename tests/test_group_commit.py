@@ -64,7 +64,7 @@ def run_together(app, group: GroupCommit, recorder: Recorder, names: list[str]) 
     def one(name: str) -> None:
         with app.app_context():
             try:
-                outcomes[name] = group.run(db.session(), name)
+                outcomes[name] = group.run(name, db.session())
             except Exception as err:  # the outcome under test
                 outcomes[name] = err
             # nobody hears back before their change is on disk
@@ -143,13 +143,13 @@ def test_a_follower_reads_its_own_change_afterwards(app):
 
     def lead(name: str) -> None:
         with app.app_context():
-            group.run(db.session(), name)
+            group.run(name, db.session())
 
     def follow() -> None:
         with app.app_context():
             session = db.session()
             seen.append(session.execute(count).scalar())  # a snapshot from before
-            group.run(session, "follower")
+            group.run("follower", session)
             seen.append(session.execute(count).scalar())
 
     leader = threading.Thread(target=lead, args=("lead",))
@@ -174,7 +174,7 @@ def test_a_follower_reads_its_own_change_afterwards(app):
 def test_inside_a_write_transaction_the_change_joins_it(app, session):
     _, group = held_group(hold_first=False)
     with pytest.raises(RuntimeError), write_transaction(session):
-        assert group.run(session, "inner") == "INNER"
+        assert group.run("inner", session) == "INNER"
         raise RuntimeError("the outer transaction fails")
     assert stored(["inner"]) == set()
 
@@ -215,7 +215,7 @@ def unsubscribes() -> int:
 
 def kept_connection(session: Any) -> Any:
     """Return the driver connection the ledger's group commit keeps for this database."""
-    return ledger._group(session)._own._connection
+    return ledger._group(db.engine)._own._connection
 
 
 def cut(connection: Any) -> None:
