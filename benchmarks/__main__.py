@@ -197,6 +197,8 @@ def measure_one_click(
         "ours_rps": stats([r["rps"] for r in ours]),
         "floor_rps": stats([r["rps"] for r in floor]),
         "p99_ms": stats([r["p99_us"] / 1000 for r in ours]),
+        # not a target: how this machine's tail looks for the floor in the same run
+        "floor_p99_ms": stats([r["p99_us"] / 1000 for r in floor]),
         "errors": sum(r["errors"] for r in ours),
         "floor_errors": sum(r["errors"] for r in floor),
         "requests": sum(r["requests"] for r in ours),
@@ -333,7 +335,8 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
         ("check growth", " / ".join(f"{g[k]['median'] * 1000:.0f}" for k in sizes) + f" ms at {' / '.join(sizes)} subscribers",
          f"{g[sizes[0]]['median'] * 1000:.0f} ms", f"{growth:.2f}×", "< 1.5×", growth < 1.5),
         ("one-click", f"{span(o['ours_rps'])} req/s, p99 {o['p99_ms']['median']:.1f} ms, {o['errors']} errors",
-         f"{o['floor_rps']['median']:.0f} req/s", f"{click_ratio:.2f}×", "≥ 0.6×, p99 < 50 ms, 0 errors",
+         f"{o['floor_rps']['median']:.0f} req/s, p99 {o['floor_p99_ms']['median']:.1f} ms", f"{click_ratio:.2f}×",
+         "≥ 0.6×, p99 < 50 ms, 0 errors",
          click_ratio >= 0.6 and o["p99_ms"]["median"] < 50 and o["errors"] == 0),
         ("export", f"{span(e['ours'])} rows/s, RSS +{e['rss_growth_mb']['max']:.1f} MB ({e['rows']:,} rows)",
          f"{e['floor']['median']:.0f} rows/s", f"{export_ratio:.2f}×", "≥ 0.5×, RSS < +30 MB",
