@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Dialect, Engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
@@ -220,14 +220,7 @@ class DriverTransaction:
             yield
         except driver_error as err:
             self.lost = self.lost or self.engine.dialect.is_disconnect(err, self.connection, self.cursor)
-            raise DBAPIError.instance(
-                sql,
-                params,
-                err,
-                driver_error,
-                hide_parameters=self.engine.hide_parameters,
-                connection_invalidated=self.lost,
-            ) from err
+            raise _sqlalchemy_error(self.engine, sql, params, err, self.lost) from err
 
 
 # what a single change's statements run in: a caller's session, or a group commit's transaction
@@ -253,7 +246,7 @@ class _OwnConnection:
             try:
                 pooled = engine.raw_connection()
             except driver_error as err:  # unreachable: an outage, as the session's checkout says
-                raise DBAPIError.instance(None, None, err, driver_error, hide_parameters=True) from err
+                raise _sqlalchemy_error(engine, None, None, err) from err
             self._connection, self._pid, self.fresh = pooled.dbapi_connection, os.getpid(), True
             pooled.detach()
         else:
@@ -419,6 +412,21 @@ class GroupCommit(Generic[T, R]):
         )
 
 
+def _sqlalchemy_error(
+    engine: Engine, sql: str | None, params: Any, err: Exception, lost: bool = False
+) -> StatementError:
+    """Return SQLAlchemy's error for a driver's, as the engine itself would raise it."""
+    return DBAPIError.instance(
+        sql,
+        params,
+        err,
+        engine.dialect.loaded_dbapi.Error,
+        # the parameters are addresses: keep them out of the message, as the engine does
+        hide_parameters=engine.hide_parameters,
+        connection_invalidated=lost,
+    )
+
+
 def _unavailable(err: Exception) -> bool:
     """Tell whether a failure is the database's (lost, unreachable, busy), not a change's."""
     return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
@@ -448,15 +456,7 @@ def _driver_cursor(session: Session, sql: str, params: Any) -> Iterator[Any]:
         lost = connection.dialect.is_disconnect(err, dbapi_connection, cursor)
         if lost:
             connection.invalidate(err)
-        raise DBAPIError.instance(
-            sql,
-            params,
-            err,
-            driver_error,
-            # the parameters are addresses: keep them out of the message, as the engine does
-            hide_parameters=connection.engine.hide_parameters,
-            connection_invalidated=lost,
-        ) from err
+        raise _sqlalchemy_error(connection.engine, sql, params, err, lost) from err
     finally:
         # on a lost connection closing fails too; the error above already says so
         with contextlib.suppress(driver_error):
