@@ -213,7 +213,7 @@ def unsubscribes() -> int:
         )
 
 
-def kept_connection(session: Any) -> Any:
+def kept_connection() -> Any:
     """Return the driver connection the ledger's group commit keeps for this database."""
     return ledger._group(db.engine)._own._connection
 
@@ -237,38 +237,38 @@ def is_closed(connection: Any) -> bool:
     return False
 
 
-def test_a_group_commits_on_a_connection_of_its_own_outside_the_pool(session):
+def one_opted_out(session: Any, count: int) -> list[str]:
+    """Make ``count`` subscribers to "news" and opt the first out; return their public ids."""
     make_topic(session, "news")
-    people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(2)]
+    people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(count)]
     session.commit()
     assert ledger.record_opt_out(session, people[0], "news", Origin("one-click"))
-    kept = kept_connection(session)
+    return people
+
+
+def test_a_group_commits_on_a_connection_of_its_own_outside_the_pool(session):
+    people = one_opted_out(session, 2)
+    kept = kept_connection()
     session.commit()
     # nothing is left checked out: the kept connection does not count against the pool
     assert db.engine.pool.checkedout() == 0
     assert ledger.record_opt_out(session, people[1], "news", Origin("one-click"))
-    assert kept_connection(session) is kept
+    assert kept_connection() is kept
     assert unsubscribes() == 2
 
 
 def test_a_kept_connection_lost_while_idle_is_replaced_and_the_change_recorded(session):
-    make_topic(session, "news")
-    people = [make_subscriber(session, f"p{i}@example.com").public_id for i in range(2)]
-    session.commit()
-    assert ledger.record_opt_out(session, people[0], "news", Origin("one-click"))
-    lost = kept_connection(session)
+    people = one_opted_out(session, 2)
+    lost = kept_connection()
     cut(lost)
     assert ledger.record_opt_out(session, people[1], "news", Origin("one-click"))
-    assert kept_connection(session) is not lost
+    assert kept_connection() is not lost
     assert unsubscribes() == 2
 
 
 def test_disposing_of_the_engine_closes_the_kept_connection(session):
-    make_topic(session, "news")
-    person = make_subscriber(session, "p@example.com").public_id
-    session.commit()
-    ledger.record_opt_out(session, person, "news", Origin("one-click"))
-    kept = kept_connection(session)
+    one_opted_out(session, 1)
+    kept = kept_connection()
     session.close()
     db.engine.dispose()
     assert is_closed(kept)
