@@ -49,19 +49,23 @@ def public_id(i: int) -> str:
     return f"b{i:015d}"
 
 
+def command_env(db: Database) -> dict[str, str]:
+    """Return the environment a ``flask --app prefs`` command runs in against ``db``."""
+    return {
+        "PREFS_DATABASE_URL": db.url,
+        "PREFS_SECRET_KEYS": "benchmark-key-0123456789",
+        "PATH": "/usr/bin:/bin",
+    }
+
+
 def create_schema(db: Database) -> None:
     """Build the schema with the service's own migrations."""
     import subprocess
     import sys
 
-    env = {
-        "PREFS_DATABASE_URL": db.url,
-        "PREFS_SECRET_KEYS": "benchmark-key-0123456789",
-        "PATH": "/usr/bin:/bin",
-    }
     subprocess.run(
         [sys.executable, "-m", "flask", "--app", "prefs", "db", "upgrade"],
-        env=env,
+        env=command_env(db),
         check=True,
         capture_output=True,
     )

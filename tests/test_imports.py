@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -264,27 +263,22 @@ def test_the_command_reports_errors_in_one_line(runner, session, tmp_path):
 MILLION = 1_000_000
 CHILD = textwrap.dedent(
     """
-    import resource, sys, time
+    import sys
     from prefs import create_app, imports
     from prefs.extensions import db
     app = create_app({"TESTING": True, "DATABASE_URL": sys.argv[1], "SECRET_KEYS": ["k" * 20]})
     with app.app_context():
         db.create_all()
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
         with open(sys.argv[2], newline="") as f:
             summary = imports.import_file(db.session(), f)
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-    print(summary.read, summary.added, wall, cpu, peak)
+    print(summary.read, summary.added, peak)
     """
 )
 
 
 def measure(tmp_path, rows):
-    """Import ``rows`` addresses in a fresh process; return its summary, times and peak RSS (KiB)."""
+    """Import ``rows`` addresses in a fresh process; return its summary and peak RSS (KiB)."""
     path = tmp_path / f"{rows}.csv"
     with path.open("w") as f:
         f.write("email,created\n")
@@ -295,26 +289,18 @@ def measure(tmp_path, rows):
     out = subprocess.run(
         [sys.executable, "-c", CHILD, url, str(path)], capture_output=True, text=True, env=env, check=True
     ).stdout.split()
-    read, added, wall, cpu, peak = int(out[0]), int(out[1]), float(out[2]), float(out[3]), int(out[4])
-    return read, added, wall, cpu, peak
+    return int(out[0]), int(out[1]), int(out[2])
 
 
 @pytest.mark.slow
-def test_a_million_rows_stream_in_bounded_memory_at_speed(tmp_path):
-    started = time.perf_counter()
-    _, _, _, _, small_peak = measure(tmp_path, 10_000)
-    read, added, wall, cpu, peak = measure(tmp_path, MILLION)
+def test_a_million_rows_stream_in_bounded_memory(tmp_path):
+    # its speed (20,000 rows/s) is the benchmark harness's import figure, not a timed test
+    _, _, small_peak = measure(tmp_path, 10_000)
+    read, added, peak = measure(tmp_path, MILLION)
     assert (read, added) == (MILLION, MILLION)
     growth_mib = (peak - small_peak) / 1024
-    print(
-        f"\n1M rows: {MILLION / wall:,.0f} rows/s wall, {MILLION / cpu:,.0f} rows/CPU-s, "
-        f"peak RSS {peak / 1024:.0f} MiB (+{growth_mib:.0f} MiB over 10k rows), "
-        f"test {time.perf_counter() - started:.0f} s"
-    )
     # streaming: a hundred times the rows costs no more than SQLite's page cache and a batch
     assert growth_mib < imports.SQLITE_CACHE_KIB / 1024 + 30
-    # this machine is shared: judge the speed by the CPU time the import used
-    assert MILLION / cpu >= 20_000
 
 
 def test_imported_times_are_stored_as_the_orm_stores_them(session, tmp_path):
