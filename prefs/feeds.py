@@ -57,9 +57,14 @@ _TOPIC_CANDIDATES = (
 )
 _ALL_CANDIDATES = (
     "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at} FROM subscribers s"
-    " WHERE s.id > {mark} AND s.left_all_reason IS NOT NULL AND NOT EXISTS (SELECT 1 FROM preferences p"
-    " WHERE p.subscriber_id = s.id AND p.subscribed AND p.version > s.left_all_version)"
-    " ORDER BY s.id LIMIT {limit}"
+    " WHERE s.id > {mark} AND s.left_all_reason IS NOT NULL ORDER BY s.id LIMIT {limit}"
+)
+# who among a page's subscribers has chosen a topic since: a range of the preferences' key,
+# read once a page (a correlated NOT EXISTS probed the index for every row, and PostgreSQL
+# chose a merge anti-join that read every preference from the first subscriber on)
+_CHOSEN_AGAIN = (
+    "SELECT p.subscriber_id, max(p.version) FROM preferences p"
+    " WHERE p.subscriber_id > {mark} AND p.subscriber_id <= {mark} AND p.subscribed GROUP BY p.subscriber_id"
 )
 _CHANGES = (
     "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
@@ -117,14 +122,28 @@ def suppressions(
     return items, last
 
 
+class _LeftAllReasons(dict[tuple[str, "int | None"], "str | None"]):
+    """The verdict's reason for each (left_all_reason, left_all_version) a batch holds, asked once."""
+
+    def __missing__(self, key: tuple[str, int | None]) -> str | None:
+        reason = self[key] = verdict(State(False, *key), _ANY_TOPIC).reason
+        return reason
+
+
 def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[Suppression], int | None]:
-    rows = _rows(session, _ALL_CANDIDATES, (after,), limit=int(limit))
-    # tuples straight from the rows: the export writes a million of them
+    fetched = rows = _rows(session, _ALL_CANDIDATES, (after,), limit=int(limit))
+    chosen = dict(_rows(session, _CHOSEN_AGAIN, (after, rows[-1][0]))) if rows else {}
+    if chosen:
+        # a topic chosen after leaving all marketing takes the subscriber off the list
+        rows = [r for r in rows if r[3] is None or chosen.get(r[0], -1) <= r[3]]
+    # tuples straight from the rows: the export writes a million of them, with a handful of
+    # distinct states among them, so the verdict is asked once a state, not once a row
+    reasons = _LeftAllReasons()
     items: list[Suppression] = [
-        (email, "all", verdict(State(False, left, left_version), _ANY_TOPIC).reason, left_at)
+        (email, "all", reasons[left, left_version], left_at)
         for _sid, email, left, left_version, left_at in rows
     ]
-    last = rows[-1][0] if len(rows) == limit else None
+    last = fetched[-1][0] if len(fetched) == limit else None
     return items, last
 
 
