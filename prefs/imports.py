@@ -197,35 +197,61 @@ def _apply(
     erased = _rowcount(
         session.execute(delete(staging).where(staging.c.fingerprint.in_(select(ErasedAddress.fingerprint))))
     )
-    session.execute(
-        insert_for(session)(Subscriber)
-        .from_select(
-            ["email", "public_id", "created_at", "version"],
-            select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(0)).where(true()),
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    made = 0
+    if topic_id is None and postgresql:
+        # the new subscribers are written once, already out of all marketing, and marked
+        # changed in the same statement: an insert then an update wrote every row twice
+        # (a new row version and an entry in each index), half the batch's time here
+        inserted = (
+            insert_for(session)(Subscriber)
+            .from_select(
+                ["email", "public_id", "created_at", "version",
+                 "left_all_reason", "left_all_version", "left_all_at"],
+                select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(1),
+                       staging.c.reason, literal(1), staging.c.at),
+            )
+            .on_conflict_do_nothing(index_elements=[Subscriber.email])
+            .returning(Subscriber.email)
+            .cte("made")
+        )  # fmt: skip
+        made = _rowcount(
+            session.execute(update(staging).where(staging.c.email == inserted.c.email).values(changed=True))
         )
-        .on_conflict_do_nothing(index_elements=[Subscriber.email])
-    )
-    in_batch = Subscriber.email.in_(select(staging.c.email))
-    if session.get_bind().dialect.name == "postgresql":
-        # lock the batch's subscribers, so the rows chosen below are the rows changed
+    else:
+        session.execute(
+            insert_for(session)(Subscriber)
+            .from_select(
+                ["email", "public_id", "created_at", "version"],
+                select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(0)).where(
+                    true()
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=[Subscriber.email])
+        )
+    # the rows this batch just made are its own already
+    in_batch = Subscriber.email.in_(select(staging.c.email).where(staging.c.changed.is_(False)))
+    if postgresql:
+        # lock the batch's other subscribers, so the rows chosen below are the rows changed
         # (SQLite's BEGIN IMMEDIATE holds the whole database already)
         session.execute(select(Subscriber.id).where(in_batch).with_for_update()).all()
-    added = _leave_all(session) if topic_id is None else _leave_topic(session, topic_id)
+    added = made + (_leave_all(session) if topic_id is None else _leave_topic(session, topic_id))
     txid = session.scalar(select(txid_for(session)))
-    subscriber = select(Subscriber.id).where(Subscriber.email == staging.c.email).scalar_subquery()
     session.execute(
         insert(Event).from_select(
             ["txid", "subscriber_id", "topic_id", "action", "reason", "source", "campaign", "created_at"],
             select(
                 literal(txid),
-                subscriber,
+                Subscriber.id,
                 literal(topic_id, Integer),
                 literal(UNSUBSCRIBE),
                 staging.c.reason,
                 literal(SOURCE),
                 staging.c.campaign,
                 staging.c.at,
-            ).where(staging.c.changed.is_(True)),
+            )
+            .join(Subscriber, Subscriber.email == staging.c.email)
+            .where(staging.c.changed.is_(True)),
         )
     )
     for reason, count in session.execute(
@@ -244,6 +270,12 @@ def _stage(session: Session, staged: list[tuple[Any, ...]]) -> None:
     mark = "?" if session.get_bind().dialect.paramstyle == "qmark" else "%s"
     cursor = connection.cursor()
     try:
+        if mark == "%s":  # PostgreSQL: COPY, a tenth of executemany's round trips and parsing
+            columns = "email, fingerprint, public_id, reason, at, campaign, changed"
+            with cursor.copy(f"COPY {staging.name} ({columns}) FROM STDIN") as copy:
+                for row in staged:
+                    copy.write_row((*row, False))
+            return
         cursor.executemany(
             f"INSERT INTO {staging.name} (email, fingerprint, public_id, reason, at, campaign, changed) "  # noqa: S608
             f"VALUES ({', '.join([mark] * 6)}, {'0' if mark == '?' else 'false'})",
@@ -260,19 +292,20 @@ def _leave_all(session: Session) -> int:
         .where(exists().where(Subscriber.email == staging.c.email, Subscriber.left_all_reason.is_(None)))
         .values(changed=True)
     )
-    row = select(staging.c.reason, staging.c.at).where(staging.c.email == Subscriber.email)
+    # UPDATE ... FROM the batch: one join, not two correlated lookups a row
     return _rowcount(
         session.execute(
             update(Subscriber)
             .where(
-                Subscriber.email.in_(select(staging.c.email).where(staging.c.changed.is_(True))),
+                Subscriber.email == staging.c.email,
+                staging.c.changed.is_(True),
                 Subscriber.left_all_reason.is_(None),
             )
             .values(
                 version=Subscriber.version + 1,
                 left_all_version=Subscriber.version + 1,
-                left_all_reason=row.with_only_columns(staging.c.reason).scalar_subquery(),
-                left_all_at=row.with_only_columns(staging.c.at).scalar_subquery(),
+                left_all_reason=staging.c.reason,
+                left_all_at=staging.c.at,
             )
             .execution_options(synchronize_session=False)
         )

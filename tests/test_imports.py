@@ -171,6 +171,27 @@ def test_it_never_resubscribes_nor_overrides_a_recorded_choice(session, tmp_path
     assert session.scalar(select(func.count()).select_from(Preference).where(Preference.subscribed)) == 0
 
 
+def test_known_and_new_addresses_in_one_batch_each_leave_once(session, tmp_path):
+    # PostgreSQL writes the new subscribers already out; the known ones are updated
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", Origin("page"))
+    summary = run(session, write(tmp_path, "ann@example.com\nnew@example.com\n"))
+    assert (summary.added, summary.already) == (2, 0)
+    session.expire_all()
+    known, new = state(session, "ann@example.com"), state(session, "new@example.com")
+    assert (known.left_all_reason, known.version, known.left_all_version) == ("imported", 2, 2)
+    assert (new.left_all_reason, new.version, new.left_all_version) == ("imported", 1, 1)
+    for person in (known, new):
+        imported = (
+            select(func.count())
+            .select_from(Event)
+            .where(Event.subscriber_id == person.id, Event.source == "import")
+        )
+        assert session.scalar(imported) == 1
+    assert ledger.verdict_for(session, "new@example.com", "news").reason == "unsubscribed_all"
+
+
 def test_erased_addresses_are_skipped_not_resurrected(session, tmp_path):
     make_subscriber(session, "ann@example.com")
     subjects.erase_subject(session, "ann@example.com")
