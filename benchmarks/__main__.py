@@ -357,8 +357,8 @@ def run(kind: str, subscribers: int, quick: bool, workdir: Path) -> dict[str, An
     return figures
 
 
-def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
-    """Return the table: figure, measured (median [min–max]), floor, ratio, target, met."""
+def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool | None]]:
+    """Return the table: figure, measured (median [min–max]), floor, ratio, target, met (None: no target)."""
     c, g, o, e, s = (figures[k] for k in ("check", "check_growth", "one_click", "export", "sync"))
     n = c["recipients"]
     check_ratio = c["ours"]["median"] / c["floor"]["median"]
@@ -389,8 +389,11 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
         ("sync", f"{span(s['ours'])} rows/s ({s['rows']:,} changes)", f"{s['floor']['median']:.0f} rows/s",
          f"{sync_ratio:.2f}×", "≥ 0.5×", sync_ratio >= 0.5),
         ("memory", f"{figures['memory_mb']:.1f} MB per worker", "—", "—", "< 80 MB", figures["memory_mb"] < 80),
+        # issue 7 sets the import's speed on SQLite; PostgreSQL's is measured and shown, no target
         ("import", f"{span(i['ours'])} rows/s ({i['ours_per_cpu_second']['median']:,.0f} a CPU-second; {i['rows']:,} rows)",
-         f"{i['floor']['median']:.0f} rows/s", f"{import_ratio:.2f}×", "≥ 20,000 rows/s", i["ours"]["median"] >= 20_000),
+         f"{i['floor']['median']:.0f} rows/s", f"{import_ratio:.2f}×",
+         "≥ 20,000 rows/s" if figures["db"] == "sqlite" else "none (20,000 rows/s is SQLite's)",
+         i["ours"]["median"] >= 20_000 if figures["db"] == "sqlite" else None),
     ]  # fmt: skip
 
 
@@ -403,7 +406,8 @@ def table(figures: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, measured, floor, ratio, target, met in rows(figures):
-        lines.append(f"| {name} | {measured} | {floor} | {ratio} | {target} | {'yes' if met else 'NO'} |")
+        verdict = "—" if met is None else "yes" if met else "NO"
+        lines.append(f"| {name} | {measured} | {floor} | {ratio} | {target} | {verdict} |")
     return "\n".join(lines)
 
 
