@@ -286,33 +286,35 @@ def measure_sync(db: Database, svc: service.Service, key: str, runs: int, page: 
 def measure_import(kind: str, rows: int, runs: int, workdir: Path) -> dict[str, Any]:
     """Import a SendGrid-style suppression CSV of ``rows`` new addresses with ``flask --app prefs
     import`` into a fresh database; the floor inserts the same rows with the driver."""
-    path = workdir / "suppressions.csv"
-    with path.open("w") as f:
-        f.write("email,created\n")
-        for i in range(rows):
-            f.write(f"Imported{i}@Example{i % 1000}.com,{1_600_000_000 + i}\n")
-    warm_up = workdir / "warm-up.csv"
-    warm_up.write_text("".join(path.open().readlines()[: min(rows, 10_000) + 1]))
+
+    def write(name: str, count: int) -> tuple[Path, int]:
+        path = workdir / name
+        with path.open("w") as f:
+            f.write("email,created\n")
+            for i in range(count):
+                f.write(f"Imported{i}@Example{i % 1000}.com,{1_600_000_000 + i}\n")
+        return path, count
+
+    warm_up, timed_file = write("warm-up.csv", min(rows, 10_000)), write("suppressions.csv", rows)
     ours, floor, cpu = [], [], []
     for run in range(runs + 1):
+        path, expected = timed_file if run else warm_up
         with database(kind, workdir, f"import-{run}") as db:
             dataset.create_schema(db)
             started = time.perf_counter()
             before = os.times()
             out = subprocess.run(
-                [sys.executable, "-m", "flask", "--app", "prefs", "import", str(path if run else warm_up),
-                 "--format", "sendgrid"],
+                [sys.executable, "-m", "flask", "--app", "prefs", "import", str(path), "--format", "sendgrid"],
                 env=dataset.command_env(db), cwd=service.ROOT, check=True, capture_output=True, text=True,
             )  # fmt: skip
             seconds = time.perf_counter() - started
             after = os.times()
-        expected = rows if run else min(rows, 10_000)
         if f"read {expected}, added {expected}," not in out.stdout:
             summary = out.stdout.strip().splitlines()[0] if out.stdout.strip() else out.stderr[-300:]
             raise RuntimeError(f"import of {expected} rows said: {summary}")
         with database(kind, workdir, f"import-floor-{run}") as db:
             dataset.create_schema(db)
-            floor_rows, floor_seconds = floors.suppress_file(db, str(path if run else warm_up))
+            floor_rows, floor_seconds = floors.suppress_file(db, str(path))
         if run:
             ours.append(rows / seconds)
             used = after.children_user + after.children_system - before.children_user - before.children_system

@@ -38,6 +38,11 @@ class Database:
     def mark(self) -> str:
         return "?" if self.kind == "sqlite" else "%s"
 
+    @property
+    def txid(self) -> str:
+        """The SQL for the writing transaction's id, as the service stores it in events."""
+        return "0" if self.kind == "sqlite" else "pg_current_xact_id()::text::bigint"
+
 
 def address(i: int) -> str:
     """Return the address of subscriber number ``i`` (normalized already)."""
@@ -188,10 +193,9 @@ def suppress_everyone(db: Database) -> None:
             "UPDATE subscribers SET left_all_reason = 'unsubscribed', left_all_version = version + 1,"
             " version = version + 1, left_all_at = CURRENT_TIMESTAMP WHERE left_all_reason IS NULL"
         )
-        txid = "0" if db.kind == "sqlite" else "pg_current_xact_id()::text::bigint"
         conn.execute(
             "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, created_at)"
-            f" SELECT {txid}, id, NULL, 'unsubscribe', 'unsubscribed', 'import', CURRENT_TIMESTAMP"
+            f" SELECT {db.txid}, id, NULL, 'unsubscribe', 'unsubscribed', 'import', CURRENT_TIMESTAMP"
             " FROM subscribers ORDER BY id"
         )
         if db.kind == "sqlite":

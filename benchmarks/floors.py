@@ -91,7 +91,6 @@ def suppress_file(db: Database, path: str, batch: int = 5000, per_commit: int = 
     started = time.perf_counter()
     m = db.mark
     now = "2026-11-01T00:00:00+00:00"
-    txid = "0" if db.kind == "sqlite" else "pg_current_xact_id()::text::bigint"
     rows = 0
     with db.connect() as conn, open(path, newline="") as f:
         cursor = conn.cursor()
@@ -117,7 +116,7 @@ def suppress_file(db: Database, path: str, batch: int = 5000, per_commit: int = 
                 )
             cursor.execute(
                 "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, created_at)"
-                f" SELECT {txid}, id, NULL, 'unsubscribe', 'unsubscribed', 'import', left_all_at"
+                f" SELECT {db.txid}, id, NULL, 'unsubscribe', 'unsubscribed', 'import', left_all_at"
                 f" FROM subscribers WHERE id > {m} ORDER BY id",
                 (last,),
             )
