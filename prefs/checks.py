@@ -21,7 +21,7 @@ from sqlalchemy.pool import QueuePool
 
 from .addresses import normalize_or_none
 from .db import driver_rows, write_transaction
-from .ledger import new_public_id
+from .ledger import new_public_ids
 from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import REASONS, STRANGER, Category, State, verdict
@@ -274,7 +274,7 @@ def _insert(session: Session, emails: set[str]) -> list[tuple[str, str]]:
     now = utcnow() if stamp is None else stamp(utcnow())
     made: list[tuple[str, str]] = []
     for chunk in _chunks(emails):
-        pairs = json.dumps([(email, new_public_id()) for email in chunk])
+        pairs = json.dumps(list(zip(chunk, new_public_ids(len(chunk)), strict=True)))
         made.extend(driver_rows(session, _INSERT[dialect.name], (now, pairs)))
     return made
 

@@ -8,8 +8,6 @@ address is never brought back, and a second run of the same file changes nothing
 
 from __future__ import annotations
 
-import base64
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,7 +40,7 @@ from . import metrics
 from .addresses import normalize_or_none
 from .db import write_transaction
 from .import_formats import RANK, Row, read_rows
-from .ledger import UNSUBSCRIBE, insert_for, txid_for
+from .ledger import UNSUBSCRIBE, insert_for, new_public_ids, txid_for
 from .models import ErasedAddress, Event, Preference, Subscriber, UTCDateTime, utcnow
 from .privacy import address_fingerprinter, fingerprint_key
 from .topics import get_topic
@@ -120,7 +118,7 @@ def import_file(
                     batch = _valid(chunk, summary, now or utcnow())
                     if not batch:
                         continue
-                    ids = public_ids(len(batch))
+                    ids = iter(new_public_ids(len(batch)))
                     staged = [
                         (
                             email,
@@ -143,13 +141,6 @@ def import_file(
             summary.erased += erased
             summary.already += staged_count - added - erased
     return summary
-
-
-def public_ids(count: int) -> Iterator[str]:
-    """Return ``count`` random public ids like ``ledger.new_public_id``'s, from one read of urandom."""
-    # 12 random bytes are exactly 16 base64 characters, so the slices never share a byte
-    text = base64.urlsafe_b64encode(os.urandom(12 * count)).decode()
-    return (text[i : i + 16] for i in range(0, 16 * count, 16))
 
 
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:

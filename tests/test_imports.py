@@ -254,12 +254,6 @@ def test_the_bulk_fingerprint_is_the_ledgers():
     assert address_fingerprinter(key)("ann@example.com") == address_fingerprint(key, "ann@example.com")
 
 
-def test_public_ids_look_like_the_ledgers():
-    ids = list(imports.public_ids(1000))
-    assert len(set(ids)) == 1000
-    assert all(len(i) == len(ledger.new_public_id()) for i in ids)
-
-
 def test_the_command_prints_a_summary(runner, session, tmp_path):
     path = write(tmp_path, SENDGRID)
     dry = runner.invoke(args=["import", str(path), "--dry-run"])

@@ -1,5 +1,7 @@
 """Recording opt-outs and re-subscriptions: state, idempotence, and one audit event per change."""
 
+import re
+
 import pytest
 from sqlalchemy import func, select
 
@@ -9,6 +11,8 @@ from prefs.ledger import Origin
 from prefs.models import Event, Subscriber
 from prefs.rules import Verdict
 from tests.factories import make_subscriber, make_topic
+
+TOKEN_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 PAGE = Origin("page", campaign="c-1", fingerprint="f" * 32)
 CLI = Origin("cli")
@@ -28,6 +32,18 @@ def test_one_address_one_subscriber(session):
     assert first.id == again.id
     assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
     assert len(first.public_id) == 16 and first.public_id != str(first.id)
+
+
+def test_a_batch_of_public_ids_shares_only_a_random_prefix():
+    batches = [ledger.new_public_ids(1000) for _ in range(3)]
+    for ids in batches:
+        assert len(set(ids)) == 1000
+        assert all(len(i) == len(ledger.new_public_id()) and TOKEN_SAFE.fullmatch(i) for i in ids)
+        assert {i[:4] for i in ids} == {ids[0][:4]}  # side by side in the index
+        assert len({i[4] for i in ids}) > 32  # the rest is each id's own
+    # drawn per batch, not fixed: three equal by chance once in 2**48
+    assert len({ids[0][:4] for ids in batches}) > 1
+    assert ledger.new_public_ids(0) == []
 
 
 def test_opt_out_of_a_topic_is_recorded_with_its_event(session):
