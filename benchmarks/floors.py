@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import time
+from typing import Any
 
 from .dataset import Database
 
@@ -13,30 +14,47 @@ CHUNK = 5000
 
 
 def lookup(db: Database, addresses: list[str]) -> float:
-    """Look the normalized addresses up in batches, with their topic state; return seconds."""
+    """Look the normalized addresses up in batches, with their topic state; return seconds.
+
+    The best plain lookup the driver can do: on a connection already open and warmed (its
+    statement planned once), the addresses sorted as the service sorts them, so neighbouring
+    probes share index pages. The service is held to this, not to a handicapped floor.
+    """
     news = db.topic_ids["news"]
-    started = time.perf_counter()
+    if db.kind == "sqlite":
+        # one text per chunk size, as "IN (?, ...)" needs; the service passes one JSON value
+        def statement(size: int) -> str:
+            return f"{_LOOKUP.format(source='subscribers s', news=news)} WHERE s.email IN ({','.join('?' * size)})"
+
+        def params(chunk: list[str]) -> Any:
+            return chunk
+    else:
+        source = "unnest(%s::text[]) AS wanted(email) JOIN subscribers s ON s.email = wanted.email"
+
+        def statement(size: int) -> str:
+            return _LOOKUP.format(source=source, news=news)
+
+        def params(chunk: list[str]) -> Any:
+            return (chunk,)
+
     with db.connect() as conn:
         cursor = conn.cursor()
-        for start in range(0, len(addresses), CHUNK):
-            chunk = addresses[start : start + CHUNK]
-            # the best plain query for each database (the same shape the service uses)
-            if db.kind == "sqlite":
-                source, where, params = (
-                    "subscribers s",
-                    f" WHERE s.email IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                )
-            else:
-                source = "unnest(%s::text[]) AS wanted(email) JOIN subscribers s ON s.email = wanted.email"
-                where, params = "", (chunk,)
-            cursor.execute(
-                "SELECT s.email, s.public_id, s.left_all_reason, s.left_all_version, p.subscribed, p.version"
-                f" FROM {source} LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {news}{where}",
-                params,
-            )
+        warm = addresses[:1]
+        cursor.execute(statement(len(warm)), params(warm))
+        cursor.fetchall()
+        started = time.perf_counter()
+        ordered = sorted(addresses)
+        for start in range(0, len(ordered), CHUNK):
+            chunk = ordered[start : start + CHUNK]
+            cursor.execute(statement(len(chunk)), params(chunk))
             cursor.fetchall()
-    return time.perf_counter() - started
+        return time.perf_counter() - started
+
+
+_LOOKUP = (
+    "SELECT s.email, s.public_id, s.left_all_reason, s.left_all_version, p.subscribed, p.version"
+    " FROM {source} LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {news}"
+)
 
 
 def export(db: Database) -> tuple[int, float]:
