@@ -21,32 +21,23 @@ def lookup(db: Database, addresses: list[str]) -> float:
     probes share index pages. The service is held to this, not to a handicapped floor.
     """
     news = db.topic_ids["news"]
-    if db.kind == "sqlite":
-        # one text per chunk size, as "IN (?, ...)" needs; the service passes one JSON value
-        def statement(size: int) -> str:
-            return f"{_LOOKUP.format(source='subscribers s', news=news)} WHERE s.email IN ({','.join('?' * size)})"
 
-        def params(chunk: list[str]) -> Any:
-            return chunk
-    else:
+    def query(chunk: list[str]) -> tuple[str, Any]:
+        if db.kind == "sqlite":  # "IN (?, ...)": one text per chunk size
+            where = f" WHERE s.email IN ({','.join('?' * len(chunk))})"
+            return _LOOKUP.format(source="subscribers s", news=news) + where, chunk
         source = "unnest(%s::text[]) AS wanted(email) JOIN subscribers s ON s.email = wanted.email"
-
-        def statement(size: int) -> str:
-            return _LOOKUP.format(source=source, news=news)
-
-        def params(chunk: list[str]) -> Any:
-            return (chunk,)
+        return _LOOKUP.format(source=source, news=news), (chunk,)
 
     with db.connect() as conn:
         cursor = conn.cursor()
-        warm = addresses[:1]
-        cursor.execute(statement(len(warm)), params(warm))
+        cursor.execute(*query(addresses[:1]))
         cursor.fetchall()
         started = time.perf_counter()
         ordered = sorted(addresses)
         for start in range(0, len(ordered), CHUNK):
             chunk = ordered[start : start + CHUNK]
-            cursor.execute(statement(len(chunk)), params(chunk))
+            cursor.execute(*query(chunk))
             cursor.fetchall()
         return time.perf_counter() - started
 

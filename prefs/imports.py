@@ -118,17 +118,18 @@ def import_file(
                     batch = _valid(chunk, summary, now or utcnow())
                     if not batch:
                         continue
-                    ids = iter(new_public_ids(len(batch)))
                     staged = [
                         (
                             email,
                             fingerprint(email) if erasures else None,
-                            next(ids),
+                            public_id,
                             reason,
                             to_db(at),
                             campaign,
                         )
-                        for email, (reason, at, campaign) in sorted(batch.items())
+                        for (email, (reason, at, campaign)), public_id in zip(
+                            sorted(batch.items()), new_public_ids(len(batch)), strict=True
+                        )
                     ]
                     done.append((*_apply(session, staged, topic_id, topic_key, now or utcnow()), len(staged)))
                 more = taken == BATCHES_PER_COMMIT
