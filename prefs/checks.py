@@ -24,7 +24,7 @@ from .db import driver_rows, write_transaction
 from .ledger import new_public_ids
 from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import REASONS, STRANGER, Category, State, verdict
+from .rules import REASONS, Category, State, verdict
 from .tokens import Tokens, check_campaign
 from .topics import resolve
 
@@ -32,12 +32,12 @@ CHUNK = 5000
 ERASED_STATE = State(erased=True)
 
 
-class Known(NamedTuple):
-    """What one query tells about a subscriber for the topic being checked."""
-
-    public_id: str
-    state: State
-    bounced: bool
+# What one query tells of a known subscriber for the topic being checked, as the driver
+# gives it: (email, public_id, bounced, left_all_reason, left_all_version[, subscribed,
+# version]). A plain row, no object per subscriber: a check reads thousands. From the
+# fourth field on is the recorded state, which many subscribers share.
+Known = tuple[Any, ...]
+_PUBLIC_ID, _BOUNCED, _STATE = 1, 2, 3
 
 
 class Answer(NamedTuple):
@@ -73,31 +73,51 @@ def check_recipients(
 
     # one minter for the whole batch: the topic and campaign are encoded once
     mint = tokens.preferencer() if topic is None else tokens.unsubscriber(topic.key, campaign)
-    transactional = topic is None
-    # one answer per distinct address, however often the batch repeats it
-    by_address = {
-        address: _answer(subscriber, category, mint, transactional) for address, subscriber in known.items()
-    }
+    by_address = _answers(known, category, mint, transactional=topic is None)
     return [
         (given, INVALID if address is None else by_address[address])
         for given, address in zip(recipients, normalized, strict=True)
     ]
 
 
-def _answer(
-    subscriber: Known | None, category: Category, mint: Callable[[str], str], transactional: bool
-) -> Answer:
-    if subscriber is None:  # erased: no links, since nothing may name the person any more
-        judged = verdict(ERASED_STATE, category)
-        return Answer(judged.allowed, judged.reason, None, None, False)
-    judged = verdict(subscriber.state, category)
-    if not judged.allowed:
-        return _REFUSED[cast(str, judged.reason)]  # a refusal always names its reason
-    if transactional:  # a preferences link, no unsubscribe headers
-        return Answer(True, None, None, mint(subscriber.public_id), subscriber.bounced)
-    # one token serves both links: the preference center accepts unsubscribe tokens
-    token = mint(subscriber.public_id)
-    return Answer(True, None, token, token, False)
+def _answers(
+    known: dict[str, Known | None], category: Category, mint: Callable[[str], str], transactional: bool
+) -> dict[str, Answer]:
+    """Answer each distinct address: ``verdict`` once per distinct recorded state, a token per allowed one."""
+    refusals: dict[tuple[Any, ...], Answer | None] = {}  # a state's refusal, or None: allowed
+    answers: dict[str, Answer] = {}
+    for address, row in known.items():
+        if row is None:  # erased: no links, since nothing may name the person any more
+            judged = verdict(ERASED_STATE, category)
+            answers[address] = Answer(judged.allowed, judged.reason, None, None, False)
+            continue
+        recorded = row[_STATE:]
+        refusal = refusals.get(recorded, _UNJUDGED)
+        if refusal is _UNJUDGED:
+            judged = verdict(_state(recorded), category)
+            # a refusal always names its reason, and carries no links
+            refusal = refusals[recorded] = None if judged.allowed else _REFUSED[cast(str, judged.reason)]
+        if refusal is not None:
+            answers[address] = refusal
+        elif transactional:  # a preferences link, no unsubscribe headers
+            answers[address] = Answer(True, None, None, mint(row[_PUBLIC_ID]), bool(row[_BOUNCED]))
+        else:  # one token serves both links: the preference center accepts unsubscribe tokens
+            token = mint(row[_PUBLIC_ID])
+            answers[address] = Answer(True, None, token, token, False)
+    return answers
+
+
+_UNJUDGED = Answer(False, None, None, None, False)
+
+
+def _state(recorded: tuple[Any, ...]) -> State:
+    """Return the ``State`` of a row's recorded fields."""
+    if len(recorded) == 2:  # no topic: whether and why the address left all marketing
+        return State(False, *recorded)
+    left, left_version, subscribed, version = recorded
+    if subscribed is not None:
+        subscribed = bool(subscribed)  # SQLite gives 0 and 1
+    return State(False, left, left_version, subscribed, version)
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -107,7 +127,7 @@ def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
         yield ordered[start : start + CHUNK]
 
 
-_COLUMNS = "s.email, s.public_id, s.left_all_reason, s.left_all_version, s.bounced_at IS NOT NULL"
+_COLUMNS = "s.email, s.public_id, s.bounced_at IS NOT NULL, s.left_all_reason, s.left_all_version"
 # One statement text however many addresses a chunk holds, the list passed as one JSON
 # value that the database unpacks in C. SQLite keeps each distinct text prepared (about
 # 1 MB for thousands of placeholders, 128 of them a connection), so "IN (?, ?, ...)" of
@@ -148,17 +168,7 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
     session.commit()  # end the read snapshot; inserts below take the write lock
     if aside is not None:
         rows.extend(aside.result())
-    found: dict[str, Known | None] = {}
-    if topic_id is None:
-        for email, public_id, left, left_version, bounced in rows:
-            found[email] = Known(public_id, State(False, left, left_version), bool(bounced))
-    else:
-        for email, public_id, left, left_version, bounced, subscribed, version in rows:
-            if subscribed is not None:
-                subscribed = bool(subscribed)  # SQLite gives 0 and 1
-            state = State(False, left, left_version, subscribed, version)
-            found[email] = Known(public_id, state, bool(bounced))
-    return found
+    return {row[0]: row for row in rows}
 
 
 def _read(session: Session, sql: str, chunks: list[list[str]]) -> list[Any]:
@@ -233,7 +243,8 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     with write_transaction(session):
         inserted = _insert(session, fresh)
     # a stranger until now: no choices, never left, never bounced
-    created.update((email, Known(public_id, STRANGER, False)) for email, public_id in inserted)
+    stranger = (False, None, None) if topic_id is None else (False, None, None, None, None)
+    created.update((email, (email, public_id, *stranger)) for email, public_id in inserted)
     raced = fresh.difference(created)
     if raced:  # a concurrent check inserted these first: read what it made
         created.update(_known(session, raced, topic_id))
@@ -291,6 +302,6 @@ def _subscribers(session: Session, emails: set[str], topic_id: int | None) -> di
 def public_ids(session: Session, emails: set[str]) -> dict[str, str | None]:
     """Return the public id of each normalized address, creating the new ones (None: erased)."""
     return {
-        email: (None if k is None else k.public_id)
+        email: (None if k is None else k[_PUBLIC_ID])
         for email, k in _subscribers(session, emails, None).items()
     }
