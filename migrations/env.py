@@ -6,6 +6,8 @@ from logging.config import fileConfig
 from alembic import context
 from flask import current_app
 
+from prefs.extensions import schema_objects
+
 config = context.config
 # the app has configured logging (JSON lines, scrubbed) unless under a bare alembic: keep it
 if not logging.getLogger().handlers:
@@ -38,6 +40,7 @@ def run_migrations_online():
     conf_args = dict(current_app.extensions["migrate"].configure_args)
     conf_args.setdefault("process_revision_directives", process_revision_directives)
     with db.engine.connect() as connection:
+        conf_args.setdefault("include_object", schema_objects(connection.dialect.name))
         context.configure(connection=connection, target_metadata=target_metadata, **conf_args)
         with context.begin_transaction():
             context.run_migrations()

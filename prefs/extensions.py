@@ -1,7 +1,8 @@
 """Create the Flask extensions; ``create_app`` binds them with ``init_app``."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from flask import Flask
@@ -10,7 +11,7 @@ from flask_babel import Babel
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData
+from sqlalchemy import Constraint, Index, MetaData
 from sqlalchemy.orm import DeclarativeBase, Session
 
 # stable constraint names keep alembic migrations identical on SQLite and PostgreSQL
@@ -23,11 +24,31 @@ NAMING = {
 }
 
 
+SchemaItemT = TypeVar("SchemaItemT", Index, Constraint)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
 db = SQLAlchemy(model_class=Base)
+
+
+def only_on(dialect: str, item: SchemaItemT) -> SchemaItemT:
+    """Mark an index or constraint as one dialect's: created, and compared, only there."""
+    item.info["dialect"] = dialect
+    return item.ddl_if(dialect=dialect)
+
+
+def schema_objects(dialect: str) -> Callable[..., bool]:
+    """Return Alembic's ``include_object``: leave out another dialect's indexes and constraints."""
+
+    def include_object(item: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        return reflected or item.info.get("dialect", dialect) == dialect
+
+    return include_object
+
+
 MIGRATIONS = {
     "directory": str(Path(__file__).resolve().parent.parent / "migrations"),
     "render_as_batch": True,

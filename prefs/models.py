@@ -14,14 +14,17 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .extensions import Base
+from .extensions import Base, only_on
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# what the check reads of a subscriber by address, in one index (see Subscriber)
+LOOKUP_COLUMNS = ("email", "public_id", "left_all_reason", "left_all_version", "bounced_at", "id")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -55,23 +58,31 @@ class Subscriber(Base):
     """One normalized address and its subscriber-wide state."""
 
     __tablename__ = "subscribers"
-    # the check's lookup answered from the index alone: address to everything the verdict
-    # and the links need, without a visit to the row (a third of the lookup's time)
+    # The check's lookup is answered from an index alone: address to everything the verdict
+    # and the links need, without a visit to the row (a third of the lookup's time).
+    # PostgreSQL: the unique index on the address carries those columns (INCLUDE), so one
+    # index on the address serves the lookup, the uniqueness and ON CONFLICT (email), and a
+    # new subscriber writes one entry for it, not two (1M subscribers: the two came to
+    # 229 MB against 128 MB of shared buffers, and a check's lookups and inserts evicted
+    # each other's pages). SQLite has no INCLUDE: its unique constraint, plus the lookup
+    # index with those columns as keys.
     __table_args__ = (
-        Index(
-            "ix_subscribers_lookup",
-            "email",
-            "public_id",
-            "left_all_reason",
-            "left_all_version",
-            "bounced_at",
-            "id",
+        only_on(
+            "postgresql",
+            Index(
+                "uq_subscribers_email_lookup",
+                "email",
+                unique=True,
+                postgresql_include=[c for c in LOOKUP_COLUMNS if c != "email"],
+            ),
         ),
+        only_on("sqlite", UniqueConstraint("email", name="uq_subscribers_email")),
+        only_on("sqlite", Index("ix_subscribers_lookup", *LOOKUP_COLUMNS)),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     public_id: Mapped[str] = mapped_column(String(22), unique=True)
-    email: Mapped[str] = mapped_column(String(320), unique=True)
+    email: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # bumped by every change to this subscriber, so "the newest explicit choice" is
     # decided by order of writes, not by clocks that may differ between hosts

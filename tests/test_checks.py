@@ -138,3 +138,25 @@ def test_a_large_check_reads_the_same_with_its_lookups_split(app, session, monke
     ]
     assert sum(not r["allowed"] for r in split) == 20
     assert used == [session.get_bind().dialect.name == "postgresql"]
+
+
+def test_one_index_on_the_address_answers_the_lookup(app):
+    # the check reads the address's index alone; on PostgreSQL that one index also holds
+    # the address unique, so a new subscriber writes one entry keyed on its address
+    from sqlalchemy import inspect
+
+    from prefs.extensions import db
+    from prefs.models import LOOKUP_COLUMNS
+
+    with app.app_context():
+        inspector = inspect(db.engine)
+        on_email = [i for i in inspector.get_indexes("subscribers") if i["column_names"][0] == "email"]
+        unique = [u["column_names"] for u in inspector.get_unique_constraints("subscribers")]
+        if db.engine.dialect.name == "postgresql":
+            [index] = on_email
+            assert index["unique"] and index["column_names"] == ["email"]
+            assert index["dialect_options"]["postgresql_include"] == list(LOOKUP_COLUMNS[1:])
+            assert ["email"] not in unique
+        else:
+            assert [i["column_names"] for i in on_email] == [list(LOOKUP_COLUMNS)]
+            assert ["email"] in unique

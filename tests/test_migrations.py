@@ -9,7 +9,7 @@ from flask_migrate import upgrade
 from sqlalchemy import create_engine, inspect
 
 from prefs import create_app
-from prefs.extensions import Base, db, migrations
+from prefs.extensions import Base, db, migrations, schema_objects
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -29,7 +29,8 @@ def test_upgrade_from_nothing_has_no_drift(tmp_path):
             tables = set(inspect(engine).get_table_names())
             assert {t.name for t in Base.metadata.sorted_tables} <= tables
             with engine.connect() as conn:
-                context = MigrationContext.configure(conn, opts={"compare_type": True})
+                opts = {"compare_type": True, "include_object": schema_objects(engine.dialect.name)}
+                context = MigrationContext.configure(conn, opts=opts)
                 assert compare_metadata(context, Base.metadata) == []
             db.engine.dispose()
     finally:
