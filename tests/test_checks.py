@@ -2,13 +2,14 @@
 
 import threading
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from prefs import checks, ledger
 from prefs.addresses import normalize
+from prefs.extensions import db
 from prefs.extensions import session as current
 from prefs.ledger import Origin
-from prefs.models import Subscriber
+from prefs.models import LOOKUP_COLUMNS, Subscriber
 from tests.factories import make_subscriber, make_topic
 
 
@@ -143,11 +144,6 @@ def test_a_large_check_reads_the_same_with_its_lookups_split(app, session, monke
 def test_one_index_on_the_address_answers_the_lookup(app):
     # the check reads the address's index alone; on PostgreSQL that one index also holds
     # the address unique, so a new subscriber writes one entry keyed on its address
-    from sqlalchemy import inspect
-
-    from prefs.extensions import db
-    from prefs.models import LOOKUP_COLUMNS
-
     with app.app_context():
         inspector = inspect(db.engine)
         on_email = [i for i in inspector.get_indexes("subscribers") if i["column_names"][0] == "email"]
