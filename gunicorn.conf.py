@@ -148,17 +148,29 @@ def child_exit(server: Any, worker: Any) -> None:
 _M_MMAP_THRESHOLD = -3  # mallopt(3)
 
 
+_YOUNG_OBJECTS = 50_000  # the collector's first threshold; Python's default is 700
+
+
 def post_worker_init(worker: Any) -> None:
-    """Keep the loaded app out of the garbage collector's full passes.
+    """Keep the loaded app out of the garbage collector's passes, and its passes rare.
 
     Everything imported so far lives as long as the worker. Frozen, the collector's
     passes no longer walk it: a 10,000-recipient check makes enough short-lived objects
     to start a full pass every other request, which cost it a quarter of its time.
+
+    A request's objects are freed by their reference counts when it ends, not by the
+    collector, so its passes during a request only walk what the request still holds.
+    At Python's default threshold a 10,000-recipient check started about 150 young
+    passes and 15 middle ones: 9 ms of each check on PostgreSQL, 20 checks in process.
+    A check holds fewer than 50,000 tracked objects at once, and at that threshold none
+    of those 20 checks started a pass. Cycles are still collected, 50,000 objects later.
     """
     import ctypes
     import gc
 
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(_YOUNG_OBJECTS, middle, old)
     # glibc's malloc, left to itself, raises its mmap threshold after each large buffer is
     # freed (a 10,000-recipient answer is megabytes), so later ones come from the heap and
     # stay resident; a fixed threshold hands them back to the system when freed

@@ -1,5 +1,6 @@
 """``gunicorn -c gunicorn.conf.py wsgi:app`` serves, adds metrics up across workers, masks tokens."""
 
+import gc
 import os
 import signal
 import socket
@@ -145,6 +146,20 @@ def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_pat
     assert (
         settings["mask"]("GET /u/abc.def?x HTTP/1.1 ann%40example.com") == "GET /u/[token]?x HTTP/1.1 [email]"
     )
+
+
+def test_a_worker_keeps_its_loaded_app_out_of_the_collectors_passes(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    settings = load_config()
+    before = gc.get_threshold()
+    try:
+        settings["post_worker_init"](None)
+        # what the worker loaded is frozen; a 10,000-recipient check starts no pass
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (50_000, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_the_access_log_masks_the_atoms_its_format_writes_and_hands_on_no_other(monkeypatch, tmp_path):
