@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 from email_validator import EmailNotValidError, validate_email
@@ -62,6 +63,43 @@ def normalize_or_none(address: str) -> str | None:
         return normalize(address)
     except InvalidAddress:
         return None
+
+
+# the fast path's plain address with nothing to trim: that local part, one @, a domain
+_PLAIN_ADDRESS = re.compile(r"(" + _PLAIN_LOCAL.pattern.removesuffix(r"\Z") + r")@([^@\s]+)\Z")
+
+
+def normalize_all(addresses: Iterable[str]) -> list[str | None]:
+    """Return ``normalize_or_none`` of each address, in order, for batches of thousands.
+
+    The same fast path as ``normalize``, in one loop: an address that matches
+    ``_PLAIN_ADDRESS`` has no space to trim, its one @ is its last, and its local part is
+    a plain one, so it takes exactly the steps ``normalize`` takes. An ASCII address with
+    two or more @ is never valid (email-validator is called without quoted local parts,
+    domain literals or display names, and ASCII has no combining marks), so it is turned
+    down without a call. Everything else goes to ``normalize_or_none`` itself; the
+    property tests compare the two.
+    """
+    match, domain_of, slow = _PLAIN_ADDRESS.match, _domain, normalize_or_none
+    normalized: list[str | None] = []
+    append = normalized.append
+    for address in addresses:
+        plain = match(address) if type(address) is str else None
+        if plain is not None:
+            local, domain = plain.groups()
+            ascii_domain = domain_of(domain)
+            if (
+                ascii_domain is not None
+                and len(local) <= _MAX_LOCAL
+                and len(local) + 1 + len(ascii_domain) <= _MAX_ADDRESS
+            ):
+                append(local.lower() + "@" + ascii_domain)
+                continue
+        elif type(address) is str and address.isascii() and address.count("@") > 1:
+            append(None)
+            continue
+        append(slow(address))
+    return normalized
 
 
 def mask(address: str) -> str:

@@ -5,7 +5,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from prefs.addresses import _validated, mask, normalize
+from prefs.addresses import _validated, mask, normalize, normalize_all
 from prefs.errors import InvalidAddress
 
 
@@ -52,6 +52,18 @@ def test_non_text_is_invalid():
         normalize(None)  # type: ignore[arg-type]
 
 
+def test_a_batch_answers_each_address_in_order_and_none_for_the_invalid():
+    given = ["Ann@Example.COM", " bob@example.org\t", "a@@b", 7, "zoë@bücher.de", "ann@example.com"]
+    assert normalize_all(given) == [
+        "ann@example.com",
+        "bob@example.org",
+        None,
+        None,
+        "zoë@xn--bcher-kva.de",
+        "ann@example.com",
+    ]
+
+
 def test_mask_keeps_the_first_letter_and_the_domain():
     assert mask("ann@example.com") == "a***@example.com"
 
@@ -83,6 +95,9 @@ addresses = st.builds(
 @example("a.@example.com")
 @example("a@-example.com")
 @example("a@example.123")
+@example('"a@b"@example.com')
+@example("a@b@example.com")
+@example("a@[127.0.0.1]")
 def test_fast_path_agrees_with_email_validator(address):
     expected = reference(address)
     try:
@@ -90,5 +105,22 @@ def test_fast_path_agrees_with_email_validator(address):
     except InvalidAddress:
         got = None
     assert got == expected
+    # the check's batch loop: alone, and among neighbours that take other paths
+    assert normalize_all([address]) == [expected]
+    assert normalize_all(["Ann@Example.com", address, "a@@b"]) == ["ann@example.com", expected, None]
     if expected is not None:
         assert _validated(address.strip()) == expected
+
+
+ascii_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=30)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(ascii_text, ascii_text, ascii_text)
+@example('"a', 'b"', "example.com")
+@example("a", "[127.0.0.1", "]")
+def test_an_ascii_address_with_two_at_signs_is_never_valid(first, second, third):
+    # the batch loop turns these down without asking email-validator
+    address = first + "@" + second + "@" + third
+    assert reference(address) is None
+    assert normalize_all([address]) == [None]
