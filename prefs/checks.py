@@ -19,8 +19,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from .addresses import normalize_or_none
-from .db import driver_rows, write_transaction
+from .addresses import normalize_all
+from .db import driver_rows, driver_rows_meanwhile, write_transaction
 from .ledger import new_public_ids
 from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -66,14 +66,24 @@ def check_recipients(
     category, topic = resolve(session, key)
     if campaign is not None:
         check_campaign(campaign)
-    normalized = [normalize_or_none(r) for r in recipients]
-    known = _subscribers(
-        session, {n for n in normalized if n is not None}, None if topic is None else topic.id
-    )
-
     # one minter for the whole batch: the topic and campaign are encoded once
     mint = tokens.preferencer() if topic is None else tokens.unsubscriber(topic.key, campaign)
-    by_address = _answers(known, category, mint, transactional=topic is None)
+    topic_id = None if topic is None else topic.id  # read now: a commit below expires the topic
+    normalized = normalize_all(recipients)
+    emails = {n for n in normalized if n is not None}
+
+    known = _known(session, emails, topic_id)
+    by_address: dict[str, Answer] = {}
+
+    def judge_known() -> None:
+        by_address.update(_answers(known, category, mint, transactional=topic is None))
+
+    new = emails.difference(known)
+    if new:  # the known are judged while the database inserts the new
+        created = _create(session, new, topic_id, meanwhile=judge_known)
+        by_address.update(_answers(created, category, mint, transactional=topic is None))
+    else:
+        judge_known()
     return [
         (given, INVALID if address is None else by_address[address])
         for given, address in zip(recipients, normalized, strict=True)
@@ -226,8 +236,17 @@ def _spare_connection(engine: Engine) -> bool:
 _ASIDE = _Aside()
 
 
-def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:
-    """Insert the subscribers never seen before; erased addresses stay erased."""
+def _nothing() -> None:
+    pass
+
+
+def _create(
+    session: Session, emails: set[str], topic_id: int | None, meanwhile: Callable[[], None] = _nothing
+) -> dict[str, Known | None]:
+    """Insert the subscribers never seen before; erased addresses stay erased.
+
+    ``meanwhile`` is called once: on PostgreSQL while the server inserts them.
+    """
     key = fingerprint_key(session)
     by_fingerprint = {address_fingerprint(key, e): e for e in emails}
     erased: set[str] = set()
@@ -239,9 +258,15 @@ def _create(session: Session, emails: set[str], topic_id: int | None) -> dict[st
     created: dict[str, Known | None] = dict.fromkeys(erased)
     fresh = emails - erased
     if not fresh:
+        meanwhile()
         return created
+    # PostgreSQL inserts in its own process while ``meanwhile`` runs in this one. SQLite
+    # inserts in this process, and holds its write lock until the commit: after it, then.
+    during = meanwhile if session.get_bind().dialect.name == "postgresql" else _nothing
     with write_transaction(session):
-        inserted = _insert(session, fresh)
+        inserted = _insert(session, fresh, during)
+    if during is _nothing:
+        meanwhile()
     # a stranger until now: no choices, never left, never bounced
     stranger = (False, None, None) if topic_id is None else (False, None, None, None, None)
     created.update((email, (email, public_id, *stranger)) for email, public_id in inserted)
@@ -277,17 +302,21 @@ _INSERT = {
 }
 
 
-def _insert(session: Session, emails: set[str]) -> list[tuple[str, str]]:
-    """Insert a subscriber for each address not yet on file; return those made here."""
+def _insert(session: Session, emails: set[str], meanwhile: Callable[[], None]) -> list[tuple[str, str]]:
+    """Insert a subscriber for each address not yet on file; return those made here.
+
+    ``meanwhile`` runs while the database inserts them (``driver_rows_meanwhile``).
+    """
     dialect = session.get_bind().dialect
     # the time as the column's own type stores it, so the rows read like the ORM's
     stamp = Subscriber.__table__.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
     now = utcnow() if stamp is None else stamp(utcnow())
-    made: list[tuple[str, str]] = []
-    for chunk in _chunks(emails):
-        pairs = json.dumps(list(zip(chunk, new_public_ids(len(chunk)), strict=True)))
-        made.extend(driver_rows(session, _INSERT[dialect.name], (now, pairs)))
-    return made
+    params = [
+        (now, json.dumps(list(zip(chunk, new_public_ids(len(chunk)), strict=True))))
+        for chunk in _chunks(emails)
+    ]
+    made = driver_rows_meanwhile(session, _INSERT[dialect.name], params, meanwhile)
+    return cast(list[tuple[str, str]], made)
 
 
 def _subscribers(session: Session, emails: set[str], topic_id: int | None) -> dict[str, Known | None]:

@@ -444,6 +444,32 @@ def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:
         return list(cursor.fetchall())
 
 
+def driver_rows_meanwhile(
+    session: Session, sql: str, params: list[Any], meanwhile: Callable[[], None]
+) -> list[Any]:
+    """Run ``sql`` once for each set of ``params`` and return all their rows; call
+    ``meanwhile`` while the database works on them.
+
+    On PostgreSQL the statements go out in psycopg's pipeline mode, which sends them
+    without waiting for their results: the server executes them while ``meanwhile``
+    runs in this thread, and their rows are read after it returns. No second thread, so
+    nothing contends for the GIL. SQLite does its work in this process: the statements
+    run first, then ``meanwhile``.
+    """
+    with _driver_cursor(session, sql, params) as cursor:
+        if session.get_bind().dialect.name != "postgresql":
+            rows = [row for each in params for row in cursor.execute(sql, each).fetchall()]
+            meanwhile()
+            return rows
+        connection = cursor.connection
+        with connection.pipeline(), contextlib.ExitStack() as stack:
+            cursors = [cursor] + [stack.enter_context(connection.cursor()) for _ in params[1:]]
+            for each_cursor, each in zip(cursors, params, strict=True):
+                each_cursor.execute(sql, each)
+            meanwhile()
+            return [row for each_cursor in cursors for row in each_cursor.fetchall()]
+
+
 @contextmanager
 def _driver_cursor(session: Session, sql: str, params: Any) -> Iterator[Any]:
     connection = session.connection()

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import text
 
-from prefs.db import write_transaction
+from prefs.db import driver_rows, write_transaction
 from prefs.extensions import db
 
 
@@ -112,3 +112,52 @@ def test_a_bulk_read_error_keeps_its_addresses_out_of_the_message(app, session):
     session.rollback()
     assert "@example" not in str(err.value)
     assert "person1" not in str(err.value)
+
+
+def test_pipelined_statements_return_every_rows_and_call_meanwhile_once(app, session):
+    from prefs.db import driver_rows_meanwhile
+
+    mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
+    calls = []
+    with write_transaction(session):
+        rows = driver_rows_meanwhile(
+            session, f"SELECT {mark} + 1", [(1,), (2,), (3,)], lambda: calls.append("meanwhile")
+        )
+    assert rows == [(2,), (3,), (4,)]
+    assert calls == ["meanwhile"]
+    assert driver_rows(session, "SELECT 1", ()) == [(1,)]  # the connection is back to normal
+
+
+def test_on_postgresql_meanwhile_runs_while_the_server_works_on_the_statements(app, session):
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    from prefs.db import driver_rows_meanwhile
+
+    backend = driver_rows(session, "SELECT pg_backend_pid()", ())[0][0]
+    seen = []
+
+    def meanwhile() -> None:
+        # from another connection: what the first one's server process is doing now
+        with db.engine.connect() as other:
+            seen.append(
+                other.exec_driver_sql(
+                    "SELECT state, query FROM pg_stat_activity WHERE pid = %(pid)s", {"pid": backend}
+                ).one()
+            )
+
+    rows = driver_rows_meanwhile(session, "SELECT 7 FROM pg_sleep(%s)", [(1,)], meanwhile)
+    session.commit()
+    assert rows == [(7,)]
+    ((state, query),) = seen
+    assert state == "active" and "pg_sleep" in query
+
+
+def test_a_pipelined_statement_that_fails_raises_sqlalchemys_error(app, session):
+    from sqlalchemy.exc import DBAPIError
+
+    from prefs.db import driver_rows_meanwhile
+
+    with pytest.raises(DBAPIError) as err, write_transaction(session):
+        driver_rows_meanwhile(session, "SELECT * FROM no_such_table", [(), ()], lambda: None)
+    assert isinstance(err.value.orig, session.get_bind().dialect.loaded_dbapi.Error)
+    assert driver_rows(session, "SELECT 1", ()) == [(1,)]
