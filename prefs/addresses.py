@@ -28,11 +28,19 @@ def normalize(address: str) -> str:
         raise InvalidAddress("the address must be text")
     address = address.strip()
     local, at, domain = address.rpartition("@")
-    if at and len(local) <= _MAX_LOCAL and _PLAIN_LOCAL.match(local):
-        ascii_domain = _domain(domain)
-        if ascii_domain is not None and len(local) + 1 + len(ascii_domain) <= _MAX_ADDRESS:
-            return local.lower() + "@" + ascii_domain
+    if at and _PLAIN_LOCAL.match(local):
+        plain = _plain(local, domain)
+        if plain is not None:
+            return plain
     return _validated(address)
+
+
+def _plain(local: str, domain: str) -> str | None:
+    """Return the stored form of a plain local part at a domain, or None for the slow path."""
+    ascii_domain = _domain(domain)
+    if ascii_domain is None or len(local) > _MAX_LOCAL or len(local) + 1 + len(ascii_domain) > _MAX_ADDRESS:
+        return None
+    return local.lower() + "@" + ascii_domain
 
 
 def _validated(address: str) -> str:
@@ -74,26 +82,21 @@ def normalize_all(addresses: Iterable[str]) -> list[str | None]:
 
     The same fast path as ``normalize``, in one loop: an address that matches
     ``_PLAIN_ADDRESS`` has no space to trim, its one @ is its last, and its local part is
-    a plain one, so it takes exactly the steps ``normalize`` takes. An ASCII address with
+    a plain one, so it takes ``normalize``'s own last step, ``_plain``. An ASCII address with
     two or more @ is never valid (email-validator is called without quoted local parts,
     domain literals or display names, and ASCII has no combining marks), so it is turned
     down without a call. Everything else goes to ``normalize_or_none`` itself; the
     property tests compare the two.
     """
-    match, domain_of, slow = _PLAIN_ADDRESS.match, _domain, normalize_or_none
+    match, plain_of, slow = _PLAIN_ADDRESS.match, _plain, normalize_or_none
     normalized: list[str | None] = []
     append = normalized.append
     for address in addresses:
-        plain = match(address) if type(address) is str else None
-        if plain is not None:
-            local, domain = plain.groups()
-            ascii_domain = domain_of(domain)
-            if (
-                ascii_domain is not None
-                and len(local) <= _MAX_LOCAL
-                and len(local) + 1 + len(ascii_domain) <= _MAX_ADDRESS
-            ):
-                append(local.lower() + "@" + ascii_domain)
+        parts = match(address) if type(address) is str else None
+        if parts is not None:
+            plain = plain_of(*parts.groups())
+            if plain is not None:
+                append(plain)
                 continue
         elif type(address) is str and address.isascii() and address.count("@") > 1:
             append(None)

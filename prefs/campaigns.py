@@ -13,7 +13,7 @@ from .errors import UnknownTopic
 from .ledger import UNSUBSCRIBE
 from .models import CampaignSend, Event, Topic, utcnow
 from .rules import TRANSACTIONAL
-from .topics import KEY
+from .topics import lookup_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +41,8 @@ def count_sent(
     """
     if not campaign or allowed_count <= 0 or topic_key == TRANSACTIONAL:
         return
-    if not isinstance(topic_key, str) or not KEY.match(topic_key):
-        raise UnknownTopic(f"there is no topic {topic_key!r}")
     now = now or utcnow()
-    params = {"campaign": campaign, "key": topic_key, "allowed": allowed_count, "now": now}
+    params = {"campaign": campaign, "key": lookup_key(topic_key), "allowed": allowed_count, "now": now}
     with write_transaction(session):
         counted = _COUNT_SENT.first(session, params)
     if counted is None:

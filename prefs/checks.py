@@ -262,10 +262,10 @@ def _create(
         return created
     # PostgreSQL inserts in its own process while ``meanwhile`` runs in this one. SQLite
     # inserts in this process, and holds its write lock until the commit: after it, then.
-    during = meanwhile if session.get_bind().dialect.name == "postgresql" else _nothing
+    overlap = session.get_bind().dialect.name == "postgresql"
     with write_transaction(session):
-        inserted = _insert(session, fresh, during)
-    if during is _nothing:
+        inserted = _insert(session, fresh, meanwhile if overlap else _nothing)
+    if not overlap:
         meanwhile()
     # a stranger until now: no choices, never left, never bounced
     stranger = (False, None, None) if topic_id is None else (False, None, None, None, None)

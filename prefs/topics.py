@@ -48,12 +48,17 @@ def list_topics(session: Session, include_archived: bool = True) -> list[Topic]:
     return list(session.scalars(query))
 
 
-def get_topic(session: Session, key: str) -> Topic:
-    """Return the topic with this key, or raise ``UnknownTopic``."""
+def lookup_key(key: str) -> str:
+    """Return a key that could name a topic on file, or raise ``UnknownTopic``."""
     if not isinstance(key, str) or not KEY.match(key):
         # a malformed key names no topic; PostgreSQL would refuse some (NUL) outright
         raise UnknownTopic(f"there is no topic {key!r}")
-    topic = session.scalar(select(Topic).where(Topic.key == key))
+    return key
+
+
+def get_topic(session: Session, key: str) -> Topic:
+    """Return the topic with this key, or raise ``UnknownTopic``."""
+    topic = session.scalar(select(Topic).where(Topic.key == lookup_key(key)))
     if topic is None:
         raise UnknownTopic(f"there is no topic {key!r}")
     return topic

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import text
 
-from prefs.db import driver_rows, write_transaction
+from prefs.db import driver_rows, driver_rows_meanwhile, write_transaction
 from prefs.extensions import db
 
 
@@ -115,8 +115,6 @@ def test_a_bulk_read_error_keeps_its_addresses_out_of_the_message(app, session):
 
 
 def test_pipelined_statements_return_every_rows_and_call_meanwhile_once(app, session):
-    from prefs.db import driver_rows_meanwhile
-
     mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
     calls = []
     with write_transaction(session):
@@ -131,8 +129,6 @@ def test_pipelined_statements_return_every_rows_and_call_meanwhile_once(app, ses
 def test_on_postgresql_meanwhile_runs_while_the_server_works_on_the_statements(app, session):
     if session.get_bind().dialect.name != "postgresql":
         return
-    from prefs.db import driver_rows_meanwhile
-
     backend = driver_rows(session, "SELECT pg_backend_pid()", ())[0][0]
     seen = []
 
@@ -154,8 +150,6 @@ def test_on_postgresql_meanwhile_runs_while_the_server_works_on_the_statements(a
 
 def test_a_pipelined_statement_that_fails_raises_sqlalchemys_error(app, session):
     from sqlalchemy.exc import DBAPIError
-
-    from prefs.db import driver_rows_meanwhile
 
     with pytest.raises(DBAPIError) as err, write_transaction(session):
         driver_rows_meanwhile(session, "SELECT * FROM no_such_table", [(), ()], lambda: None)
