@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from .extensions import db
 from .logs import request_id
-from .metrics import ERRORS, LATENCY
+from .metrics import ERRORS, LATENCY, dropped, prepare
 from .register import count_requests
 
 LOCAL = ("127.0.0.1", "::1")
@@ -84,9 +84,12 @@ def metrics() -> Response:
 
 def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
     """Count one answered request in the metrics and write its access-log line."""
-    LATENCY.labels(pattern, method).observe(elapsed)
-    if status >= 400:
-        ERRORS.labels(str(status)).inc()
+    try:
+        LATENCY.labels(pattern, method).observe(elapsed)
+        if status >= 400:
+            ERRORS.labels(str(status)).inc()
+    except OSError as err:
+        dropped(err)
     access.info(
         "request",
         extra={
@@ -101,6 +104,7 @@ def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) ->
 
 def register(app: Flask) -> None:
     """Time and log every request by route pattern, count errors by status, serve ``/metrics``."""
+    prepare()
 
     @app.before_request
     def start() -> None:
