@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from prefs import config, create_app
 from prefs.config import ConfigError
+from tests.disks import fill, small_disk
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,29 @@ def test_without_keys_one_is_generated_once_into_the_instance_folder(tmp_path, m
     second = create_app({"DATABASE_URL": "sqlite://"})
     assert first.config["SECRET_KEYS"] == second.config["SECRET_KEYS"]
     assert (tmp_path / "secret_keys").stat().st_mode & 0o077 == 0
+
+
+def test_a_full_instance_disk_without_keys_is_one_clear_line_and_leaves_no_half_key(tmp_path, monkeypatch):
+    with small_disk(tmp_path / "instance", size="64k") as instance:
+        fill(instance)
+        monkeypatch.setenv("PREFS_INSTANCE_PATH", str(instance))
+        monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
+        with pytest.raises(ConfigError) as err:
+            create_app({"DATABASE_URL": "sqlite://"})
+        message = str(err.value)
+        assert "PREFS_SECRET_KEYS" in message and "\n" not in message
+        assert sorted(p.name for p in instance.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("left", ["", "\n", "short\n"])
+def test_a_key_file_cut_short_is_never_used_as_a_key(tmp_path, monkeypatch, left):
+    # what a write cut by a full disk (or a crash) leaves: nothing, or less than a key
+    (tmp_path / "secret_keys").write_text(left)
+    monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path))
+    monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
+    with pytest.raises(ConfigError) as err:
+        create_app({"DATABASE_URL": "sqlite://"})
+    assert "PREFS_SECRET_KEYS" in str(err.value) and "secret_keys" in str(err.value)
 
 
 def test_the_default_database_is_sqlite_in_the_instance_folder(tmp_path, monkeypatch):
