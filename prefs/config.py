@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
     "RATELIMIT_ONE_CLICK": "60 per minute",
     "RATELIMIT_API_KEY": "1200 per minute",
+    "RATELIMIT_TIMEOUT_MS": 100,
     "TRUSTED_PROXIES": 0,
     "REQUEST_MIN_SECONDS": 0.25,
     "METRICS_TOKEN": None,
@@ -196,6 +197,7 @@ def _rate_limits(config: dict[str, Any]) -> None:
         except ValueError:
             problem = f"must be a rate such as '3 per hour; 6 per day', not {value!r}"
             raise ConfigError(name, problem) from None
+    config["RATELIMIT_TIMEOUT_MS"] = _positive_int(config, "RATELIMIT_TIMEOUT_MS")
 
 
 def log_level(value: Any) -> str:

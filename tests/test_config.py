@@ -21,6 +21,8 @@ from tests.disks import fill, small_disk
         ({"DB_POOL_SIZE": "many"}, "PREFS_DB_POOL_SIZE"),
         ({"DB_POOL_SIZE": 0}, "PREFS_DB_POOL_SIZE"),
         ({"TOKEN_MAX_AGE": "soon"}, "PREFS_TOKEN_MAX_AGE"),
+        ({"RATELIMIT_TIMEOUT_MS": 0}, "PREFS_RATELIMIT_TIMEOUT_MS"),
+        ({"RATELIMIT_TIMEOUT_MS": "fast"}, "PREFS_RATELIMIT_TIMEOUT_MS"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(make_app, settings, variable):
@@ -131,7 +133,8 @@ def test_public_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFS_BRAND_COLOR", "#FFCC00")
     app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://"})
     assert app.config["SMTP_SERVER"].tls and app.config["SMTP_SERVER"].port == 465
-    assert app.config["RATELIMIT_STORAGE_URI"] == "redis://127.0.0.1:6379/2"
+    # the limiter's storage: that Redis, skipped while it does not answer in time (ratelimit.py)
+    assert app.config["RATELIMIT_STORAGE_URI"] == "prefs+redis://127.0.0.1:6379/2"
     assert app.config["BRAND_COLOR"] == "#ffcc00"
 
 
