@@ -68,7 +68,7 @@ def _log_drop(err: OSError) -> None:
     if not _logged:
         _logged = True
         log.warning(
-            "metrics dropped: the metrics folder %s has no room (%s); requests are answered as usual",
+            "metrics dropped: no room for them in the metrics folder %s (%s); requests are answered as usual",
             os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
             err.strerror or type(err).__name__,
         )

@@ -170,3 +170,10 @@ def test_a_figure_with_no_room_is_dropped_counted_and_logged_once(client, sessio
     lines = [r for r in caplog.records if r.name == "prefs.metrics"]
     assert len(lines) == 1 and "no room" in lines[0].getMessage()
     assert not ledger.verdict_for(session, "ann@example.com", "news").allowed  # the change itself stands
+
+
+def test_a_metrics_folder_gone_from_under_the_workers_is_a_503_not_a_500(client, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "cleaned away"))
+    response = client.get("/metrics")
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert b"Traceback" not in response.data
