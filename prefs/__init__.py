@@ -51,8 +51,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     babel.init_app(
         app, locale_selector=i18n.select_locale, default_translation_directories=str(i18n.CATALOGS)
     )
-    # memory:// is limits' in-process storage, without its thread-a-write expiry (ratelimit.py)
+    # memory:// without its thread-a-write expiry; Redis skipped while it is slow (ratelimit.py)
     app.config["RATELIMIT_STORAGE_URI"] = ratelimit.storage_uri(app.config["RATELIMIT_STORAGE_URI"])
+    app.config["RATELIMIT_STORAGE_OPTIONS"] = ratelimit.storage_options(app.config["RATELIMIT_TIMEOUT_MS"])
     limiter.init_app(app)
 
     from . import admin, api, cli, health, monitoring, public, web

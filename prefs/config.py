@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_PER_ADDRESS": "3 per hour; 6 per day",
     "RATELIMIT_ONE_CLICK": "60 per minute",
     "RATELIMIT_API_KEY": "1200 per minute",
+    "RATELIMIT_TIMEOUT_MS": 100,
     "TRUSTED_PROXIES": 0,
     "REQUEST_MIN_SECONDS": 0.25,
     "METRICS_TOKEN": None,
@@ -195,6 +197,7 @@ def _rate_limits(config: dict[str, Any]) -> None:
         except ValueError:
             problem = f"must be a rate such as '3 per hour; 6 per day', not {value!r}"
             raise ConfigError(name, problem) from None
+    config["RATELIMIT_TIMEOUT_MS"] = _positive_int(config, "RATELIMIT_TIMEOUT_MS")
 
 
 def log_level(value: Any) -> str:
@@ -232,18 +235,47 @@ def _secret_keys(value: Any, instance_path: str) -> list[str]:
 
 def _generated_key(instance_path: str) -> str:
     path = Path(instance_path) / KEY_FILE
-    if path.exists():
-        return path.read_text().strip().split(",")[-1]
-    os.makedirs(instance_path, exist_ok=True)
+    key = _stored_key(path)
+    if key is not None:
+        return key
     key = secrets.token_urlsafe(32)
-    # O_EXCL: two workers starting at once must agree on one key
+    # written whole under a name of this process's, then linked into place: workers
+    # starting together agree on the first key linked, and none reads half of one
+    fresh = path.with_name(f".{KEY_FILE}.{os.getpid()}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.makedirs(instance_path, exist_ok=True)
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(fresh, path)
     except FileExistsError:
-        return path.read_text().strip().split(",")[-1]
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+        stored = _stored_key(path)
+        assert stored is not None
+        return stored
+    except OSError as err:
+        problem = f"is not set, and no key could be written to {path} ({err.strerror})"
+        raise ConfigError("SECRET_KEYS", problem + ": set it, or free room there") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(fresh)
     log.warning("PREFS_SECRET_KEYS is not set: generated a signing key in %s", path)
+    return key
+
+
+def _stored_key(path: Path) -> str | None:
+    """Return the key generated earlier into ``path``, None if there is none."""
+    try:
+        key = path.read_text().strip().split(",")[-1].strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError("SECRET_KEYS", f"is not set, and {path} cannot be read ({err.strerror})") from None
+    if len(key) < 16:
+        # a write cut short (an older version's, on a full disk): never sign with what is left
+        problem = f"is not set, and {path} holds no whole key: delete the file, or set the keys"
+        raise ConfigError("SECRET_KEYS", problem)
     return key
 
 

@@ -54,7 +54,10 @@ class WriteGate:
         if not self._thread_lock.acquire(timeout=self.timeout):
             raise _busy()
         try:
-            fd = self._file()
+            try:
+                fd = self._file()
+            except OSError as err:  # a folder that takes no new file: no write can be made
+                raise OperationalError("BEGIN IMMEDIATE", None, err) from err
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,7 +86,8 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     if engine.dialect.name != "sqlite":
         return
     if engine.url.database and engine.url.database != ":memory:":
-        _gates[engine] = WriteGate(engine.url.database, busy_timeout_ms / 1000)
+        # a URI filename (file:/path?mode=ro&uri=true) names the same file as the plain path
+        _gates[engine] = WriteGate(engine.url.database.removeprefix("file:"), busy_timeout_ms / 1000)
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:

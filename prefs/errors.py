@@ -31,6 +31,12 @@ class UnknownSubscriber(DomainError):
     code = "unknown_subscriber"
 
 
+class NotRecorded(DomainError):
+    """The database refused a write the request needed (a full disk, a read-only database)."""
+
+    code = "not_recorded"
+
+
 class Conflict(DomainError):
     """The thing to be created exists already."""
 

@@ -94,9 +94,13 @@ def compile_catalogs(directory: Path = CATALOGS) -> list[Path]:
             with po.open("rb") as source:
                 catalog = read_po(source, locale=po.parent.parent.name)
             fd, tmp = tempfile.mkstemp(dir=po.parent, suffix=".mo.tmp")
-            with os.fdopen(fd, "wb") as target:
-                write_mo(target, catalog)
-            os.replace(tmp, mo)
+            try:
+                with os.fdopen(fd, "wb") as target:
+                    write_mo(target, catalog)
+                os.replace(tmp, mo)
+            except OSError:
+                os.unlink(tmp)  # a full disk leaves no half catalog behind
+                raise
         except OSError as err:
             # a read-only install still serves pages, in English where a catalog is missing
             log.warning("could not compile %s: %s", po, err)

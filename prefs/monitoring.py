@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -16,11 +17,12 @@ from prometheus_client.registry import Collector
 
 from .extensions import db
 from .logs import request_id
-from .metrics import ERRORS, LATENCY
+from .metrics import ERRORS, LATENCY, dropped, prepare
 from .register import count_requests
 
 LOCAL = ("127.0.0.1", "::1")
 access = logging.getLogger("prefs.access")
+log = logging.getLogger(__name__)
 bp = Blueprint("monitoring", __name__)
 
 
@@ -42,8 +44,11 @@ class RegisterCollector(Collector):
 def scrape() -> bytes:
     """Return the metrics in Prometheus text format, summed across workers when multiprocess."""
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
+            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+        MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Default())
     registry.register(RegisterCollector())
@@ -79,14 +84,22 @@ def metrics() -> Response:
     refused = _allowed()
     if refused is not None:
         return refused
-    return Response(scrape(), content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
+    try:
+        figures = scrape()
+    except OSError as err:  # the metrics folder is gone or unreadable: the workers still answer
+        log.warning("metrics unreadable: %s", err.strerror or type(err).__name__)
+        return Response("the metrics folder cannot be read\n", 503, {"Retry-After": "60"})
+    return Response(figures, content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 
 
 def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
     """Count one answered request in the metrics and write its access-log line."""
-    LATENCY.labels(pattern, method).observe(elapsed)
-    if status >= 400:
-        ERRORS.labels(str(status)).inc()
+    try:
+        LATENCY.labels(pattern, method).observe(elapsed)
+        if status >= 400:
+            ERRORS.labels(str(status)).inc()
+    except OSError as err:
+        dropped(err)
     access.info(
         "request",
         extra={
@@ -101,6 +114,7 @@ def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) ->
 
 def register(app: Flask) -> None:
     """Time and log every request by route pattern, count errors by status, serve ``/metrics``."""
+    prepare()
 
     @app.before_request
     def start() -> None:

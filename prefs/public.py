@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from . import i18n, ledger, links, privacy, topics
+from . import i18n, ledger, link_requests, links, privacy, topics
 from .addresses import mask, normalize, normalize_or_none
-from .errors import DomainError, InvalidAddress, InvalidToken, UnknownSubscriber, UnknownTopic
+from .errors import DomainError, InvalidAddress, InvalidToken, NotRecorded, UnknownSubscriber, UnknownTopic
 from .extensions import limiter, session
 from .ledger import Origin
 from .mail import Mailer, MailError, compose
@@ -29,6 +30,7 @@ from .rules import verdict
 from .web import API_PREFIX, page_error
 
 bp = Blueprint("public", __name__)
+log = logging.getLogger(__name__)
 
 ONE_CLICK = "One-Click"
 ONE_CLICK_ROUTE = "/u/<token>"  # the unsubscribe link, which prefs/oneclick.py also answers
@@ -233,12 +235,16 @@ def request_link() -> ResponseReturnValue:
 def _send_link(address: str) -> None:
     """Email the address its preferences link; an erased address gets a note and no link."""
     try:
-        subscriber = ledger.ensure_subscriber(session(), address)
+        public_id = link_requests.public_id_for(session(), address)
     except UnknownSubscriber:
         # erased: never brought back, but still mailed, so timing tells nothing
         template, url = "mail/erased", None
+    except NotRecorded as err:
+        # only a new address needed the write: answered as everyone is, and told by mail
+        log.warning("a new address could not be added for its link: %s", type(err.__cause__).__name__)
+        template, url = "mail/unavailable", None
     else:
-        token = links.tokens().preferences(subscriber.public_id)
+        token = links.tokens().preferences(public_id)
         template, url = "mail/preferences", links.preferences_url(token)
     brand = _config("BRAND_NAME")
     message = compose(

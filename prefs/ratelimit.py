@@ -1,15 +1,26 @@
-"""The rate-limit counters kept in each process when no Redis is configured (``memory://``)."""
+"""The rate limits' storages: counters in each process (``memory://``), or a shared Redis
+that is skipped for a while when it does not answer in time.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from limits.storage import MemoryStorage
+from limits.storage import MemoryStorage, Storage, storage_from_string
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-SCHEME = "prefs+memory"
+PREFIX = "prefs+"
+SCHEME = PREFIX + "memory"
+SHARED = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
 SWEEP_SECONDS = 1.0
+SKIP_SECONDS = 5.0
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class SweptMemoryStorage(MemoryStorage):
@@ -44,7 +55,93 @@ class SweptMemoryStorage(MemoryStorage):
             self._sweeping.release()
 
 
+class SkippedWhenSlow(Storage):
+    """A shared storage (Redis) that is skipped for a while when it does not answer in time.
+
+    Each call waits at most the client's socket timeout (``storage_options``). One that
+    times out, or fails in any way, lets its request through, as an unreachable storage
+    always did, and for ``SKIP_SECONDS`` after it every limit is let through without
+    asking: a hung Redis costs one request per process a timeout now and then, not every
+    request one (or, with redis-py's own retries, several). Then one request tries again
+    while the others still skip it. Going and coming back are each logged once.
+    """
+
+    STORAGE_SCHEME = [PREFIX + scheme for scheme in SHARED]  # noqa: RUF012 - as the base class's
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: Any) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        storage = storage_from_string(uri.removeprefix(PREFIX), **options)
+        if not isinstance(storage, Storage):
+            raise ValueError(f"{uri} names an asynchronous storage")
+        self.storage = storage
+        self._errors: tuple[type[Exception], ...] = (*_as_tuple(storage.base_exceptions), OSError)
+        self._trying = threading.Lock()
+        self._skip_until = 0.0
+        self.down = False
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return self.storage.base_exceptions
+
+    def _ask(self, question: Callable[[], T], skipped: T) -> T:
+        if self.down:
+            with self._trying:
+                now = self.clock()
+                if now < self._skip_until:
+                    return skipped
+                self._skip_until = now + SKIP_SECONDS  # this request tries; the others still skip
+        try:
+            answer = question()
+        except self._errors as err:
+            if not self.down:
+                self.down = True
+                self._skip_until = self.clock() + SKIP_SECONDS
+                log.warning(
+                    "rate limit storage did not answer (%s): limits are let through, and it is "
+                    "tried again every %.0f s",
+                    type(err).__name__,
+                    SKIP_SECONDS,
+                )
+            return skipped
+        if self.down:
+            self.down = False
+            log.warning("rate limit storage answers again: limits apply")
+        return answer
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        return self._ask(lambda: self.storage.incr(key, expiry, amount), 0)
+
+    def get(self, key: str) -> int:
+        return self._ask(lambda: self.storage.get(key), 0)
+
+    def get_expiry(self, key: str) -> float:
+        return self._ask(lambda: self.storage.get_expiry(key), time.time())
+
+    def check(self) -> bool:
+        return self._ask(self.storage.check, False)
+
+    def reset(self) -> int | None:
+        return self._ask(self.storage.reset, None)
+
+    def clear(self, key: str) -> None:
+        self._ask(lambda: self.storage.clear(key), None)
+
+
+def _as_tuple(errors: type[Exception] | tuple[type[Exception], ...]) -> tuple[type[Exception], ...]:
+    return errors if isinstance(errors, tuple) else (errors,)
+
+
 def storage_uri(configured: str) -> str:
-    """Return the URI Flask-Limiter gets: ``memory://`` means the swept storage above."""
+    """Return the URI Flask-Limiter gets: the swept storage, or the shared one skipped when slow."""
     scheme, sep, rest = configured.partition("://")
-    return f"{SCHEME}{sep}{rest}" if scheme == "memory" else configured
+    if scheme == "memory":
+        return f"{SCHEME}{sep}{rest}"
+    return PREFIX + configured if scheme in SHARED else configured
+
+
+def storage_options(timeout_ms: int) -> dict[str, Any]:
+    """Return the Redis client's options: no wait longer than ``timeout_ms``, no retries."""
+    seconds = timeout_ms / 1000
+    # redis-py retries a timed-out command (ten times, by default): one wait is enough
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds, "retry": Retry(NoBackoff(), 0)}

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from prefs import config, create_app
 from prefs.config import ConfigError
+from tests.disks import fill, small_disk
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,8 @@ from prefs.config import ConfigError
         ({"DB_POOL_SIZE": "many"}, "PREFS_DB_POOL_SIZE"),
         ({"DB_POOL_SIZE": 0}, "PREFS_DB_POOL_SIZE"),
         ({"TOKEN_MAX_AGE": "soon"}, "PREFS_TOKEN_MAX_AGE"),
+        ({"RATELIMIT_TIMEOUT_MS": 0}, "PREFS_RATELIMIT_TIMEOUT_MS"),
+        ({"RATELIMIT_TIMEOUT_MS": "fast"}, "PREFS_RATELIMIT_TIMEOUT_MS"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(make_app, settings, variable):
@@ -57,6 +60,29 @@ def test_without_keys_one_is_generated_once_into_the_instance_folder(tmp_path, m
     second = create_app({"DATABASE_URL": "sqlite://"})
     assert first.config["SECRET_KEYS"] == second.config["SECRET_KEYS"]
     assert (tmp_path / "secret_keys").stat().st_mode & 0o077 == 0
+
+
+def test_a_full_instance_disk_without_keys_is_one_clear_line_and_leaves_no_half_key(tmp_path, monkeypatch):
+    with small_disk(tmp_path / "instance", size="64k") as instance:
+        fill(instance)
+        monkeypatch.setenv("PREFS_INSTANCE_PATH", str(instance))
+        monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
+        with pytest.raises(ConfigError) as err:
+            create_app({"DATABASE_URL": "sqlite://"})
+        message = str(err.value)
+        assert "PREFS_SECRET_KEYS" in message and "\n" not in message
+        assert sorted(p.name for p in instance.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("left", ["", "\n", "short\n"])
+def test_a_key_file_cut_short_is_never_used_as_a_key(tmp_path, monkeypatch, left):
+    # what a write cut by a full disk (or a crash) leaves: nothing, or less than a key
+    (tmp_path / "secret_keys").write_text(left)
+    monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path))
+    monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
+    with pytest.raises(ConfigError) as err:
+        create_app({"DATABASE_URL": "sqlite://"})
+    assert "PREFS_SECRET_KEYS" in str(err.value) and "secret_keys" in str(err.value)
 
 
 def test_the_default_database_is_sqlite_in_the_instance_folder(tmp_path, monkeypatch):
@@ -107,7 +133,8 @@ def test_public_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFS_BRAND_COLOR", "#FFCC00")
     app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://"})
     assert app.config["SMTP_SERVER"].tls and app.config["SMTP_SERVER"].port == 465
-    assert app.config["RATELIMIT_STORAGE_URI"] == "redis://127.0.0.1:6379/2"
+    # the limiter's storage: that Redis, skipped while it does not answer in time (ratelimit.py)
+    assert app.config["RATELIMIT_STORAGE_URI"] == "prefs+redis://127.0.0.1:6379/2"
     assert app.config["BRAND_COLOR"] == "#ffcc00"
 
 

@@ -155,3 +155,28 @@ def test_a_pipelined_statement_that_fails_raises_sqlalchemys_error(app, session)
         driver_rows_meanwhile(session, "SELECT * FROM no_such_table", [(), ()], lambda: None)
     assert isinstance(err.value.orig, session.get_bind().dialect.loaded_dbapi.Error)
     assert driver_rows(session, "SELECT 1", ()) == [(1,)]
+
+
+def test_a_write_lock_that_cannot_be_made_is_the_database_being_unavailable(tmp_path):
+    from sqlalchemy.exc import OperationalError
+
+    from prefs.db import WriteGate
+
+    gate = WriteGate(str(tmp_path / "no such folder" / "prefs.sqlite3"), timeout=1)
+    with pytest.raises(OperationalError), gate.held():  # answered 503, as any outage, never 500
+        pass
+
+
+def test_a_uri_filename_shares_its_write_lock_with_the_plain_path(make_app, tmp_path):
+    from prefs.db import _gates
+
+    path = tmp_path / "uri.sqlite3"
+    plain = make_app(DATABASE_URL=f"sqlite:///{path}")
+    uri = make_app(DATABASE_URL=f"sqlite:///file:{path}?mode=rw&uri=true")
+    with plain.app_context():
+        plain_gate = _gates[db.engine]
+    with uri.app_context():
+        uri_gate = _gates[db.engine]
+        with write_transaction(db.session()):
+            db.session().execute(text("SELECT 1"))
+    assert uri_gate._path == plain_gate._path == f"{path}.write-lock"

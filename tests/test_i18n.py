@@ -9,6 +9,7 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
 from prefs import i18n
+from tests.disks import fill, small_disk
 from tests.factories import make_subscriber, make_topic, preferences_token, unsubscribe_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,16 @@ def test_a_read_only_install_still_starts(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(i18n.tempfile, "mkstemp", read_only)
     assert i18n.compile_catalogs(folder) == []
     assert "could not compile" in caplog.text
+
+
+def test_a_full_disk_leaves_no_half_catalog_and_still_starts(tmp_path, caplog):
+    with small_disk(tmp_path / "disk", size="64k") as disk:
+        folder = disk / "translations"
+        shutil.copytree(i18n.CATALOGS, folder, ignore=shutil.ignore_patterns("*.mo"))
+        fill(disk)
+        assert i18n.compile_catalogs(folder) == []
+        assert "could not compile" in caplog.text
+        assert list(folder.rglob("*.tmp")) == [] and list(folder.rglob("*.mo")) == []
 
 
 def test_the_app_compiles_its_catalogs_at_start(make_app):

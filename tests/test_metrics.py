@@ -148,3 +148,32 @@ def test_the_check_endpoint_feeds_the_check_metrics(client, session):
         - value(before, "prefs_check_verdicts_total", topic="promo", reason="invalid_address")
         == 1
     )
+
+
+def test_a_figure_with_no_room_is_dropped_counted_and_logged_once(client, session, monkeypatch, caplog):
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    before = scrape(client)
+
+    def no_room(*labels):
+        raise OSError(28, "No space left on device")
+
+    for figure in (metrics.LATENCY, metrics.OPT_OUTS, metrics.CHECK_CALLS):
+        monkeypatch.setattr(figure, "labels", no_room)
+    monkeypatch.setattr(metrics, "_logged", False)
+    assert client.get("/healthz").status_code == 200
+    assert ledger.record_opt_out(session, ann.public_id, "news", Origin("one-click"))
+    metrics.count_check("news", 1, Counter({None: 1}))
+    monkeypatch.undo()
+    after = scrape(client)
+    assert value(after, "prefs_metrics_dropped_total") - value(before, "prefs_metrics_dropped_total") == 3
+    lines = [r for r in caplog.records if r.name == "prefs.metrics"]
+    assert len(lines) == 1 and "no room" in lines[0].getMessage()
+    assert not ledger.verdict_for(session, "ann@example.com", "news").allowed  # the change itself stands
+
+
+def test_a_metrics_folder_gone_from_under_the_workers_is_a_503_not_a_500(client, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "cleaned away"))
+    response = client.get("/metrics")
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert b"Traceback" not in response.data

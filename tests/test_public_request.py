@@ -95,6 +95,34 @@ def test_known_unknown_and_erased_addresses_get_the_same_answer(mail_app, smtp_s
         assert ledger.verdict_for(s, ERASED, "news").reason == "erased"
 
 
+def test_a_new_address_the_database_cannot_add_gets_the_same_answer_and_a_note(
+    mail_app, smtp_server, monkeypatch, caplog
+):
+    from prefs import link_requests
+    from prefs.errors import NotRecorded
+
+    real = link_requests.public_id_for
+
+    def full_disk(session, email):
+        if email == UNKNOWN:  # only a new address needs the write
+            raise NotRecorded("the new address could not be added") from OSError(28, "disk full")
+        return real(session, email)
+
+    monkeypatch.setattr(link_requests, "public_id_for", full_disk)
+    caplog.set_level(logging.WARNING, logger="prefs.public")
+    client = mail_app.test_client()
+    answers = [client.post("/unsubscribe", data={"email": e}) for e in (KNOWN, UNKNOWN)]
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.get_data() for a in answers}) == 1
+    known, new = smtp_server.inbox.wait_for(2)
+    assert "/p/" in text_of(known)
+    assert "/p/" not in text_of(new) and "ask for it again" in text_of(new)
+    assert new["Subject"] == known["Subject"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("prefs")]
+    assert any("could not be added" in line for line in lines)
+    assert not any(UNKNOWN in line or KNOWN in line for line in lines)
+
+
 def test_every_answer_takes_at_least_the_floor(make_app, smtp_server):
     app = make_app(SMTP_URL=smtp_server.url, REQUEST_MIN_SECONDS=0.4)
     client = app.test_client()

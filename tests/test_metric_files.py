@@ -1,0 +1,90 @@
+"""Metrics files on a full disk: an OSError where a figure is first needed, never a SIGBUS."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from prometheus_client import values
+
+from prefs import metrics  # noqa: F401 - installs the file class, as every worker does
+from prefs.metric_files import FIRST_SIZE, AllocatedFile, entry_size
+from tests.disks import fill, small_disk
+
+
+def in_a_child(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python of its own: a SIGBUS kills the process that meets it."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def disk(tmp_path):
+    with small_disk(tmp_path / "disk", size="256k") as folder:
+        yield folder
+
+
+def test_prometheus_client_opens_its_files_as_ours():
+    # the multiprocess value class looks the file class up in its module when it opens one
+    assert values.MmapedDict is AllocatedFile
+
+
+def test_a_new_file_on_a_full_disk_is_an_error_and_leaves_nothing_half_made(disk):
+    fill(disk)
+    child = in_a_child(
+        f"""
+        from prefs.metric_files import AllocatedFile
+        try:
+            AllocatedFile({str(disk / "counter_1.db")!r})
+        except OSError as err:
+            print("refused", err.errno)
+        """
+    )
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.split() == ["refused", "28"]
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_file_that_must_grow_on_a_full_disk_refuses_the_new_figure_and_keeps_the_old(disk):
+    child = in_a_child(
+        f"""
+        import os
+        from prefs.metric_files import AllocatedFile
+        from tests.disks import fill
+        path = {str(disk / "counter_2.db")!r}
+        figures = AllocatedFile(path)
+        figures.write_value("first", 1.0, 0.0)
+        fill(__import__("pathlib").Path({str(disk)!r}))
+        n = 0
+        try:
+            while True:  # bounded by the file's first size: the next key needs it to grow
+                figures.write_value("figure %06d" % n, 2.0, 0.0)
+                n += 1
+        except OSError as err:
+            print("refused", err.errno)
+        figures.write_value("first", 3.0, 0.0)
+        print("kept", dict((k, v) for k, v, _ in figures.read_all_values())["first"], n)
+        """
+    )
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    lines = child.stdout.splitlines()
+    assert lines[0] == "refused 28"
+    label, value, written = lines[1].split()
+    assert label == "kept"
+    assert value == "3.0" and 0 < int(written) < FIRST_SIZE // entry_size("figure 000000")
+    assert (disk / "counter_2.db").stat().st_size == FIRST_SIZE
+
+
+def test_a_file_left_with_holes_is_filled_in_before_it_is_mapped(tmp_path):
+    # a worker whose pid an earlier one had opens that one's file: sparse if made elsewhere
+    path = tmp_path / "counter_3.db"
+    with path.open("wb") as f:
+        f.truncate(FIRST_SIZE)
+    assert path.stat().st_blocks == 0
+    figures = AllocatedFile(str(path))
+    figures.write_value("figure", 1.0, 0.0)
+    assert path.stat().st_blocks * 512 >= FIRST_SIZE
+    figures.close()
