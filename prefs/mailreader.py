@@ -9,7 +9,7 @@ A later reader of reports (ARF, DSN) walks the body's MIME parts within the same
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import policy
 from email.errors import HeaderParseError
 from email.header import decode_header
@@ -37,11 +37,12 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message's header fields (lower-case name, unfolded text) top first, and its body."""
+    """A message's header fields (lower-case name, unfolded text) top first, its body, and itself."""
 
     fields: tuple[tuple[str, str], ...]
     body: bytes
     from_lines: int
+    raw: bytes = field(repr=False)
 
     def values(self, name: str) -> list[str]:
         """Return the values of every field with this name, top first."""
@@ -67,7 +68,7 @@ def read(raw: bytes) -> Message:
         raise MessageTooLarge(f"the message has more than {MAX_FIELDS} header fields")
     if not {name for name, _ in fields} & {"from", "to", "subject"}:
         raise InvalidMessage("the message has no From, To or Subject header")
-    return Message(fields, body, len(_FROM_LINE.findall(head)))
+    return Message(fields, body, len(_FROM_LINE.findall(head)), raw)
 
 
 def _text(value: str) -> str:
