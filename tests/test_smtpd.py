@@ -511,3 +511,28 @@ def test_a_message_waiting_on_dns_does_not_hold_up_other_clients(mailbox_app, se
     session.rollback()
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
     assert "slow" in answered
+
+
+def test_a_client_streaming_empty_lines_does_not_hold_up_other_clients(mailbox_app, serve):
+    port = serve(mailbox_app, resolver=FakeDNS())
+    answered = {}
+
+    def flood():
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("mallory@evil.example")
+            client.rcpt(MAILBOX)
+            answered["flood"] = client.data(b"\r\n" * 500_000)[0]
+
+    flooding = threading.Thread(target=flood)
+    flooding.start()
+    try:
+        time.sleep(0.2)  # let the flood fill the receiver's buffer
+        started = time.monotonic()
+        with smtp(port) as client:
+            client.sendmail("victim@victim.example", [MAILBOX], raw_message())
+        elapsed = time.monotonic() - started
+    finally:
+        flooding.join(20)
+    assert elapsed < 1, elapsed
+    assert answered["flood"] in (550, 552)
