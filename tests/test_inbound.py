@@ -224,6 +224,24 @@ FORGERIES = {
     "a pass for a From in an encoded word": mail(
         ar(PASS), RECEIVED, sender="=?utf-8?q?victim=40victim.example?="
     ),
+    "our id in capitals and folded, below the sender's headers": mail(
+        RECEIVED, below=[f"AUTHENTICATION-RESULTS:\r\n {OURS.upper()};\r\n\t{PASS}"]
+    ),
+    "our id with a header.from in a U-label": mail(
+        ar("dmarc=pass header.from=v\u00efctim.example"), RECEIVED
+    ),
+    "our id after a comment naming another": mail(
+        f"Authentication-Results: (mx.other.example) {OURS}; dmarc=fail header.from=victim.example",
+        RECEIVED,
+        ar(PASS),
+    ),
+    "another host's id after a comment naming ours": mail(
+        f"Authentication-Results: ({OURS}) mx.other.example; {PASS}", RECEIVED
+    ),
+    "a quoted header.from for another domain": mail(ar('dmarc=pass header.from="evil.example"'), RECEIVED),
+    "a result named dmarc in another case, failing": mail(
+        ar(PASS), ar("DMARC=Fail header.from=victim.example"), RECEIVED
+    ),
     "a pass with a From of obsolete syntax beside it": mail(
         ar(PASS), RECEIVED, sender="mallory@victim.example\r\nFrom : victim@victim.example"
     ),
@@ -283,3 +301,24 @@ def test_an_international_from_domain_matches_its_a_label(app, session):
 def test_without_an_authserv_id_no_result_counts(app, session):
     outcome, allowed = decide(app, session, mail(ar(PASS), RECEIVED), authserv_id=None)
     assert outcome.action == "ignored" and allowed
+
+
+def test_a_display_name_that_looks_like_an_address_changes_only_the_real_one(app, session):
+    raw = mail(
+        ar("dmarc=pass header.from=evil.example"),
+        RECEIVED,
+        sender='"victim@victim.example" <mallory@evil.example>',
+    )
+    outcome, allowed = decide(app, session, raw)
+    assert outcome.action == "unsubscribed"
+    assert allowed
+    assert ledger.verdict_for(session, "mallory@evil.example", "news").reason == "unsubscribed_all"
+
+
+def test_a_token_in_an_encoded_subject_is_found(app, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    token = token_for(app, ann, "news")
+    encoded = "=?utf-8?q?" + f"unsubscribe-{token}".replace("_", "=5F") + "?="
+    outcome = inbound.handle(session, app.extensions["prefs.tokens"], message(subject=encoded), [], None)
+    assert (outcome.action, outcome.scope) == ("unsubscribed", "news")

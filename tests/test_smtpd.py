@@ -99,9 +99,13 @@ def test_only_the_unsubscribe_mailbox_is_accepted(mailbox_app, serve):
             "unsubscribex@prefs.example",
             "victim@gmail.com",
             '"unsubscribe@prefs.example"@evil.example',
+            "unsubscribe%evil.example@prefs.example",
+            "unsubscribe@[127.0.0.1]",
+            "unsubscribe@prefs.example@evil.example",
         ):
             code, text = client.rcpt(other)
-            assert (code, text[:5]) == (550, b"5.1.1"), other
+            # 553 5.1.3: aiosmtpd's own answer to an address it cannot read
+            assert (code, text[:5]) in ((550, b"5.1.1"), (553, b"5.1.3")), other
         for ours in (MAILBOX, "unsubscribe@PREFS.Example", "unsubscribe+abc_DEF-123@prefs.example"):
             assert client.rcpt(ours)[0] == 250, ours
 
