@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -141,6 +142,9 @@ def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None =
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="prefs-smtpd")
     handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool)
-    controller = _Controller(handler, hostname=host, port=port, data_size_limit=MAX_MESSAGE)
+    # aiosmtpd would otherwise look up the host's name (socket.getfqdn) for each connection
+    controller = _Controller(
+        handler, hostname=host, port=port, server_hostname=socket.getfqdn(), data_size_limit=MAX_MESSAGE
+    )
     controller.start()
     return Receiver(controller, pool)
