@@ -26,7 +26,10 @@ from tests.test_smtpd import FakeDNS
 pytestmark = pytest.mark.reliability
 
 MAILBOX = "unsubscribe@prefs.example"
-BOUND = 2.0  # seconds: each message is answered within this (they take milliseconds)
+# seconds: each message is answered within this. The API takes milliseconds; the SMTP
+# receiver's reading of DATA (aiosmtpd, line by line) takes about 4 us a line, so a 1 MiB
+# message of empty lines takes about 1.7 s on an idle machine (others are served meanwhile)
+BOUND = {"api": 2.0, "smtp": 5.0}
 PEOPLE = ["victim@victim.example", "ann@example.com", "bob@example.com"]
 
 
@@ -77,7 +80,7 @@ def test_forged_and_hostile_mail_changes_nobody(service_database, tmp_path, monk
     lost = [email for email in PEOPLE[1:] if states[email]]
     api_5xx = [s for s, _ in answered["api"] if s is None or s >= 500]
     smtp_bad = [s for s, _ in answered["smtp"] if s is None]
-    slowest = max(elapsed for replies in answered.values() for _, elapsed in replies)
+    slowest = {surface: max(e for _, e in replies) for surface, replies in answered.items()}
     tried = len(attacks) * 2
     taken = sum(1 for replies in answered.values() for status, _ in replies if status in (200, 250))
     report(
@@ -88,16 +91,17 @@ def test_forged_and_hostile_mail_changes_nobody(service_database, tmp_path, monk
         len(api_5xx) + len(smtp_bad),
         f"forged mail: {len(attacks)} forgeries and hostile shapes, each to gunicorn and to smtpd: "
         f"{len(changed)} unsubscribed anyone, {tried - taken} refused with a 4xx/5xx code, "
-        f"{taken} taken and ignored, slowest answer {slowest:.2f} s; "
+        f"{taken} taken and ignored, slowest answer {slowest['api']:.2f} s (API), "
+        f"{slowest['smtp']:.2f} s (SMTP); "
         f"2 genuine opt-outs between them, {2 - len(lost)} recorded",
     )
     assert genuine_api.status == 200
     assert not changed, changed
     assert not lost, lost
     assert not api_5xx and not smtp_bad, (api_5xx, smtp_bad)
-    names = [f"{surface}: {name}" for surface in answered for name in attacks]
-    elapsed = [e for replies in answered.values() for _, e in replies]
-    assert slowest < BOUND, max(zip(elapsed, names, strict=True))
+    for surface, replies in answered.items():
+        worst = max(zip((e for _, e in replies), attacks, strict=True))
+        assert worst[0] < BOUND[surface], (surface, worst)
 
 
 def smtp_reply(port: int, raw: bytes) -> tuple[int | None, float]:
