@@ -129,6 +129,7 @@ def domain_error(err: DomainError) -> Any:
         UnknownTopic: 422,
         InvalidToken: 422,
         inbound.InvalidMessage: 400,
+        inbound.MessageTooLarge: 413,
     }.get(type(err), 422)
     return json_error(status, err.code, str(err))
 

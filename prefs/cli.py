@@ -213,7 +213,8 @@ def demo(serve: bool, port: int) -> None:
 @click.option("--listen", default="127.0.0.1:8025", show_default=True, help="HOST:PORT to receive mail on.")
 @with_appcontext
 def smtpd(listen: str) -> None:
-    """Receive mail for the unsubscribe address and honour it, until stopped."""
+    """Receive mail for the unsubscribe address and honour it, until stopped (Ctrl-C or SIGTERM)."""
+    import signal
     import threading
 
     from . import receiver
@@ -222,14 +223,25 @@ def smtpd(listen: str) -> None:
     if not host or not port.isdigit():
         raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:8025", param_hint="--listen")
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    controller = receiver.start(app, host.strip("[]"), int(port))
+    if not app.config.get("UNSUBSCRIBE_MAILTO"):
+        raise click.ClickException(
+            "PREFS_UNSUBSCRIBE_MAILTO is not set: it is the only mailbox smtpd receives for"
+        )
+    running = receiver.start(app, host.strip("[]"), int(port))
     click.echo(f"receiving unsubscribe mail on {listen}; stop with Ctrl-C")
+    # SIGTERM (a service manager's stop) ends it the way Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
-        controller.stop()
+        signal.signal(signal.SIGTERM, previous)
+        running.stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @click.command("import")

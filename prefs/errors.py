@@ -53,3 +53,21 @@ class UnknownRequest(DomainError):
     """No data-subject request has this id."""
 
     code = "unknown_request"
+
+
+class InvalidMessage(DomainError):
+    """The body is not an RFC 5322 message we can read within our bounds."""
+
+    code = "invalid_message"
+
+
+class MessageTooLarge(InvalidMessage):
+    """The message, or its header section, is larger than we read."""
+
+    code = "message_too_large"
+
+
+class TryLater(DomainError):
+    """The message cannot be judged now (a DNS answer is missing); the sender should retry."""
+
+    code = "try_later"

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import getaddresses
 
 from sqlalchemy.orm import Session
 
-from . import ledger
+from . import authresults, ledger, mailreader
 from .addresses import normalize_or_none
-from .errors import DomainError, InvalidToken, UnknownSubscriber, UnknownTopic
+from .errors import InvalidMessage, InvalidToken, MessageTooLarge, TryLater, UnknownSubscriber, UnknownTopic
 from .ledger import Origin
+from .mailreader import MAX_MESSAGE, Message
 from .tokens import Tokens
 
-MAX_MESSAGE = 1024 * 1024
+__all__ = ["MAX_MESSAGE", "InvalidMessage", "MessageTooLarge", "Outcome", "TryLater", "handle"]
+
 _SUBJECT_TOKEN = re.compile(r"unsubscribe-([A-Za-z0-9_.~-]{20,256})", re.IGNORECASE)
 _LOCAL_TOKEN = re.compile(r"^[^@+]+\+([A-Za-z0-9_.~-]{20,256})@", re.IGNORECASE)
+_RECIPIENT_FIELDS = ("to", "delivered-to", "x-original-to")
 
-
-class InvalidMessage(DomainError):
-    """The body is not an RFC 822 message we can read."""
-
-    code = "invalid_message"
+# given the message and its From domain, tell whether that domain is proven by DMARC
+SenderCheck = Callable[[Message, str], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,37 +34,19 @@ class Outcome:
     reason: str
 
 
-def parse(raw: bytes) -> EmailMessage:
-    """Parse a raw message, or raise ``InvalidMessage``."""
-    if not raw or len(raw) > MAX_MESSAGE:
-        raise InvalidMessage("the message is empty or larger than 1 MiB")
-    try:
-        message = BytesParser(policy=policy.default).parsebytes(raw)
-        headers = {k.lower() for k in message}
-    except (ValueError, TypeError, IndexError, LookupError) as err:
-        raise InvalidMessage(f"the message cannot be parsed: {type(err).__name__}") from None
-    if not headers & {"from", "to", "subject"}:
-        raise InvalidMessage("the message has no From, To or Subject header")
-    if not isinstance(message, EmailMessage):
-        raise InvalidMessage("the message cannot be parsed")
-    return message
+def parse(raw: bytes) -> Message:
+    """Read a raw message within bounds, or raise ``InvalidMessage``."""
+    return mailreader.read(raw)
 
 
-def _header(message: EmailMessage, name: str) -> str:
-    try:
-        return str(message.get(name, "") or "")
-    except (ValueError, TypeError, IndexError, LookupError):
-        return ""
-
-
-def find_token(message: EmailMessage, recipients: list[str]) -> str | None:
+def find_token(message: Message, recipients: list[str]) -> str | None:
     """Return the token that a List-Unsubscribe mailto put in the subject or the address."""
-    match = _SUBJECT_TOKEN.search(_header(message, "subject"))
+    match = _SUBJECT_TOKEN.search(mailreader.subject(message))
     if match:
         return match.group(1)
     candidates = list(recipients)
-    for name in ("to", "delivered-to", "x-original-to"):
-        candidates.extend(address for _, address in getaddresses([_header(message, name)]))
+    for name in _RECIPIENT_FIELDS:
+        candidates.extend(mailreader.addresses(message, name))
     for address in candidates:
         local = _LOCAL_TOKEN.match(address.strip())
         if local:
@@ -75,22 +54,22 @@ def find_token(message: EmailMessage, recipients: list[str]) -> str | None:
     return None
 
 
-def dmarc_passed(message: EmailMessage, authserv_id: str | None, from_domain: str) -> bool:
-    """Tell whether our own receiving host reported ``dmarc=pass`` for the From domain."""
-    if not authserv_id:
+def sole_sender(message: Message) -> str | None:
+    """Return the normalized From address when there is exactly one From field with one address."""
+    if len(message.values("from")) != 1 or message.from_lines != 1:
+        return None
+    senders = mailreader.addresses(message, "from")
+    return normalize_or_none(senders[0]) if len(senders) == 1 else None
+
+
+def is_our_mailbox(address: str, mailbox: str) -> bool:
+    """Tell whether a recipient is the unsubscribe mailbox or one of its ``+<token>`` forms."""
+    local, at, domain = address.strip().rpartition("@")
+    our_local, _, our_domain = mailbox.rpartition("@")
+    if not at or not (local.lower() == our_local or local.lower().startswith(our_local + "+")):
         return False
-    for value in message.get_all("authentication-results") or []:
-        text = str(value)
-        server, _, results = text.partition(";")
-        if server.strip().split()[0:1] != [authserv_id]:
-            continue  # anyone can write this header; only our host's counts
-        for result in results.split(";"):
-            result = result.strip().lower()
-            if result.startswith("dmarc=pass"):
-                domain = re.search(r"header\.from=([^\s;]+)", result)
-                if domain is None or domain.group(1).rstrip(".") == from_domain:
-                    return True
-    return False
+    normalized = normalize_or_none(f"{our_local}@{domain}")
+    return normalized is not None and normalized.rpartition("@")[2] == our_domain
 
 
 def handle(
@@ -99,19 +78,26 @@ def handle(
     raw: bytes,
     recipients: list[str] | None = None,
     authserv_id: str | None = None,
+    check_sender: SenderCheck | None = None,
 ) -> Outcome:
-    """Record the opt-out a message asks for, if it names one or proves its sender."""
-    message = parse(raw)
+    """Record the opt-out a message asks for, if it names one or proves its sender.
+
+    Without ``check_sender``, the sender is proven only by the results our boundary MTA
+    (``authserv_id``) put at the top of the message. ``check_sender`` may raise ``TryLater``.
+    """
+    message = mailreader.read(raw)
     token = find_token(message, recipients or [])
     if token is not None:
         return _by_token(session, tokens, token)
-    senders = getaddresses([_header(message, "from")])
-    if len(senders) != 1:
-        return Outcome("ignored", None, "the message has no single From address")
-    address = normalize_or_none(senders[0][1])
+    address = sole_sender(message)
     if address is None:
-        return Outcome("ignored", None, "the From address is not valid")
-    if not dmarc_passed(message, authserv_id, address.rpartition("@")[2]):
+        return Outcome("ignored", None, "the message has no single valid From address")
+    domain = address.rpartition("@")[2]
+    if check_sender is None:
+        proven = authresults.boundary_proves(message, authserv_id, domain)
+    else:
+        proven = check_sender(message, domain)
+    if not proven:
         return Outcome("ignored", None, "no token, and the sender is not proven by dmarc=pass from our host")
     try:
         subscriber = ledger.ensure_subscriber(session, address)

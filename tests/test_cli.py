@@ -129,7 +129,7 @@ def test_smtpd_refuses_a_listen_address_without_a_port(runner, session):
     assert "HOST:PORT" in result.output
 
 
-def test_smtpd_receives_until_stopped(runner, session, monkeypatch):
+def test_smtpd_receives_until_stopped(make_app, monkeypatch):
     import threading
 
     from prefs import receiver
@@ -147,6 +147,7 @@ def test_smtpd_receives_until_stopped(runner, session, monkeypatch):
     def interrupted(self, timeout=None):
         raise KeyboardInterrupt
 
+    runner = make_app(UNSUBSCRIBE_MAILTO="unsubscribe@example.com").test_cli_runner()
     monkeypatch.setattr(receiver, "start", start)
     monkeypatch.setattr(threading.Event, "wait", interrupted)
     result = run(runner, "smtpd", "--listen", "127.0.0.1:2525")
