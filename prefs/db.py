@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import re
 import threading
 import time
@@ -76,10 +77,12 @@ def _busy() -> OperationalError:
 
 
 _gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+_busy_timeouts: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 
 
 def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     """Set SQLite's pragmas on every connection and begin writes with BEGIN IMMEDIATE."""
+    _busy_timeouts[engine] = busy_timeout_ms
     if engine.dialect.name != "sqlite":
         return
     if engine.url.database and engine.url.database != ":memory:":
@@ -132,6 +135,36 @@ def write_transaction(session: Session) -> Iterator[Session]:
         yield session
 
 
+def run_committed(session: Session, work: Callable[[], T]) -> T:
+    """Run ``work`` in one write transaction and commit it; return what it returned.
+
+    A deadlock or serialization failure rolls it back and runs it again, a few times with
+    a random pause: the other transaction has gone on by then. Called inside another write
+    transaction, ``work`` joins it, and the outer one retries.
+    """
+    if session.info.get(WRITE):
+        return work()
+    attempt = 1
+    while True:
+        try:
+            with write_transaction(session):
+                return work()
+        except DBAPIError as err:
+            if attempt >= CONFLICT_TRIES or not conflict(err):
+                raise
+        back_off(attempt)
+        attempt += 1
+
+
+# a deadlock or serialization failure is tried this many times in all before it is a 503
+CONFLICT_TRIES = 4
+
+
+def back_off(attempt: int) -> None:
+    """Pause before the next try of a transaction that lost a conflict: random, growing."""
+    time.sleep(random.uniform(0.002, 0.010 * 2**attempt))  # noqa: S311 (jitter, not a secret)
+
+
 @contextmanager
 def _transaction(session: Session) -> Iterator[None]:
     session.connection(execution_options={WRITE: True})
@@ -144,6 +177,10 @@ def _transaction(session: Session) -> Iterator[None]:
         raise
     finally:
         session.info.pop(WRITE, None)
+
+
+class _WaitAlone(Exception):
+    """A change's outcome in a group: a lock it needs is held elsewhere; try it alone."""
 
 
 class _Waiter(Generic[T, R]):
@@ -227,6 +264,11 @@ class DriverTransaction:
 Writer = Session | DriverTransaction
 
 
+# how long a group's connection waits for a row lock before the change that needs it is
+# taken out of the group and tried alone (a group commits in a few milliseconds)
+GROUP_LOCK_WAIT_MS = 100
+
+
 class _OwnConnection:
     """A driver connection of one group commit's, in one process, outside the engine's pool.
 
@@ -249,9 +291,22 @@ class _OwnConnection:
                 raise _sqlalchemy_error(engine, None, None, err) from err
             self._connection, self._pid, self.fresh = pooled.dbapi_connection, os.getpid(), True
             pooled.detach()
+            if engine.dialect.name == "postgresql":
+                self._wait_briefly(engine)
         else:
             self.fresh = False
         return self._connection
+
+    def _wait_briefly(self, engine: Engine) -> None:
+        """Make this connection give up on a lock after ``GROUP_LOCK_WAIT_MS`` (at most the busy timeout)."""
+        wait = min(GROUP_LOCK_WAIT_MS, _busy_timeouts.get(engine, GROUP_LOCK_WAIT_MS))
+        try:
+            with self._connection.cursor() as cursor:
+                cursor.execute(f"SET lock_timeout = {int(wait)}")
+            self._connection.commit()
+        except engine.dialect.loaded_dbapi.Error as err:
+            self.close()
+            raise _sqlalchemy_error(engine, "SET lock_timeout", None, err) from err
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -281,8 +336,17 @@ class GroupCommit(Generic[T, R]):
     ``apply`` raising ``expected`` (a domain error: unknown subscriber, say) fails that
     change alone; it must raise it before writing anything. Any other failure rolls the
     group back and each change is retried in a transaction of its own, so one change's
-    fault is never another's. Changes are applied in ``order``: on PostgreSQL groups lock
-    their rows in one order and cannot deadlock each other.
+    fault is never another's. Changes are applied in ``order``, the ledger's lock order:
+    on PostgreSQL groups lock their rows as every other writer does and deadlock nobody.
+
+    A row another transaction holds (an operator's ``SELECT … FOR UPDATE``, a long batch)
+    must not hold up the others' changes. The group's connection waits at most
+    ``GROUP_LOCK_WAIT_MS`` for a lock; the change that could not get its lock is taken
+    out, the rest are applied again and committed, and that change is tried alone, in its
+    own request's thread and a pooled connection, with the full busy timeout. A deadlock
+    or serialization failure (a foreign transaction's doing) is tried again, a few times.
+    A database that is down, or SQLite's one write lock held past the busy timeout, fails
+    every change of the group at once: that is an outage for all of them.
     """
 
     def __init__(
@@ -331,7 +395,29 @@ class GroupCommit(Generic[T, R]):
             me.woken.wait()
         if not me.done:
             self._lead()
-        return me.outcome()
+        try:
+            return me.outcome()
+        except _WaitAlone:
+            return self._alone(item, session)
+
+    def _alone(self, item: T, session: Session | None) -> R:
+        """Apply one change in a transaction of its own, waiting for its locks the full busy timeout."""
+
+        def apply(writer: Session) -> R:
+            engine = writer.get_bind().engine
+            if engine.dialect.name == "postgresql":
+                # lock_timeout counts each lock anew, and a second waiter on one row waits
+                # for two (the row's place in line, then the holder): bound the whole wait
+                timeout = int(_busy_timeouts.get(engine, 0))
+                writer.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {timeout}")
+            return self._apply(writer, item)
+
+        if session is not None:
+            return run_committed(session, lambda: apply(session))
+        engine = self._engine()
+        assert engine is not None, "a group commit outlived its engine"
+        with Session(engine) as own:
+            return run_committed(own, lambda: apply(own))
 
     def _lead(self) -> None:
         with self._mutex:
@@ -351,18 +437,33 @@ class GroupCommit(Generic[T, R]):
                 else:
                     self._leading = False
 
-    def _commit(self, group: list[_Waiter[T, R]], again: bool = False) -> None:
+    def _commit(self, group: list[_Waiter[T, R]], again: bool = False, attempt: int = 1) -> None:
         outcomes: list[tuple[_Waiter[T, R], R | None, BaseException | None]] = []
+        applying: _Waiter[T, R] | None = None
         try:
             with self._transaction() as writer:
                 for waiter in group:
+                    applying = waiter
                     try:
                         outcomes.append((waiter, self._apply(writer, waiter.item), None))
                     except self._expected as err:
                         outcomes.append((waiter, None, err))
+                applying = None
         except Exception as err:
             if self._stale(err) and not again:
-                self._commit(group, again=True)
+                self._commit(group, again=True, attempt=attempt)
+                return
+            if applying is not None and self._own is not None and lock_wait(err):
+                # another transaction holds a row this change needs: it waits alone, in its
+                # own thread, and the others commit without it
+                applying.settle(error=_WaitAlone())
+                rest = [waiter for waiter in group if waiter is not applying]
+                if rest:
+                    self._commit(rest, again=again)
+                return
+            if conflict(err) and attempt < CONFLICT_TRIES:
+                back_off(attempt)
+                self._commit(group, again=again, attempt=attempt + 1)
                 return
             if len(group) == 1 or _unavailable(err):
                 # a database that is down or busy is so for each of them: retrying one by
@@ -430,6 +531,26 @@ def _sqlalchemy_error(
 def _unavailable(err: Exception) -> bool:
     """Tell whether a failure is the database's (lost, unreachable, busy), not a change's."""
     return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
+
+
+# PostgreSQL's SQLSTATEs: a deadlock, a serialization failure; a lock not had within lock_timeout
+_CONFLICTS = frozenset({"40P01", "40001"})
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _sqlstate(err: BaseException) -> str | None:
+    state = getattr(getattr(err, "orig", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def conflict(err: BaseException) -> bool:
+    """Tell whether a transaction lost a conflict with another (a deadlock): worth trying again."""
+    return _sqlstate(err) in _CONFLICTS
+
+
+def lock_wait(err: BaseException) -> bool:
+    """Tell whether a statement gave up waiting for a lock that another transaction holds."""
+    return _sqlstate(err) == _LOCK_NOT_AVAILABLE
 
 
 def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:
