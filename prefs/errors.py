@@ -47,3 +47,15 @@ class UnknownRequest(DomainError):
     """No data-subject request has this id."""
 
     code = "unknown_request"
+
+
+class IdempotencyKeyReused(DomainError):
+    """An idempotency key came again with another request than the one it was first used for."""
+
+    code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInUse(DomainError):
+    """A request with this idempotency key is still being answered."""
+
+    code = "idempotency_key_in_use"

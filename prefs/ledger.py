@@ -7,11 +7,12 @@ records nothing, so every audit event is a real change.
 The lock order. On PostgreSQL every writer takes its locks in this one order, so no
 two of them can deadlock (SQLite's writers take turns on one lock):
 
-1. new subscribers, by inserting them in address order (``checks``, ``imports``: a
+1. a request's idempotency key (``idempotency.once``: a second request with the key waits);
+2. new subscribers, by inserting them in address order (``checks``, ``imports``: a
    concurrent insert of the same address waits on the unique index);
-2. subscriber rows, in public id order (``sorted`` on ``str``, ``COLLATE "C"`` in SQL);
+3. subscriber rows, in public id order (``sorted`` on ``str``, ``COLLATE "C"`` in SQL);
    the group commit, ``record_many``, imports and erasure all lock them so;
-3. a subscriber's preferences and events, only while holding that subscriber's row.
+4. a subscriber's preferences and events, only while holding that subscriber's row.
 
 One transaction locks its subscribers in one pass of that order: a writer that would
 lock a second set after the first commits in between. A deadlock that a foreign
