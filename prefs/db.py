@@ -267,6 +267,9 @@ Writer = Session | DriverTransaction
 # how long a group's connection waits for a row lock before the change that needs it is
 # taken out of the group and tried alone (a group commits in a few milliseconds)
 GROUP_LOCK_WAIT_MS = 100
+# how long a change taken out of its group waits for one of the few connections that such
+# changes may hold at once, before it fails (its row is most likely held for long)
+ALONE_SLOT_WAIT = 0.5
 
 
 class _OwnConnection:
@@ -343,8 +346,9 @@ class GroupCommit(Generic[T, R]):
     must not hold up the others' changes. The group's connection waits at most
     ``GROUP_LOCK_WAIT_MS`` for a lock; the change that could not get its lock is taken
     out, the rest are applied again and committed, and that change is tried alone, in its
-    own request's thread and a pooled connection, with the full busy timeout. A deadlock
-    or serialization failure (a foreign transaction's doing) is tried again, a few times.
+    own request's thread and a pooled connection, with the full busy timeout (``_alone``
+    bounds how many such waits a process holds). A deadlock or serialization failure (a
+    foreign transaction's doing) is tried again, a few times.
     A database that is down, or SQLite's one write lock held past the busy timeout, fails
     every change of the group at once: that is an outage for all of them.
     """
@@ -367,6 +371,10 @@ class GroupCommit(Generic[T, R]):
         self._queue: list[_Waiter[T, R]] = []
         self._leading = False
         self._engine = weakref.ref(engine)  # the engine's map of groups holds the group
+        size = getattr(engine.pool, "size", None)
+        self._alone_slots = threading.BoundedSemaphore(max(1, size() // 2) if callable(size) else 2)
+        # the order keys (rows) of changes that met a lock held elsewhere, until when to expect it held
+        self._held: dict[Any, float] = {}
         self._own: _OwnConnection | None = None
         if not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")):
             own = self._own = _OwnConnection()
@@ -384,6 +392,8 @@ class GroupCommit(Generic[T, R]):
             if session.info.get(WRITE):
                 return self._apply(session, item)  # inside a caller's transaction: theirs commits
             _end_read(session)
+        if self._held and self._held.get(self._order(item), 0.0) > time.monotonic():
+            return self._alone(item, session)  # its row is held elsewhere: no group need wait for it
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)
@@ -401,23 +411,43 @@ class GroupCommit(Generic[T, R]):
             return self._alone(item, session)
 
     def _alone(self, item: T, session: Session | None) -> R:
-        """Apply one change in a transaction of its own, waiting for its locks the full busy timeout."""
+        """Apply one change in a transaction of its own, waiting for its locks the full busy timeout.
 
-        def apply(writer: Session) -> R:
-            engine = writer.get_bind().engine
-            if engine.dialect.name == "postgresql":
-                # lock_timeout counts each lock anew, and a second waiter on one row waits
-                # for two (the row's place in line, then the holder): bound the whole wait
-                timeout = int(_busy_timeouts.get(engine, 0))
-                writer.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {timeout}")
-            return self._apply(writer, item)
-
-        if session is not None:
-            return run_committed(session, lambda: apply(session))
+        Such changes wait on pooled connections and in request threads: at most half the
+        pool's connections at once (``_alone_slots``), and a change that finds them all
+        taken waits ``ALONE_SLOT_WAIT`` for one, then fails (503). So many changes to held
+        rows (one subscriber clicked again and again, a locked topic) leave the pool and
+        the threads to everyone else's requests.
+        """
         engine = self._engine()
         assert engine is not None, "a group commit outlived its engine"
-        with Session(engine) as own:
-            return run_committed(own, lambda: apply(own))
+        timeout = _busy_timeouts.get(engine, 5000) / 1000
+        deadline = time.monotonic() + timeout
+        key = self._order(item)
+        self._held[key] = deadline  # until it gets its lock, its row's next changes skip the groups
+        if not self._alone_slots.acquire(timeout=min(timeout, ALONE_SLOT_WAIT)):
+            raise OperationalError(
+                "BEGIN", None, TimeoutError("the locks these changes need are held elsewhere")
+            )
+        try:
+
+            def apply(writer: Session) -> R:
+                if engine.dialect.name == "postgresql":
+                    # lock_timeout counts each lock anew, and a second waiter on one row waits
+                    # for two (the row's place in line, then the holder): bound the whole wait
+                    left = max(1, int((deadline - time.monotonic()) * 1000))
+                    writer.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {left}")
+                return self._apply(writer, item)
+
+            if session is not None:
+                result = run_committed(session, lambda: apply(session))
+            else:
+                with Session(engine) as own:
+                    result = run_committed(own, lambda: apply(own))
+            self._held.pop(key, None)
+            return result
+        finally:
+            self._alone_slots.release()
 
     def _lead(self) -> None:
         with self._mutex:

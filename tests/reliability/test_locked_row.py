@@ -126,3 +126,121 @@ def test_one_locked_row_fails_only_its_own_changes(service_database, tmp_path):
         assert outcome.headers.get("retry-after")
         assert outcome.elapsed < 1.5 * BUSY_MS / 1000, (kind, outcome.elapsed)
     assert held not in recorded
+
+
+def test_many_changes_for_one_locked_row_leave_the_pool_to_the_others(service_database, tmp_path):
+    if service_database.startswith("sqlite"):
+        pytest.skip("SQLite locks the whole database for a writer: there are no row locks")
+    addresses = [f"row{n}@example.com" for n in range(1 + OTHERS)]
+    _, seeded = seed(service_database, tmp_path / "instance", addresses)
+    held, others = seeded.public_ids[0], seeded.public_ids[1:]
+    tokens = Tokens(TEST_KEYS)
+    page = urlencode({"scope": "link"}).encode()
+    # a mailbox provider's retries and a recipient's clicks on the held row: 16 at once, in one
+    # worker whose 16 threads share a pool of 5 connections, among the others' page POSTs
+    click = ONE_CLICK_BODY.encode()
+    planned = [
+        ("held", "one-click", f"/u/{tokens.unsubscribe(held, 'news', f'h{n}')}", click) for n in range(16)
+    ]
+    for n, public_id in enumerate(others):
+        link = tokens.unsubscribe(public_id, "news", f"o{n}")
+        planned.insert(2 * n + 1, ("other", "page", f"/u/{link}", page))
+    service = Service(
+        service_database,
+        tmp_path,
+        PREFS_WORKERS="1",
+        PREFS_THREADS="16",
+        PREFS_DB_POOL_SIZE="5",
+        PREFS_DB_BUSY_TIMEOUT_MS=str(BUSY_MS),
+        PREFS_RATELIMIT_ONE_CLICK="1000 per minute",
+    ).start()
+    engine = create_engine(service_database)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1 FROM subscribers WHERE public_id = :p FOR UPDATE"), {"p": held})
+            outcomes = send_all(service.base, planned)
+            conn.rollback()
+        log = service.log()
+    finally:
+        engine.dispose()
+        service.stop()
+    recorded = out_of_news(service_database)
+
+    theirs = [o for who, _, o in outcomes if who == "other"]
+    mine = [o for who, _, o in outcomes if who == "held"]
+    server_errors = sum(1 for _, _, o in outcomes if o.status is None or o.status >= 500)
+    report(
+        "one row locked, 16 changes to it at once",
+        len(outcomes),
+        sum(1 for o in outcomes if o[2].status == 200),
+        0,
+        server_errors,
+        f"one locked row, 16 changes to it in one worker (16 threads, pool of 5): held "
+        f"{dict(Counter(o.status for o in mine))} within {max(o.elapsed for o in mine):.2f} s, others "
+        f"{dict(Counter(o.status for o in theirs))} within {max(o.elapsed for o in theirs):.2f} s",
+    )
+    assert "Traceback" not in log
+    for outcome in theirs:
+        assert outcome.status == 200, (outcome.status, outcome.elapsed, outcome.body[:200])
+        assert outcome.elapsed < NORMAL, outcome.elapsed
+    assert set(others) <= recorded
+    for outcome in mine:
+        assert outcome.status == 503, (outcome.status, outcome.body[:200])
+        assert outcome.elapsed < 1.5 * BUSY_MS / 1000, outcome.elapsed
+
+
+def test_a_locked_topic_fails_only_that_topics_changes(service_database, tmp_path):
+    if service_database.startswith("sqlite"):
+        pytest.skip("SQLite locks the whole database for a writer: there are no row locks")
+    addresses = [f"row{n}@example.com" for n in range(2 * OTHERS)]
+    _, seeded = seed(service_database, tmp_path / "instance", addresses, ["news", "offers"])
+    tokens = Tokens(TEST_KEYS)
+    # one-clicks alternating between the held topic and another, for distinct subscribers
+    topic = ("offers", "news")
+    planned = [
+        (
+            ("other", "held")[n % 2],
+            "one-click",
+            f"/u/{tokens.unsubscribe(pid, topic[n % 2])}",
+            ONE_CLICK_BODY.encode(),
+        )
+        for n, pid in enumerate(seeded.public_ids)
+    ]
+    service = Service(
+        service_database,
+        tmp_path,
+        PREFS_DB_BUSY_TIMEOUT_MS=str(BUSY_MS),
+        PREFS_RATELIMIT_ONE_CLICK="1000 per minute",
+    ).start()
+    engine = create_engine(service_database)
+    try:
+        with engine.connect() as conn:
+            # a row of topics held FOR UPDATE: every new preference for it waits (its foreign key)
+            conn.execute(text("SELECT 1 FROM topics WHERE key = 'news' FOR UPDATE"))
+            outcomes = send_all(service.base, planned)
+            conn.rollback()
+        log = service.log()
+    finally:
+        engine.dispose()
+        service.stop()
+
+    theirs = [o for who, _, o in outcomes if who == "other"]
+    mine = [o for who, _, o in outcomes if who == "held"]
+    server_errors = sum(1 for _, _, o in outcomes if o.status is None or o.status >= 500)
+    report(
+        "one topic row locked, other topics' changes",
+        len(outcomes),
+        sum(1 for o in outcomes if o[2].status == 200),
+        0,
+        server_errors,
+        f"one locked topic: its one-clicks {dict(Counter(o.status for o in mine))} within "
+        f"{max(o.elapsed for o in mine):.2f} s, another topic's {dict(Counter(o.status for o in theirs))} "
+        f"within {max(o.elapsed for o in theirs):.2f} s",
+    )
+    assert "Traceback" not in log
+    for outcome in theirs:
+        assert outcome.status == 200, (outcome.status, outcome.elapsed, outcome.body[:200])
+        assert outcome.elapsed < NORMAL, outcome.elapsed
+    for outcome in mine:
+        assert outcome.status == 503, (outcome.status, outcome.body[:200])
+        assert outcome.elapsed < 1.5 * BUSY_MS / 1000, outcome.elapsed
