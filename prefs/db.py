@@ -270,6 +270,8 @@ GROUP_LOCK_WAIT_MS = 100
 # how long a change taken out of its group waits for one of the few connections that such
 # changes may hold at once, before it fails (its row is most likely held for long)
 ALONE_SLOT_WAIT = 0.5
+# rows remembered as held before the expired ones are forgotten
+HELD_KEPT = 1000
 
 
 class _OwnConnection:
@@ -424,6 +426,11 @@ class GroupCommit(Generic[T, R]):
         timeout = _busy_timeouts.get(engine, 5000) / 1000
         deadline = time.monotonic() + timeout
         key = self._order(item)
+        if len(self._held) >= HELD_KEPT:  # a long outage (a held topic) meets many rows: forget the past
+            now = time.monotonic()
+            for old, until in list(self._held.items()):
+                if until <= now:
+                    self._held.pop(old, None)
         self._held[key] = deadline  # until it gets its lock, its row's next changes skip the groups
         if not self._alone_slots.acquire(timeout=min(timeout, ALONE_SLOT_WAIT)):
             raise OperationalError(

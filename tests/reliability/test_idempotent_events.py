@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import drop_postgresql_database, fresh_postgresql_database
 from tests.reliability.figures import report
-from tests.reliability.harness import Outcome, Service, seed, timed, wait_until
+from tests.reliability.harness import Cluster, Outcome, Service, seed, timed, wait_until
 from tests.reliability.test_lock_order import api_events_by_campaign
 
 pytestmark = pytest.mark.reliability
@@ -103,4 +106,75 @@ def test_events_sent_again_with_the_same_key_get_the_first_answer(service_databa
         assert outcome.status == 422 and json.loads(outcome.body)["error"]["code"] == "idempotency_key_reused"
     # without a key, a batch sent again is a new request: nothing changes any more
     assert plain.status == 200 and not any(r["changed"] for r in json.loads(plain.body)["results"])
+    assert "Traceback" not in log
+
+
+@pytest.fixture
+def cluster():
+    server = Cluster()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def test_postgresql_restarted_under_keyed_batches_records_each_event_once(cluster, tmp_path):
+    url = fresh_postgresql_database(cluster.url, "prefs_restart")
+    _, seeded = seed(url, tmp_path / "instance", [e["email"] for n in range(BATCHES) for e in batch(n)])
+    service = Service(url, tmp_path, PREFS_WORKERS="2", PREFS_THREADS="4").start()
+    api = {"Content-Type": "application/json", "Authorization": f"Bearer {seeded.api_key}"}
+    tried: list[Outcome] = []
+    final: dict[int, Outcome] = {}
+    lock = threading.Lock()
+
+    def sender(first: int) -> None:
+        deadline = time.monotonic() + 90
+        for n in range(first, BATCHES, 4):
+            headers = {**api, "Idempotency-Key": f"restart-{n}"}
+            body = json.dumps({"events": batch(n)}).encode()
+            while time.monotonic() < deadline:  # a mailer retrying a batch until it is answered
+                outcome = timed(
+                    service.base, "POST", "/api/v1/events", body=body, headers=headers, timeout=15
+                )
+                with lock:
+                    tried.append(outcome)
+                if outcome.status == 200:
+                    final[n] = outcome
+                    break
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        cluster.stop()  # sessions cut mid-batch, then refused
+        time.sleep(2)
+        cluster.start()
+        for thread in threads:
+            thread.join(120)
+        log = service.log()
+    finally:
+        service.stop()
+    on_file = api_events_by_campaign(url)
+    drop_postgresql_database(url)
+
+    statuses = Counter(o.status for o in tried)
+    first = {"results": [{"status": "accepted", "changed": True}] * EVENTS}
+    wrong = [n for n, o in final.items() if json.loads(o.body) != first]
+    twice = [c for c, count in on_file.items() if count != 1]
+    report(
+        "PostgreSQL restarted under keyed event batches",
+        len(tried),
+        len(final),
+        len(wrong) + len(twice) + BATCHES - len(final),
+        sum(n for s, n in statuses.items() if s is None or s >= 500),
+        f"restart under keyed batches: {BATCHES} batches, {len(tried)} tries {dict(statuses)}, "
+        f"{len(final)} answered 200 in the end, {len(wrong)} final answers unlike a first one, "
+        f"{len(twice)} events not on file exactly once",
+    )
+    assert len(final) == BATCHES and not wrong
+    assert not twice and len(on_file) == BATCHES * EVENTS
+    assert set(statuses) <= {200, 503, None}, statuses  # refused while down, never a 500
     assert "Traceback" not in log
