@@ -15,13 +15,15 @@ from flask import Blueprint, Response, current_app, g, request, stream_with_cont
 from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
 
-from . import campaigns, checks, feeds, inbound, ledger, metrics, register, subjects, topics
+from . import campaigns, checks, feeds, idempotency, inbound, ledger, metrics, register, subjects, topics
 from . import keys as api_keys
 from . import schemas as s
 from .addresses import normalize
 from .errors import (
     Conflict,
     DomainError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     InvalidAddress,
     InvalidToken,
     InvalidValue,
@@ -53,7 +55,7 @@ def requires(scope: str) -> Callable[[F], F]:
                 return (*response, {"WWW-Authenticate": 'Bearer realm="prefs"'})
             if scope not in api_keys.scopes_of(key):
                 return json_error(403, "forbidden", f"this key lacks the {scope!r} scope")
-            g.api_key_name = key.name
+            g.api_key_name, g.api_key_id = key.name, key.id
             # counted per key once the key is known: a stranger cannot spend a mailer's limit
             with limiter.limit(_key_limit, key_func=_limit_key, scope="api-key"):
                 return view(*args, **kwargs)
@@ -130,13 +132,19 @@ def domain_error(err: DomainError) -> Any:
         InvalidToken: 422,
         inbound.InvalidMessage: 400,
         inbound.MessageTooLarge: 413,
+        IdempotencyKeyReused: 422,
+        IdempotencyKeyInUse: 409,
     }.get(type(err), 422)
     return json_error(status, err.code, str(err))
 
 
 def _json(body: Any, status: int = 200) -> Response:
     # the check answers thousands of results: skip Flask's sorted, indented encoder
-    return Response(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
+    return Response(_dumps(body), status, mimetype="application/json")
+
+
+def _dumps(body: Any) -> str:
+    return json.dumps(body, separators=(",", ":"))
 
 
 @bp.post("/check")
@@ -245,12 +253,41 @@ _EVENT_ITEM = s.EventItem()
 @bp.post("/events")
 @requires("write")
 def events() -> Response:
-    """Record reported unsubscribes, re-subscriptions, complaints and hard bounces."""
+    """Record reported unsubscribes, re-subscriptions, complaints and hard bounces.
+
+    With an ``Idempotency-Key``, a request sent again (its answer lost) gets the first
+    answer, and records nothing more.
+    """
     payload = json_body(s.EventsRequest())
     db = session()
+    key = _idempotency_key()
+    if key is None:
+        results, batch = _prepare_events(db, payload["events"])
+        return _json({"results": _record_events(db, results, batch)})
+    scope, request_hash = f"events:{g.api_key_id}", idempotency.request_digest(payload)
+    answer = idempotency.kept(db, scope, key, request_hash)
+    if answer is None:
+        results, batch = _prepare_events(db, payload["events"])
+        answer = idempotency.once(
+            db,
+            scope,
+            key,
+            request_hash,
+            lambda: (200, _dumps({"results": _record_events(db, results, batch)})),
+        )
+    response = Response(answer.body, answer.status, mimetype="application/json")
+    if answer.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _prepare_events(
+    db: Any, items: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any] | None], list[tuple[int, Change]]]:
+    """Check each event and find or create its subscriber; return the results so far and the changes."""
     results: list[dict[str, Any] | None] = []
     wanted: list[tuple[int, dict[str, Any], str]] = []
-    for index, item in enumerate(payload["events"]):
+    for index, item in enumerate(items):
         try:
             event = _EVENT_ITEM.load(item)
             address = normalize(event["email"])
@@ -276,9 +313,36 @@ def events() -> Response:
             )
             continue
         batch.append((index, _change(public_id, event)))
+    return results, batch
+
+
+def _record_events(
+    db: Any, prepared: list[dict[str, Any] | None], batch: list[tuple[int, Change]]
+) -> list[dict[str, Any] | None]:
+    """Record the changes in one transaction; return every event's result."""
+    results = list(prepared)
     for (index, _), changed in zip(batch, ledger.record_many(db, [c for _, c in batch]), strict=True):
         results[index] = {"status": "accepted", "changed": changed}
-    return _json({"results": results})
+    return results
+
+
+# RFC 8941's sf-string, as the IETF draft writes the header, or the bare token most APIs take
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}\Z")
+
+
+def _idempotency_key() -> str | None:
+    """Return the request's ``Idempotency-Key``, if any; 400 for one that is not 1-255 printable ASCII."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = re.sub(r"\\([\\\"])", r"\1", value[1:-1])
+    if not _IDEMPOTENCY_KEY.match(value) or not value.strip():
+        raise _Problem(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        )
+    return value
 
 
 def _change(public_id: str, event: dict[str, Any]) -> Change:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from .addresses import normalize_all
-from .db import driver_rows, driver_rows_meanwhile, write_transaction
+from .db import driver_rows, driver_rows_meanwhile, run_committed
 from .ledger import new_public_ids
 from .models import Subscriber, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -263,8 +263,16 @@ def _create(
     # PostgreSQL inserts in its own process while ``meanwhile`` runs in this one. SQLite
     # inserts in this process, and holds its write lock until the commit: after it, then.
     overlap = session.get_bind().dialect.name == "postgresql"
-    with write_transaction(session):
-        inserted = _insert(session, fresh, meanwhile if overlap else _nothing)
+    judged: list[bool] = []
+
+    def meanwhile_once() -> None:  # a try run again after a deadlock has judged them already
+        if not judged:
+            judged.append(True)
+            meanwhile()
+
+    inserted = run_committed(
+        session, lambda: _insert(session, fresh, meanwhile_once if overlap else _nothing)
+    )
     if not overlap:
         meanwhile()
     # a stranger until now: no choices, never left, never bounced

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import re
 import threading
 import time
@@ -79,10 +80,12 @@ def _busy() -> OperationalError:
 
 
 _gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+_busy_timeouts: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 
 
 def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     """Set SQLite's pragmas on every connection and begin writes with BEGIN IMMEDIATE."""
+    _busy_timeouts[engine] = busy_timeout_ms
     if engine.dialect.name != "sqlite":
         return
     if engine.url.database and engine.url.database != ":memory:":
@@ -136,6 +139,36 @@ def write_transaction(session: Session) -> Iterator[Session]:
         yield session
 
 
+def run_committed(session: Session, work: Callable[[], T]) -> T:
+    """Run ``work`` in one write transaction and commit it; return what it returned.
+
+    A deadlock or serialization failure rolls it back and runs it again, a few times with
+    a random pause: the other transaction has gone on by then. Called inside another write
+    transaction, ``work`` joins it, and the outer one retries.
+    """
+    if session.info.get(WRITE):
+        return work()
+    attempt = 1
+    while True:
+        try:
+            with write_transaction(session):
+                return work()
+        except DBAPIError as err:
+            if attempt >= CONFLICT_TRIES or not conflict(err):
+                raise
+        back_off(attempt)
+        attempt += 1
+
+
+# a deadlock or serialization failure is tried this many times in all before it is a 503
+CONFLICT_TRIES = 4
+
+
+def back_off(attempt: int) -> None:
+    """Pause before the next try of a transaction that lost a conflict: random, growing."""
+    time.sleep(random.uniform(0.002, 0.010 * 2**attempt))  # noqa: S311 (jitter, not a secret)
+
+
 @contextmanager
 def _transaction(session: Session) -> Iterator[None]:
     session.connection(execution_options={WRITE: True})
@@ -148,6 +181,10 @@ def _transaction(session: Session) -> Iterator[None]:
         raise
     finally:
         session.info.pop(WRITE, None)
+
+
+class _WaitAlone(Exception):
+    """A change's outcome in a group: a lock it needs is held elsewhere; try it alone."""
 
 
 class _Waiter(Generic[T, R]):
@@ -231,6 +268,16 @@ class DriverTransaction:
 Writer = Session | DriverTransaction
 
 
+# how long a group's connection waits for a row lock before the change that needs it is
+# taken out of the group and tried alone (a group commits in a few milliseconds)
+GROUP_LOCK_WAIT_MS = 100
+# how long a change taken out of its group waits for one of the few connections that such
+# changes may hold at once, before it fails (its row is most likely held for long)
+ALONE_SLOT_WAIT = 0.5
+# rows remembered as held before the expired ones are forgotten
+HELD_KEPT = 1000
+
+
 class _OwnConnection:
     """A driver connection of one group commit's, in one process, outside the engine's pool.
 
@@ -253,9 +300,22 @@ class _OwnConnection:
                 raise _sqlalchemy_error(engine, None, None, err) from err
             self._connection, self._pid, self.fresh = pooled.dbapi_connection, os.getpid(), True
             pooled.detach()
+            if engine.dialect.name == "postgresql":
+                self._wait_briefly(engine)
         else:
             self.fresh = False
         return self._connection
+
+    def _wait_briefly(self, engine: Engine) -> None:
+        """Make this connection give up on a lock after ``GROUP_LOCK_WAIT_MS`` (at most the busy timeout)."""
+        wait = min(GROUP_LOCK_WAIT_MS, _busy_timeouts.get(engine, GROUP_LOCK_WAIT_MS))
+        try:
+            with self._connection.cursor() as cursor:
+                cursor.execute(f"SET lock_timeout = {int(wait)}")
+            self._connection.commit()
+        except engine.dialect.loaded_dbapi.Error as err:
+            self.close()
+            raise _sqlalchemy_error(engine, "SET lock_timeout", None, err) from err
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -285,8 +345,18 @@ class GroupCommit(Generic[T, R]):
     ``apply`` raising ``expected`` (a domain error: unknown subscriber, say) fails that
     change alone; it must raise it before writing anything. Any other failure rolls the
     group back and each change is retried in a transaction of its own, so one change's
-    fault is never another's. Changes are applied in ``order``: on PostgreSQL groups lock
-    their rows in one order and cannot deadlock each other.
+    fault is never another's. Changes are applied in ``order``, the ledger's lock order:
+    on PostgreSQL groups lock their rows as every other writer does and deadlock nobody.
+
+    A row another transaction holds (an operator's ``SELECT … FOR UPDATE``, a long batch)
+    must not hold up the others' changes. The group's connection waits at most
+    ``GROUP_LOCK_WAIT_MS`` for a lock; the change that could not get its lock is taken
+    out, the rest are applied again and committed, and that change is tried alone, in its
+    own request's thread and a pooled connection, with the full busy timeout (``_alone``
+    bounds how many such waits a process holds). A deadlock or serialization failure (a
+    foreign transaction's doing) is tried again, a few times.
+    A database that is down, or SQLite's one write lock held past the busy timeout, fails
+    every change of the group at once: that is an outage for all of them.
     """
 
     def __init__(
@@ -307,6 +377,10 @@ class GroupCommit(Generic[T, R]):
         self._queue: list[_Waiter[T, R]] = []
         self._leading = False
         self._engine = weakref.ref(engine)  # the engine's map of groups holds the group
+        size = getattr(engine.pool, "size", None)
+        self._alone_slots = threading.BoundedSemaphore(max(1, size() // 2) if callable(size) else 2)
+        # the order keys (rows) of changes that met a lock held elsewhere, until when to expect it held
+        self._held: dict[Any, float] = {}
         self._own: _OwnConnection | None = None
         if not (engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")):
             own = self._own = _OwnConnection()
@@ -324,6 +398,8 @@ class GroupCommit(Generic[T, R]):
             if session.info.get(WRITE):
                 return self._apply(session, item)  # inside a caller's transaction: theirs commits
             _end_read(session)
+        if self._held and self._held.get(self._order(item), 0.0) > time.monotonic():
+            return self._alone(item, session)  # its row is held elsewhere: no group need wait for it
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)
@@ -335,7 +411,54 @@ class GroupCommit(Generic[T, R]):
             me.woken.wait()
         if not me.done:
             self._lead()
-        return me.outcome()
+        try:
+            return me.outcome()
+        except _WaitAlone:
+            return self._alone(item, session)
+
+    def _alone(self, item: T, session: Session | None) -> R:
+        """Apply one change in a transaction of its own, waiting for its locks the full busy timeout.
+
+        Such changes wait on pooled connections and in request threads: at most half the
+        pool's connections at once (``_alone_slots``), and a change that finds them all
+        taken waits ``ALONE_SLOT_WAIT`` for one, then fails (503). So many changes to held
+        rows (one subscriber clicked again and again, a locked topic) leave the pool and
+        the threads to everyone else's requests.
+        """
+        engine = self._engine()
+        assert engine is not None, "a group commit outlived its engine"
+        timeout = _busy_timeouts.get(engine, 5000) / 1000
+        deadline = time.monotonic() + timeout
+        key = self._order(item)
+        if len(self._held) >= HELD_KEPT:  # a long outage (a held topic) meets many rows: forget the past
+            now = time.monotonic()
+            for old, until in list(self._held.items()):
+                if until <= now:
+                    self._held.pop(old, None)
+        self._held[key] = deadline  # until it gets its lock, its row's next changes skip the groups
+        if not self._alone_slots.acquire(timeout=min(timeout, ALONE_SLOT_WAIT)):
+            raise OperationalError(
+                "BEGIN", None, TimeoutError("the locks these changes need are held elsewhere")
+            )
+        try:
+
+            def apply(writer: Session) -> R:
+                if engine.dialect.name == "postgresql":
+                    # lock_timeout counts each lock anew, and a second waiter on one row waits
+                    # for two (the row's place in line, then the holder): bound the whole wait
+                    left = max(1, int((deadline - time.monotonic()) * 1000))
+                    writer.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {left}")
+                return self._apply(writer, item)
+
+            if session is not None:
+                result = run_committed(session, lambda: apply(session))
+            else:
+                with Session(engine) as own:
+                    result = run_committed(own, lambda: apply(own))
+            self._held.pop(key, None)
+            return result
+        finally:
+            self._alone_slots.release()
 
     def _lead(self) -> None:
         with self._mutex:
@@ -355,18 +478,33 @@ class GroupCommit(Generic[T, R]):
                 else:
                     self._leading = False
 
-    def _commit(self, group: list[_Waiter[T, R]], again: bool = False) -> None:
+    def _commit(self, group: list[_Waiter[T, R]], again: bool = False, attempt: int = 1) -> None:
         outcomes: list[tuple[_Waiter[T, R], R | None, BaseException | None]] = []
+        applying: _Waiter[T, R] | None = None
         try:
             with self._transaction() as writer:
                 for waiter in group:
+                    applying = waiter
                     try:
                         outcomes.append((waiter, self._apply(writer, waiter.item), None))
                     except self._expected as err:
                         outcomes.append((waiter, None, err))
+                applying = None
         except Exception as err:
             if self._stale(err) and not again:
-                self._commit(group, again=True)
+                self._commit(group, again=True, attempt=attempt)
+                return
+            if applying is not None and self._own is not None and lock_wait(err):
+                # another transaction holds a row this change needs: it waits alone, in its
+                # own thread, and the others commit without it
+                applying.settle(error=_WaitAlone())
+                rest = [waiter for waiter in group if waiter is not applying]
+                if rest:
+                    self._commit(rest, again=again)
+                return
+            if conflict(err) and attempt < CONFLICT_TRIES:
+                back_off(attempt)
+                self._commit(group, again=again, attempt=attempt + 1)
                 return
             if len(group) == 1 or _unavailable(err):
                 # a database that is down or busy is so for each of them: retrying one by
@@ -434,6 +572,26 @@ def _sqlalchemy_error(
 def _unavailable(err: Exception) -> bool:
     """Tell whether a failure is the database's (lost, unreachable, busy), not a change's."""
     return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
+
+
+# PostgreSQL's SQLSTATEs: a deadlock, a serialization failure; a lock not had within lock_timeout
+_CONFLICTS = frozenset({"40P01", "40001"})
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _sqlstate(err: BaseException) -> str | None:
+    state = getattr(getattr(err, "orig", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def conflict(err: BaseException) -> bool:
+    """Tell whether a transaction lost a conflict with another (a deadlock): worth trying again."""
+    return _sqlstate(err) in _CONFLICTS
+
+
+def lock_wait(err: BaseException) -> bool:
+    """Tell whether a statement gave up waiting for a lock that another transaction holds."""
+    return _sqlstate(err) == _LOCK_NOT_AVAILABLE
 
 
 def driver_rows(session: Session, sql: str, params: Any) -> list[Any]:

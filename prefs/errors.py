@@ -71,3 +71,13 @@ class TryLater(DomainError):
     """The message cannot be judged now (a DNS answer is missing); the sender should retry."""
 
     code = "try_later"
+class IdempotencyKeyReused(DomainError):
+    """An idempotency key came again with another request than the one it was first used for."""
+
+    code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInUse(DomainError):
+    """A request with this idempotency key is still being answered."""
+
+    code = "idempotency_key_in_use"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from itertools import islice
 from typing import Any, TextIO
 
@@ -38,7 +39,7 @@ from sqlalchemy.schema import CreateTable
 
 from . import metrics
 from .addresses import normalize_or_none
-from .db import write_transaction
+from .db import run_committed
 from .import_formats import RANK, Row, read_rows
 from .ledger import UNSUBSCRIBE, insert_for, new_public_ids, txid_for
 from .models import ErasedAddress, Event, Preference, Subscriber, UTCDateTime, utcnow
@@ -51,6 +52,8 @@ SQLITE_CACHE_KIB = 64 * 1024
 SOURCE = "import"
 # the summary keeps this many invalid line numbers; the count is always complete
 MAX_LINES_SHOWN = 100
+# a batch's addresses, each with its strongest reason, first time and campaign
+Batch = dict[str, tuple[str, datetime, str | None]]
 
 staging = Table(
     "prefs_import_batch",
@@ -84,6 +87,10 @@ class Summary:
 class _DryRun(Exception):
     """Roll the transaction back: a dry run counts and changes nothing."""
 
+    def __init__(self, done: list[tuple[int, int, int]]) -> None:
+        super().__init__()
+        self.done = done
+
 
 def import_file(
     session: Session,
@@ -103,40 +110,17 @@ def import_file(
     # the dialect's own processor: SQLite keeps times as text in SQLAlchemy's one format
     at_type = staging.c.at.type.dialect_impl(dialect)
     to_db: Callable[[Any], Any] = at_type.bind_processor(dialect) or (lambda value: value)
+    # a few batches per transaction on SQLite: each commit is an fsync (synchronous=FULL).
+    # One on PostgreSQL: a transaction locks its subscribers in one pass of the lock order
+    per_commit = 1 if dialect.name == "postgresql" else BATCHES_PER_COMMIT
     chunks = _chunks(rows, batch_size)
-    more = True
-    while more:
-        done: list[tuple[int, int, int]] = []
+    while taken := list(islice(chunks, per_commit)):
+        batches = [_valid(chunk, summary, now or utcnow()) for chunk in taken]
+        record = partial(_record, session, batches, fingerprint, to_db, topic_id, topic_key, now, dry_run)
         try:
-            # a few batches per transaction: each commit is an fsync (synchronous=FULL)
-            with write_transaction(session):
-                # most databases have erased nobody: then no row needs its fingerprint
-                erasures = session.scalar(select(ErasedAddress.fingerprint).limit(1)) is not None
-                taken = 0
-                for chunk in islice(chunks, BATCHES_PER_COMMIT):
-                    taken += 1
-                    batch = _valid(chunk, summary, now or utcnow())
-                    if not batch:
-                        continue
-                    staged = [
-                        (
-                            email,
-                            fingerprint(email) if erasures else None,
-                            public_id,
-                            reason,
-                            to_db(at),
-                            campaign,
-                        )
-                        for (email, (reason, at, campaign)), public_id in zip(
-                            sorted(batch.items()), new_public_ids(len(batch)), strict=True
-                        )
-                    ]
-                    done.append((*_apply(session, staged, topic_id, topic_key, now or utcnow()), len(staged)))
-                more = taken == BATCHES_PER_COMMIT
-                if dry_run:
-                    raise _DryRun()
-        except _DryRun:
-            pass
+            done = run_committed(session, record)
+        except _DryRun as rolled_back:
+            done = rolled_back.done
         for added, erased, staged_count in done:
             summary.added += added
             summary.erased += erased
@@ -144,16 +128,43 @@ def import_file(
     return summary
 
 
+def _record(
+    session: Session,
+    batches: list[Batch],
+    fingerprint: Callable[[str], str],
+    to_db: Callable[[Any], Any],
+    topic_id: int | None,
+    topic_key: str | None,
+    now: datetime | None,
+    dry_run: bool,
+) -> list[tuple[int, int, int]]:
+    """Within a write transaction: record the batches; return, for each, added, erased and staged."""
+    # most databases have erased nobody: then no row needs its fingerprint
+    erasures = session.scalar(select(ErasedAddress.fingerprint).limit(1)) is not None
+    done = []
+    for batch in batches:
+        if not batch:
+            continue
+        staged = [
+            (email, fingerprint(email) if erasures else None, public_id, reason, to_db(at), campaign)
+            for (email, (reason, at, campaign)), public_id in zip(
+                sorted(batch.items()), new_public_ids(len(batch)), strict=True
+            )
+        ]
+        done.append((*_apply(session, staged, topic_id, topic_key, now or utcnow()), len(staged)))
+    if dry_run:
+        raise _DryRun(done)
+    return done
+
+
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
     while chunk := list(islice(rows, size)):
         yield chunk
 
 
-def _valid(
-    chunk: Iterable[Row], summary: Summary, now: datetime
-) -> dict[str, tuple[str, datetime, str | None]]:
+def _valid(chunk: Iterable[Row], summary: Summary, now: datetime) -> Batch:
     """Normalize a chunk; keep one entry per address, with its strongest reason and first time."""
-    batch: dict[str, tuple[str, datetime, str | None]] = {}
+    batch: Batch = {}
     for row in chunk:
         summary.read += 1
         email = normalize_or_none(row.email)
@@ -201,7 +212,8 @@ def _apply(
                 ["email", "public_id", "created_at", "version",
                  "left_all_reason", "left_all_version", "left_all_at"],
                 select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(1),
-                       staging.c.reason, literal(1), staging.c.at),
+                       staging.c.reason, literal(1), staging.c.at)
+                .order_by(staging.c.email),  # the lock order: new addresses in address order
             )
             .on_conflict_do_nothing(index_elements=[Subscriber.email])
             .returning(Subscriber.email)
@@ -211,13 +223,13 @@ def _apply(
             session.execute(update(staging).where(staging.c.email == inserted.c.email).values(changed=True))
         )
     else:
+        new = select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(0))
         session.execute(
             insert_for(session)(Subscriber)
             .from_select(
                 ["email", "public_id", "created_at", "version"],
-                select(staging.c.email, staging.c.public_id, literal(now, UTCDateTime), literal(0)).where(
-                    true()
-                ),
+                # the lock order: new addresses in address order (SQLite's writers take turns)
+                new.order_by(staging.c.email) if postgresql else new.where(true()),
             )
             .on_conflict_do_nothing(index_elements=[Subscriber.email])
         )
@@ -226,7 +238,13 @@ def _apply(
     if postgresql:
         # lock the batch's other subscribers, so the rows chosen below are the rows changed
         # (SQLite's BEGIN IMMEDIATE holds the whole database already)
-        session.execute(select(Subscriber.id).where(in_batch).with_for_update()).all()
+        # in the lock order: by public id, compared byte by byte as Python's sorted() does
+        session.execute(
+            select(Subscriber.id)
+            .where(in_batch)
+            .order_by(Subscriber.public_id.collate("C"))
+            .with_for_update()
+        ).all()
     added = made + (_leave_all(session) if topic_id is None else _leave_topic(session, topic_id))
     txid = session.scalar(select(txid_for(session)))
     session.execute(

@@ -3,6 +3,20 @@
 Each recording function runs in one write transaction that is committed before it
 returns: an acknowledged opt-out is never lost.  A request that changes nothing
 records nothing, so every audit event is a real change.
+
+The lock order. On PostgreSQL every writer takes its locks in this one order, so no
+two of them can deadlock (SQLite's writers take turns on one lock):
+
+1. a request's idempotency key (``idempotency.once``: a second request with the key waits);
+2. new subscribers, by inserting them in address order (``checks``, ``imports``: a
+   concurrent insert of the same address waits on the unique index);
+3. subscriber rows, in public id order (``sorted`` on ``str``, ``COLLATE "C"`` in SQL);
+   the group commit, ``record_many``, imports and erasure all lock them so;
+4. a subscriber's preferences and events, only while holding that subscriber's row.
+
+One transaction locks its subscribers in one pass of that order: a writer that would
+lock a second set after the first commits in between. A deadlock that a foreign
+transaction causes anyway is tried again (``db.run_committed``) before it is a 503.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .db import GroupCommit, Statement, Writer, write_transaction
+from .db import GroupCommit, Statement, Writer, run_committed, write_transaction
 from .errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -181,12 +195,11 @@ def record_choices(
     session: Session, public_id: str, choices: Mapping[str, bool], origin: Origin
 ) -> list[str]:
     """Save a preference center's form in one transaction; return the topics that changed."""
-    changed = []
-    with write_transaction(session):
-        for key, subscribed in choices.items():
-            if _choose(session, public_id, key, subscribed, origin):
-                changed.append(key)
-    return changed
+
+    def save() -> list[str]:
+        return [key for key, on in choices.items() if _choose(session, public_id, key, on, origin)]
+
+    return run_committed(session, save)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +214,19 @@ class Change:
 
 
 def record_many(session: Session, changes: list[Change]) -> list[bool]:
-    """Record a batch of changes in one transaction; return, for each, whether it changed."""
-    with write_transaction(session):
-        return [_apply(session, change) for change in changes]
+    """Record a batch of changes in one transaction; return, for each, whether it changed.
+
+    They are applied in the lock order (by public id); one subscriber's in the order given.
+    """
+    order = sorted(range(len(changes)), key=lambda i: changes[i].public_id)
+
+    def record() -> list[bool]:
+        changed = [False] * len(changes)
+        for i in order:
+            changed[i] = _apply(session, changes[i])
+        return changed
+
+    return run_committed(session, record)
 
 
 def _apply(session: Writer, change: Change) -> bool:

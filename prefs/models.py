@@ -1,4 +1,6 @@
-"""The tables: subscribers, topics, preferences, audit events, API keys, erasures, campaigns, requests."""
+"""The tables: subscribers, topics, preferences, audit events, API keys, erasures, campaigns, requests,
+and the answers kept under idempotency keys.
+"""
 
 from __future__ import annotations
 
@@ -213,3 +215,21 @@ class Request(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     outcome: Mapped[str | None] = mapped_column(String(32))
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class IdempotencyKey(Base):
+    """A request's answer, kept for a while under the key its sender gave it, for a retry.
+
+    ``scope`` says whose keys they are: one API key's events (``events:<id>``), say, or a
+    provider's webhooks, whose key is the provider's event id. Only hashes of the key and
+    of the request are kept, with the answer given.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)
+    answer: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -20,8 +20,10 @@ of its own.
 Every other request, and any one-click it does not answer with a 200 (a link that does
 not verify, a limit reached, a language whose page the view has not rendered yet, any
 error at all), goes on to Flask as it came, its body included: the view then answers it,
-pages and errors alike. Recording an opt-out a second time changes nothing, so handing
-a request on after a failed write is safe.
+pages and errors alike. A database fault (what the app answers 503) goes with it, and the
+view answers that without writing again: the write has waited out its busy timeout, or
+found the database away, once already. After any other error the view writes again;
+recording an opt-out a second time changes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from flask import current_app, has_app_context
 from limits import RateLimitItem, parse_many
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from . import i18n, ledger, monitoring, privacy
 from .errors import InvalidToken
@@ -43,6 +47,7 @@ from .extensions import RATELIMIT_KEY_PREFIX, db, limiter, session
 from .logs import request_id
 from .public import (
     ONE_CLICK,
+    ONE_CLICK_FAULT,
     ONE_CLICK_PAGES,
     ONE_CLICK_ROUTE,
     ONE_CLICK_SCOPE,
@@ -115,6 +120,10 @@ class OneClick:
                 key, "one-click", link.campaign, environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT")
             )
             ledger.record_opt_out(engine, link.public_id, link.topic, origin)
+        except (OperationalError, PoolTimeout) as err:
+            log.info("one-click handed to the view after %s", type(err).__name__)
+            environ[ONE_CLICK_FAULT] = err
+            return None
         except Exception as err:  # the view meets the same fault and answers it
             log.info("one-click handed to the view after %s", type(err).__name__)
             return None

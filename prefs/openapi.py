@@ -12,12 +12,13 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from . import schemas as s
 
 ERRORS = {
-    "400": "Malformed JSON or message",
+    "400": "Malformed JSON or message, or an Idempotency-Key that is not 1-255 printable ASCII",
     "401": "No key, or an unknown or revoked key",
     "403": "The key lacks the scope",
     "413": "The body is larger than PREFS_MAX_BODY_BYTES",
     "415": "Wrong content type",
-    "422": "Validation failed; `fields` names the failing ones",
+    "409": "It exists already; or a request with this Idempotency-Key is still being answered",
+    "422": "Validation failed (`fields` names the failing ones), or the Idempotency-Key was another body's",
     "429": "Rate limit for this key; see Retry-After",
     "503": "The database is briefly unavailable; see Retry-After",
 }
@@ -40,7 +41,25 @@ class Operation:
     errors: tuple[str, ...] = field(default=("401", "403", "429", "503"))
     extra_types: tuple[str, ...] = ()
     body_required: bool = True
+    idempotent: bool = False  # takes an Idempotency-Key
 
+
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Any key of yours for this request, such as a UUID (bare, or quoted as the IETF draft "
+        "writes it). The same key and body within 24 hours get the first answer, status and "
+        "body, and record nothing more; the same key with another body is 422. Keys are per "
+        "API key."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+}
+REPLAYED = {
+    "description": "`true` when the answer is the one kept from an earlier request with the same key",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 
 _BODY_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "503")
 _QUERY_ERRORS = ("401", "403", "422", "429", "503")
@@ -65,7 +84,7 @@ OPERATIONS = (
     Operation(
         "/events", "post", "write",
         "Report unsubscribes, re-subscriptions, complaints and hard bounces; each answered in order",
-        "200", s.EventsResponse, s.EventsRequest, errors=_BODY_ERRORS,
+        "200", s.EventsResponse, s.EventsRequest, errors=(*_BODY_ERRORS, "409"), idempotent=True,
     ),
     Operation(
         "/inbound", "post", "write",
@@ -128,6 +147,8 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
         doc["parameters"].append({"name": name, "in": "path", "required": True, "schema": kind})
     if op.query is not None:
         doc["parameters"].append({"in": "query", "schema": op.query})
+    if op.idempotent:
+        doc["parameters"].append(IDEMPOTENCY_KEY)
     if op.body is not None:
         doc["requestBody"] = {"required": op.body_required, "content": {op.body_type: {"schema": op.body}}}
     elif op.body_type != "application/json":
@@ -140,6 +161,8 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
         ok["content"] = {"application/json": {"schema": op.response}}
         for media in op.extra_types:
             ok["content"][media] = {"schema": {"type": "string"}}
+    if op.idempotent:
+        ok["headers"] = {"Idempotent-Replayed": REPLAYED}
     doc["responses"][op.ok] = ok
     for code in sorted(op.errors):
         doc["responses"][code] = {

@@ -9,7 +9,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from .addresses import mask
-from .db import write_transaction
+from .db import run_committed
 from .errors import UnknownSubscriber
 from .ledger import Origin, find_subscriber, history, insert_for, txid_for
 from .models import ErasedAddress, Event, Preference, Request, Subscriber, Topic, iso_time, utcnow
@@ -78,29 +78,31 @@ def erase_subject(session: Session, email: str, origin: Origin | None = None) ->
     """
     fingerprint = address_fingerprint(fingerprint_key(session), email)
     origin = origin or Origin("api")
-    with write_transaction(session):
-        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
-        if subscriber_id is None:
-            raise UnknownSubscriber("nothing is held about this address")
-        forget_address(session, email, fingerprint)
-        session.execute(
-            update(Event)
-            .where(Event.subscriber_id == subscriber_id)
-            .values(subscriber_id=None, fingerprint=None)
+    run_committed(session, lambda: _erase(session, email, fingerprint, origin))
+
+
+def _erase(session: Session, email: str, fingerprint: str, origin: Origin) -> None:
+    # the subscriber's row first, then what hangs on it: the ledger's lock order
+    subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email).with_for_update())
+    if subscriber_id is None:
+        raise UnknownSubscriber("nothing is held about this address")
+    forget_address(session, email, fingerprint)
+    session.execute(
+        update(Event).where(Event.subscriber_id == subscriber_id).values(subscriber_id=None, fingerprint=None)
+    )
+    session.execute(delete(Preference).where(Preference.subscriber_id == subscriber_id))
+    session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
+    session.execute(
+        insert_for(session)(Event).values(
+            txid=txid_for(session),
+            subscriber_id=None,
+            topic_id=None,
+            action="erase",
+            reason=None,
+            source=origin.source,
+            created_at=utcnow(),
         )
-        session.execute(delete(Preference).where(Preference.subscriber_id == subscriber_id))
-        session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
-        session.execute(
-            insert_for(session)(Event).values(
-                txid=txid_for(session),
-                subscriber_id=None,
-                topic_id=None,
-                action="erase",
-                reason=None,
-                source=origin.source,
-                created_at=utcnow(),
-            )
-        )
+    )
 
 
 def forget_address(session: Session, email: str, fingerprint: str) -> None:

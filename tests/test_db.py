@@ -1,10 +1,16 @@
 """SQLite is durable and takes the write lock up front; writes commit before returning."""
 
+import importlib
+
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from prefs.db import driver_rows, driver_rows_meanwhile, write_transaction
+from prefs.db import driver_rows, driver_rows_meanwhile, run_committed, write_transaction
 from prefs.extensions import db
+
+# the module, not the Flask-SQLAlchemy extension that prefs exports as ``db``
+db_module = importlib.import_module("prefs.db")
 
 
 def test_sqlite_pragmas_are_set_on_every_connection(app, session):
@@ -180,3 +186,40 @@ def test_a_uri_filename_shares_its_write_lock_with_the_plain_path(make_app, tmp_
         with write_transaction(db.session()):
             db.session().execute(text("SELECT 1"))
     assert uri_gate._path == plain_gate._path == f"{path}.write-lock"
+class Refused(Exception):
+    """A driver's error with PostgreSQL's SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+def test_a_deadlock_is_tried_again_a_few_times_then_raised(app, session, monkeypatch):
+    monkeypatch.setattr(db_module, "back_off", lambda attempt: None)
+    tries = []
+
+    def work(fail: int, sqlstate: str, name: str = "") -> str:
+        tries.append(sqlstate)
+        insert = text("INSERT INTO instance_secrets (name, value) VALUES (:n, 'v')")
+        session.execute(insert, {"n": name or sqlstate})
+        if tries.count(sqlstate) <= fail:
+            raise OperationalError("INSERT", None, Refused(sqlstate))
+        return "done"
+
+    # a deadlock, a serialization failure: the transaction is rolled back and run again
+    assert run_committed(session, lambda: work(2, "40P01")) == "done"
+    assert run_committed(session, lambda: work(1, "40001")) == "done"
+    assert tries.count("40P01") == 3 and tries.count("40001") == 2
+    # one that persists is raised after a few tries; anything else at once
+    with pytest.raises(OperationalError):
+        run_committed(session, lambda: work(9, "40P02"))
+    with pytest.raises(OperationalError):
+        run_committed(session, lambda: work(9, "55P03"))
+    assert tries.count("40P02") == 1 and tries.count("55P03") == 1
+    tries.clear()
+    with pytest.raises(OperationalError):
+        run_committed(session, lambda: work(9, "40001", "again"))
+    assert len(tries) == db_module.CONFLICT_TRIES
+    names = session.execute(text("SELECT name FROM instance_secrets")).scalars()
+    # each committed once, the failed tries rolled back
+    assert sorted(set(names) & {"40001", "40P01", "40P02", "55P03", "again"}) == ["40001", "40P01"]

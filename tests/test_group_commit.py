@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from prefs import ledger
 from prefs.db import GroupCommit, Statement, write_transaction
@@ -46,8 +47,19 @@ class Recorder:
             raise RuntimeError(name)
         if name.startswith("busy"):
             raise OperationalError("INSERT", None, TimeoutError("the database is busy"))
+        if name.endswith(("-deadlock", "-held")) and self.calls.count(name) == 1:
+            # PostgreSQL's: a deadlock detected; a lock not had within lock_timeout
+            raise OperationalError("INSERT", None, Refused("40P01" if "deadlock" in name else "55P03"))
         INSERT.first(writer, {"name": name})
         return name.upper()
+
+
+class Refused(Exception):
+    """A driver's error with PostgreSQL's SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
 
 
 def held_group(hold_first: bool = True) -> tuple[Recorder, GroupCommit[str, str]]:
@@ -126,6 +138,28 @@ def test_a_database_that_is_down_or_busy_fails_the_group_at_once(app):
     assert all(isinstance(outcomes[n], OperationalError) for n in ("a", "busy-b", "c"))
     assert recorder.calls == ["lead", "a", "busy-b"]  # no change tried again
     assert stored(names) == {"lead"}
+
+
+def test_a_deadlock_tries_the_group_again(app):
+    recorder, group = held_group()
+    names = ["lead", "a", "b-deadlock", "c"]
+    outcomes = run_together(app, group, recorder, names)
+    assert {n: outcomes[n] for n in names} == {n: n.upper() for n in names}
+    assert stored(names) == set(names)
+    assert recorder.calls == ["lead", "a", "b-deadlock", "a", "b-deadlock", "c"]
+    assert recorder.writers["a"] is recorder.writers["c"]  # together again
+
+
+def test_a_change_whose_row_is_held_elsewhere_waits_alone_and_the_others_commit(app):
+    recorder, group = held_group()
+    names = ["lead", "a", "b-held", "c"]
+    outcomes = run_together(app, group, recorder, names)
+    assert {n: outcomes[n] for n in names} == {n: n.upper() for n in names}
+    assert stored(names) == set(names)
+    # the group went on without it; it was tried once more, alone, in its own session
+    assert recorder.calls == ["lead", "a", "b-held", "a", "c", "b-held"]
+    assert recorder.writers["a"] is recorder.writers["c"]
+    assert isinstance(recorder.writers["b-held"], Session)
 
 
 def test_changes_are_applied_in_order_so_groups_lock_rows_alike(app):

@@ -10,6 +10,7 @@ from prefs.errors import InvalidValue, UnknownSubscriber, UnknownTopic
 from prefs.ledger import Origin
 from prefs.models import Event, Subscriber
 from prefs.rules import Verdict
+from tests.factories import events as trail
 from tests.factories import make_subscriber, make_topic
 
 TOKEN_SAFE = re.compile(r"[A-Za-z0-9_-]+")
@@ -238,3 +239,34 @@ def test_choosing_an_opt_out_topic_one_already_receives_records_nothing(session)
     assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is False
     assert [e.action for e in events(session)] == ["unsubscribe", "resubscribe"]
     assert verdict(session, "news").allowed
+
+
+def test_a_batch_is_recorded_in_lock_order_and_one_subscribers_changes_in_the_order_given(
+    session, monkeypatch
+):
+    make_topic(session, "news")
+    ann, bob = make_subscriber(session, "ann@example.com"), make_subscriber(session, "bob@example.com")
+    api = Origin("api")
+    later, earlier = sorted([ann, bob], key=lambda s: s.public_id, reverse=True)
+    changes = [
+        ledger.Change(later.public_id, "news", False, api),
+        ledger.Change(earlier.public_id, "news", False, api),
+        ledger.Change(later.public_id, "news", True, api),
+        ledger.Change(later.public_id, "news", True, api),
+        ledger.Change(earlier.public_id, None, False, api),
+        ledger.Change(later.public_id, "news", False, api),
+    ]
+    applied = []
+    apply = ledger._apply
+
+    def noted(writer, change):
+        applied.append(next(i for i, c in enumerate(changes) if c is change))
+        return apply(writer, change)
+
+    monkeypatch.setattr(ledger, "_apply", noted)
+    # answered in the order given; the later subscriber's repeat changes nothing
+    assert ledger.record_many(session, changes) == [True, True, True, False, True, True]
+    # rows are locked in public id order (the earlier subscriber's first), each one's changes in turn
+    assert applied == [1, 4, 0, 2, 3, 5]
+    assert [e[0] for e in trail(session, later)] == ["unsubscribe", "resubscribe", "unsubscribe"]
+    assert [e[0] for e in trail(session, earlier)] == ["unsubscribe", "unsubscribe"]

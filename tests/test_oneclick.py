@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from prefs import ledger, oneclick
 from prefs.extensions import limiter
 from prefs.extensions import session as db_session
-from prefs.models import Event
+from prefs.models import Event, Subscriber
 from tests.factories import allowed, events, make_subscriber, make_topic, unsubscribe_token
 from tests.test_public import ONE_CLICK, assert_public_headers
 
@@ -111,7 +111,13 @@ def test_what_the_layer_cannot_answer_goes_to_the_view(make_app):
 
 
 def test_a_database_fault_in_the_layer_is_answered_by_the_view(app, client, session, people, monkeypatch):
-    post(client, unsubscribe_token(people[0], "news"))  # the view renders the page
+    links = [unsubscribe_token(person, "news") for person in people]
+    ids = [person.id for person in people]
+
+    def trail(n):  # a 503 ends the app context's session, and with it the fixture's objects
+        return events(db_session(), db_session().get(Subscriber, ids[n]))
+
+    post(client, links[0])  # the view renders the page
     calls = count_view_calls(app)
     real = ledger.record_opt_out
     faults = []
@@ -123,15 +129,20 @@ def test_a_database_fault_in_the_layer_is_answered_by_the_view(app, client, sess
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ledger, "record_opt_out", once_unavailable)
-    response = post(client, unsubscribe_token(people[1], "news"))
-    assert response.status_code == 200 and len(calls) == 1 and faults == [1]
-    assert events(session, people[1]) == [("unsubscribe", "news", "one-click", None)]
+    # waited out once beneath the view (a held lock, the busy timeout): the view answers it
+    # at once, without a second write that would wait as long again
+    response = post(client, links[1])
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert len(calls) == 1 and faults == [1] and not trail(1)
+    again = post(client, links[1])
+    assert again.status_code == 200 and len(calls) == 1
+    assert trail(1) == [("unsubscribe", "news", "one-click", None)]
 
     def unavailable(*args, **kwargs):
         raise OperationalError("BEGIN IMMEDIATE", None, TimeoutError("the database is busy"))
 
     monkeypatch.setattr(ledger, "record_opt_out", unavailable)
-    down = post(client, unsubscribe_token(people[2], "news"))
+    down = post(client, links[2])
     assert down.status_code == 503 and down.headers["Retry-After"] == "5"
     assert "Traceback" not in down.get_data(as_text=True)
 
