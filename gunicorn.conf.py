@@ -23,6 +23,8 @@ Every value can be overridden on the command line (``-b``, ``-w``...) or in
   dead worker's live figures are dropped, so ``/metrics`` adds up across workers.
 - Access log: on stdout, with the token part of ``/u/...`` and ``/p/...`` links, any
   address, and the Authorization header masked.
+- Settings: the master checks them before any worker starts, so a missing or malformed one
+  stops the service with one line naming it (not a worker that fails and is restarted).
 """
 
 from __future__ import annotations
@@ -133,7 +135,12 @@ logger_class = MaskingLogger
 
 
 def on_starting(server: Any) -> None:
-    """Start from an empty metrics folder: figures of an earlier run must not add up."""
+    """Check the settings before any worker starts; start from an empty metrics folder."""
+    from prefs import config
+
+    # a bad setting stops the master here with one line (ConfigError), before any worker runs
+    config.service_settings()
+    # figures of an earlier run must not add up
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)
 

@@ -10,6 +10,7 @@ the steps the view takes, and with no app context: it keeps the app's engine and
 fingerprint key once it has looked them up, and the group commit writes on a connection
 of its own.
 
+- it answers only for a host the view answers for (``hosts.py``);
 - it verifies the link (``Tokens.read_unsubscribe``);
 - it counts the link against the view's rate limit, in Flask-Limiter's own storage under
   the key the view's limit uses, so both count the same link together;
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from flask import current_app, has_app_context
 from limits import RateLimitItem, parse_many
 
-from . import i18n, ledger, monitoring, privacy
+from . import hosts, i18n, ledger, monitoring, privacy
 from .errors import InvalidToken
 from .extensions import RATELIMIT_KEY_PREFIX, db, limiter, session
 from .logs import request_id
@@ -99,6 +100,8 @@ class OneClick:
         self, environ: WSGIEnvironment, token: str, started: float
     ) -> tuple[list[tuple[str, str]], bytes] | None:
         """Record the opt-out and return the headers and page, or None to hand it on."""
+        if not hosts.serves(environ, self.app.config["ALLOWED_HOSTS"]):
+            return None  # the view refuses it
         pages: dict[str, str] = self.app.extensions.get(ONE_CLICK_PAGES, {})
         page = pages.get(i18n.accepted_language(environ.get("HTTP_ACCEPT_LANGUAGE")))
         if page is None:

@@ -277,15 +277,20 @@ def stylesheet() -> ResponseReturnValue:
 @bp.app_context_processor
 def page_context() -> dict[str, Any]:
     """Give every page the brand, the stylesheet and the language switch."""
+    # paths only, built without the request's Host: werkzeug cannot bind some (a label longer
+    # than 63 characters), and the page that refuses such a request must still render
+    paths = current_app.url_map.bind("localhost", script_name=request.script_root or None)
     rule = request.url_rule
-    switch = rule is not None and request.endpoint is not None and "GET" in (rule.methods or ())
+    # the switch links to this page in each language, when this page is one to GET
+    page = request.endpoint if rule is not None and "GET" in (rule.methods or ()) else None
+    args = request.view_args or {}
     languages = [
-        (code, name, url_for(request.endpoint, **(request.view_args or {}), lang=code) if switch else None)  # type: ignore[arg-type]
+        (code, name, paths.build(page, {**args, "lang": code}) if page else None)
         for code, name in i18n.language_names()
     ]
     return {
         "brand_name": _config("BRAND_NAME"),
-        "stylesheet_url": url_for("public.stylesheet", v=_stylesheet()[1]),
+        "stylesheet_url": paths.build("public.stylesheet", {"v": _stylesheet()[1]}),
         "lang": i18n.current_language(),
         "chosen_lang": i18n.chosen_language(),
         "languages": languages,

@@ -56,6 +56,7 @@ def served(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
+        PREFS_BASE_URL=f"http://127.0.0.1:{port}",
         PREFS_DATABASE_URL=url,
         PREFS_SECRET_KEYS=",".join(TEST_KEYS),
         PREFS_INSTANCE_PATH=str(tmp_path / "instance"),
@@ -124,6 +125,38 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
     ):
         assert secret not in log
     assert '"route":"/healthz"' in log  # the app's own JSON lines are there too
+
+
+def test_gunicorn_without_a_base_url_stops_at_start_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "PREFS_BASE_URL")}
+    env.update(
+        PREFS_DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        PREFS_SECRET_KEYS=",".join(TEST_KEYS),
+        PREFS_INSTANCE_PATH=str(tmp_path / "instance"),
+        PREFS_WORKERS="2",
+    )
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "-b",
+            f"127.0.0.1:{free_port()}",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode != 0, output
+    named = [line for line in output.splitlines() if "PREFS_BASE_URL" in line]
+    assert len(named) == 1, output  # said once, by the master, before any worker starts
+    assert "Booting worker" not in output
 
 
 def load_config() -> dict:
