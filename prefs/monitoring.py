@@ -20,6 +20,8 @@ from .metrics import ERRORS, LATENCY
 from .register import count_requests
 
 LOCAL = ("127.0.0.1", "::1")
+# set in a request's environ once its access line is written: gunicorn's logger then writes none
+LOGGED = "prefs.logged"
 access = logging.getLogger("prefs.access")
 bp = Blueprint("monitoring", __name__)
 
@@ -113,6 +115,7 @@ def register(app: Flask) -> None:
         if started is None:
             return response
         observe(route(), request.method, response.status_code, time.perf_counter() - started, g.request_id)
+        request.environ[LOGGED] = True
         response.headers["X-Request-ID"] = g.request_id
         return response
 

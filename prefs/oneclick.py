@@ -123,6 +123,7 @@ class OneClick:
             return None
         rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
         monitoring.observe(ROUTE, "POST", 200, time.perf_counter() - started, rid)
+        environ[monitoring.LOGGED] = True
         data = page.encode()
         return [*HEADERS, ("Content-Length", str(len(data))), ("X-Request-ID", rid)], data
 

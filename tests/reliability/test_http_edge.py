@@ -1,14 +1,22 @@
-"""The HTTP edge against real gunicorn: Host headers."""
+"""The HTTP edge against real gunicorn: Host headers, long request lines, DEBUG logs."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import statistics
+import threading
+import time
+from urllib.parse import quote
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from prefs.tokens import Tokens
+from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
-from tests.reliability.harness import Service, request, seed
+from tests.reliability.harness import ONE_CLICK_BODY, Service, request, seed, timed
 
 pytestmark = pytest.mark.reliability
 
@@ -132,3 +140,146 @@ def test_no_host_header_of_any_spelling_reaches_a_mailed_link(service_database, 
     assert healthz == [200, 200]
     assert not poisoned and server_errors == 0
     assert len(messages) == len(acknowledged) >= len(served)
+
+
+ATTACKERS = 4
+ATTACK_SECONDS = 4.0
+
+
+def test_long_request_lines_to_a_404_leave_healthz_fast(service_database, tmp_path):
+    seed(service_database, tmp_path / "instance", [])
+    service = Service(service_database, tmp_path, PREFS_WORKERS="2", PREFS_THREADS="4").start()
+    # as long as gunicorn lets a request line be, shaped to make a backtracking mask quadratic
+    shapes = [
+        "/" + "a" * 8000 + "/@",
+        "/" + "%4" * 4000 + "%40",
+        "/u/" * 2600 + "x@",
+        "/" + "b" * 4000 + "?e=" + "c" * 3900 + " @".replace(" ", "%20"),
+    ]
+    referer = "x" * 8000 + " @"
+    stop = threading.Event()
+    attacks: list[int | None] = []
+    probes = []
+
+    def attack(n: int) -> None:
+        while not stop.is_set():
+            path = shapes[n % len(shapes)]
+            outcome = timed(service.base, "GET", path, headers={"Referer": referer, "User-Agent": referer})
+            attacks.append(outcome.status)
+
+    threads = [threading.Thread(target=attack, args=(n,)) for n in range(ATTACKERS)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + ATTACK_SECONDS
+        while time.monotonic() < deadline:
+            probes.append(timed(service.base, "GET", "/healthz", timeout=10))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        service.stop()
+    latencies = [p.elapsed for p in probes]
+    slowest, median = max(latencies), statistics.median(latencies)
+    server_errors = sum(1 for s in attacks if s is not None and s >= 500)
+    report(
+        "long request lines to a 404",
+        len(attacks),
+        sum(1 for s in attacks if s == 404),
+        0,
+        server_errors,
+        f"long lines: {ATTACKERS} clients sent {len(attacks)} 8 KB request lines (and 8 KB Referer and "
+        f"User-Agent) to a 404; /healthz answered {len(probes)} probes, median {median * 1000:.0f} ms, "
+        f"slowest {slowest * 1000:.0f} ms",
+    )
+    assert all(p.status == 200 for p in probes)
+    assert server_errors == 0
+    assert median < 0.1 and slowest < 1.0, (median, slowest)
+    # the app's access line names the route, never the path: nothing of the attack is written
+    assert "a" * 100 not in service.log()
+
+
+def test_at_debug_no_logger_writes_an_address_or_a_whole_token(service_database, tmp_path):
+    addresses = ["nobody@example.com", "ann.smith+news@example.org", "carol@example.net"]
+    _, seeded = seed(service_database, tmp_path / "instance", addresses)
+    tokens = Tokens(TEST_KEYS)
+    links = [tokens.unsubscribe(p, "news", "c1") for p in seeded.public_ids]
+    centers = [tokens.preferences(p) for p in seeded.public_ids]
+    service = Service(
+        service_database,
+        tmp_path,
+        PREFS_LOG_LEVEL="DEBUG",
+        PREFS_WORKERS="2",
+        PREFS_RATELIMIT_PER_CLIENT="1000 per hour",
+    ).start()
+    api = {"Authorization": f"Bearer {seeded.api_key}"}
+    json_api = {**api, "Content-Type": "application/json"}
+    nobody, ann, carol = addresses
+    calls = [
+        ("DELETE", f"/api/v1/subscribers/{nobody}", None, api),
+        ("GET", f"/api/v1/subscribers/{quote(ann)}", None, api),
+        ("GET", f"/api/v1/subscribers/{quote(quote(carol))}", None, api),
+        ("GET", "/api/v1/subscribers/" + quote("nobody\uff20example.com"), None, api),
+        (
+            "GET",
+            f"/unsubscribe?email={quote(ann)}&again={ann}",
+            None,
+            {"Referer": f"https://x.example/?{carol}"},
+        ),
+        ("GET", "/healthz", None, {"X-Custom": nobody, "From": carol}),
+        ("POST", "/unsubscribe", f"email={quote(ann)}", FORM),
+        ("POST", "/api/v1/check", json.dumps({"topic": "news", "recipients": addresses}), json_api),
+        ("POST", "/api/v1/events", json.dumps({"events": [{"type": "bounce", "email": carol}]}), json_api),
+        ("GET", f"/u/{links[0]}", None, {}),
+        ("POST", f"/u/{links[0]}", ONE_CLICK_BODY, FORM),
+        ("POST", f"/u/{links[1]}", ONE_CLICK_BODY, FORM),
+        ("POST", f"/u/{links[2]}", "scope=all", FORM),
+        ("HEAD", f"/u/{links[2]}", None, {}),
+        ("GET", f"/p/{centers[0]}?lang=de", None, {"Referer": f"https://mail.example/u/{links[1]}"}),
+        ("POST", f"/p/{centers[1]}", "action=leave-all", FORM),
+        ("GET", f"/p/{centers[2][:-2]}xx", None, {}),
+        ("POST", "/u%2F" + links[2], ONE_CLICK_BODY, FORM),
+    ]
+    statuses = []
+    try:
+        for method, path, body, headers in calls:
+            statuses.append(request(service.base, method, path, body, headers)[0])
+        # what gunicorn refuses itself, and logs: a malformed request line, a malformed header
+        statuses.append(raw(service.base, f"GET /api/v1/subscribers/{nobody} HTTP/1.1 x\r\n\r\n".encode()))
+        statuses.append(
+            raw(service.base, f"GET / HTTP/1.1\r\nHost: x\r\nBad Header{carol}: 1\r\n\r\n".encode())
+        )
+        statuses.append(raw(service.base, f"G@T /p/{centers[0]} HTTP/1.1\r\nHost: x\r\n\r\n".encode()))
+    finally:
+        service.stop()
+    engine = create_engine(service_database)
+    with engine.connect() as conn:
+        fingerprint_key = conn.execute(text("SELECT value FROM instance_secrets")).scalar_one()
+    engine.dispose()
+    log = service.log()
+    secrets = [
+        *addresses,
+        *(a.split("@")[0] for a in addresses),
+        *links,
+        *centers,
+        *(t.rsplit(".", 1)[1] for t in links + centers),  # the signatures
+        seeded.api_key,
+        fingerprint_key,
+    ]
+    leaked = [s for s in secrets if s.lower() in log.lower()]
+    server_errors = sum(1 for s in statuses if s is not None and s >= 500)
+    report(
+        "DEBUG logs of gunicorn, SQLAlchemy, werkzeug",
+        len(statuses),
+        sum(1 for s in statuses if s is not None and s < 400),
+        len(leaked),
+        server_errors,
+        f"DEBUG: {len(statuses)} requests with addresses in paths, queries, headers and bodies and tokens "
+        f"in /u/ and /p/; {log.count(chr(10))} log lines from every logger: {len(leaked)} secrets written",
+    )
+    assert "DEBUG" in log.upper()  # the level really was DEBUG: gunicorn's own debug lines are there
+    assert not leaked, leaked
+    assert server_errors == 0
+    # one log format: every line gunicorn and the app wrote is a JSON object
+    assert [line for line in log.splitlines() if line.strip() and not line.startswith("{")] == []
