@@ -124,10 +124,13 @@ logger_class = JsonLogger
 
 def on_starting(server: Any) -> None:
     """Check the settings before any worker starts; start from an empty metrics folder."""
-    from prefs import config
+    from prefs import config, ratelimit
 
     # a bad setting stops the master here with one line (ConfigError), before any worker runs
-    config.service_settings()
+    settings = config.service_settings()
+    note = ratelimit.per_process_note(settings["RATELIMIT_STORAGE_URI"], server.cfg.workers)
+    if note:
+        server.log.warning(note)
     # figures of an earlier run must not add up
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)

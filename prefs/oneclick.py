@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from flask import current_app, has_app_context
 from limits import RateLimitItem, parse_many
 
-from . import hosts, i18n, ledger, monitoring, privacy
+from . import hosts, i18n, ledger, monitoring, privacy, ratelimit
 from .errors import InvalidToken
 from .extensions import RATELIMIT_KEY_PREFIX, db, limiter, session
 from .logs import request_id
@@ -49,7 +49,6 @@ from .public import (
     ONE_CLICK_SCOPE,
     SECURITY_HEADERS,
     client_origin,
-    token_key,
 )
 
 if TYPE_CHECKING:
@@ -110,10 +109,10 @@ class OneClick:
             link = self.app.extensions["prefs.tokens"].read_unsubscribe(token)
         except InvalidToken:
             return None
-        if not self._within_limit(token):
-            return None
         try:
             engine, key = self._database()
+            if not self._within_limit(key, token):
+                return None
             origin = client_origin(
                 key, "one-click", link.campaign, environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT")
             )
@@ -144,12 +143,12 @@ class OneClick:
             return contextlib.nullcontext()
         return self.app.app_context()
 
-    def _within_limit(self, token: str) -> bool:
+    def _within_limit(self, fingerprint_key: bytes, token: str) -> bool:
         """Count this link against the view's one-click limit; tell whether it is within it."""
         if not limiter.enabled:
             return True
         # the key the view's limit uses: Flask-Limiter's prefix, the link's key, the scope
-        key = (RATELIMIT_KEY_PREFIX, token_key(token), LIMIT_SCOPE)
+        key = (RATELIMIT_KEY_PREFIX, ratelimit.token_key(fingerprint_key, token), LIMIT_SCOPE)
         try:
             # each limit in turn, stopping at the first reached, as Flask-Limiter does
             limits = _limits(self.app.config["RATELIMIT_ONE_CLICK"])

@@ -6,7 +6,6 @@ GET and HEAD never change anything: mail scanners fetch every link in a message.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from . import i18n, ledger, links, privacy, topics
+from . import i18n, ledger, links, privacy, ratelimit, topics
 from .addresses import mask, normalize, normalize_or_none
 from .errors import DomainError, InvalidAddress, InvalidToken, UnknownSubscriber, UnknownTopic
 from .extensions import limiter, session
@@ -56,13 +55,9 @@ def _config(name: str) -> Any:
     return current_app.config[name]
 
 
-def token_key(token: str) -> str:
-    """Return the one-click limit's key for a link: the limiter's storage never holds a token."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-
-
 def _token_key() -> str:
-    return token_key((request.view_args or {}).get("token", ""))
+    token = (request.view_args or {}).get("token", "")
+    return ratelimit.token_key(privacy.fingerprint_key(session()), token)
 
 
 def _requested_address() -> str | None:
@@ -78,10 +73,7 @@ def _requested_address() -> str | None:
 
 
 def _address_key() -> str:
-    # a keyed hash: the limiter's storage never holds an address
-    address = _requested_address() or ""
-    key = privacy.fingerprint_key(session())
-    return "address:" + hmac.new(key, b"ratelimit:" + address.encode(), hashlib.sha256).hexdigest()[:32]
+    return ratelimit.address_key(_requested_address() or "")
 
 
 def client_origin(

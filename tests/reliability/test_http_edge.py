@@ -1,4 +1,4 @@
-"""The HTTP edge against real gunicorn: Host headers, long request lines, DEBUG logs."""
+"""The HTTP edge against real gunicorn: Host headers, long request lines, DEBUG logs, limits."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from urllib.parse import quote
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 from prefs.tokens import Tokens
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.reliability
 
 BASE = "https://prefs.example.com"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+REDIS_URL = "redis://127.0.0.1:6379/11"  # this module's own database
 
 
 def raw(base: str, data: bytes, timeout: float = 10) -> int | None:
@@ -283,3 +285,59 @@ def test_at_debug_no_logger_writes_an_address_or_a_whole_token(service_database,
     assert server_errors == 0
     # one log format: every line gunicorn and the app wrote is a JSON object
     assert [line for line in log.splitlines() if line.strip() and not line.startswith("{")] == []
+
+
+@pytest.fixture
+def redis_db():
+    """Return this module's Redis database, emptied before and after."""
+    store = redis.Redis.from_url(REDIS_URL)
+    store.flushdb()
+    yield store
+    store.flushdb()
+    store.close()
+
+
+def test_with_several_workers_a_limit_holds_as_configured_or_the_service_says_it_cannot(
+    service_database, tmp_path, smtp_server, redis_db
+):
+    seed(service_database, tmp_path / "instance", [])
+    limited = {"PREFS_RATELIMIT_PER_ADDRESS": "3 per hour", "PREFS_RATELIMIT_PER_CLIENT": "1000 per hour"}
+    shared = Service(
+        service_database,
+        tmp_path,
+        PREFS_RATELIMIT_STORAGE_URI=REDIS_URL,
+        PREFS_SMTP_URL=smtp_server.url,
+        PREFS_TRUSTED_PROXIES="1",
+        **limited,
+    ).start()
+    tried = 24
+    try:
+        statuses = []
+        for n in range(tried):
+            headers = {**FORM, "X-Forwarded-For": f"198.51.100.{n + 1}"}
+            body = f"email=target%2B{n}%40example.com"
+            statuses.append(request(shared.base, "POST", "/unsubscribe", body, headers)[0])
+    finally:
+        shared.stop()
+    keys = [k.decode() for k in redis_db.keys("*")]
+    alone = Service(service_database, tmp_path, PREFS_RATELIMIT_STORAGE_URI="memory://", **limited).start()
+    alone.stop()
+    single = Service(service_database, tmp_path, PREFS_WORKERS="1", **limited).start()
+    single.stop()
+    acknowledged = statuses.count(200)
+    said = [line for line in alone.log().splitlines() if "memory://" in line]
+    report(
+        "per-address limit, 4 workers, one mailbox",
+        tried,
+        acknowledged,
+        0,
+        sum(1 for s in statuses if s >= 500),
+        f"limits: {tried} requests for target+N@example.com from {tried} clients at 4 workers: "
+        f"{acknowledged} mails (limit 3); memory:// said so {len(said)} time at start",
+    )
+    assert acknowledged == 3, statuses
+    assert len(smtp_server.inbox.wait_for(3)) == 3
+    assert keys and not [k for k in keys if "198.51.100" in k or "target" in k or "@" in k]
+    assert len(said) == 1, said
+    assert "PREFS_RATELIMIT_STORAGE_URI" in said[0]
+    assert "memory://" not in single.log()  # one worker counts for the whole host
