@@ -1,4 +1,4 @@
-"""The HTTP edge against real gunicorn: Host headers, long request lines, DEBUG logs, limits."""
+"""The HTTP edge against real gunicorn: Host headers, long request lines, DEBUG logs, limits, metrics."""
 
 from __future__ import annotations
 
@@ -341,3 +341,39 @@ def test_with_several_workers_a_limit_holds_as_configured_or_the_service_says_it
     assert len(said) == 1, said
     assert "PREFS_RATELIMIT_STORAGE_URI" in said[0]
     assert "memory://" not in single.log()  # one worker counts for the whole host
+
+
+def test_metrics_are_local_only_without_forwarding_headers_of_any_kind(service_database, tmp_path):
+    seed(service_database, tmp_path / "instance", [])
+    service = Service(service_database, tmp_path, PREFS_WORKERS="1").start()
+    forwarded = [
+        {"X-Forwarded-For": "203.0.113.9"},
+        {"X-Real-IP": "203.0.113.9"},
+        {"Forwarded": "for=203.0.113.9"},
+        {"X-Forwarded-Host": "prefs.example.com"},
+        {"X-Client-IP": "203.0.113.9"},
+        {"True-Client-IP": "203.0.113.9"},
+        {"CF-Connecting-IP": "203.0.113.9"},
+        {"Fastly-Client-IP": "203.0.113.9"},
+        {"X-Cluster-Client-IP": "203.0.113.9"},
+        {"Via": "1.1 proxy"},
+    ]
+    try:
+        plain = request(service.base, "GET", "/metrics")[0]
+        statuses = [request(service.base, "GET", "/metrics", headers=h)[0] for h in forwarded]
+    finally:
+        service.stop()
+    opened = sum(1 for s in statuses if s == 200)
+    report(
+        "/metrics through a proxy on this host",
+        len(statuses),
+        opened,
+        opened,
+        sum(1 for s in statuses if s >= 500),
+        f"metrics: {len(statuses)} forwarded requests from 127.0.0.1 (X-Real-IP, Forwarded, ...): "
+        f"{opened} read the metrics; an unforwarded local one did ({plain})",
+    )
+    assert plain == 200
+    assert statuses == [403] * len(forwarded), dict(
+        zip([next(iter(h)) for h in forwarded], statuses, strict=True)
+    )
