@@ -112,9 +112,9 @@ _DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
 def mailbox(address: str) -> str:
     """Return the inbox a normalized address reaches, to count the mail sent to one person.
 
-    The ``+tag`` is left out (sub-addressing: Gmail, Outlook, Yahoo, iCloud, Fastmail and
-    Proton deliver ``ann+x@`` to ``ann@``, as Postfix and Exim do by default), and at Gmail
-    the dots too. Only for counting: the address on file is never changed.
+    The ``+tag`` is left out (sub-addressing: Gmail, Outlook, iCloud, Fastmail, Proton and
+    many mail servers deliver ``ann+x@`` to ``ann@``), and at Gmail the dots too. Only for
+    counting: the address on file is never changed.
     """
     local, _, domain = address.rpartition("@")
     local = local.split("+", 1)[0] or local
