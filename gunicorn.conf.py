@@ -21,14 +21,17 @@ Every value can be overridden on the command line (``-b``, ``-w``...) or in
   are serving within ``graceful_timeout``) picks up a new release.
 - Metrics: a fresh ``PROMETHEUS_MULTIPROC_DIR`` per master, cleared at start, and each
   dead worker's live figures are dropped, so ``/metrics`` adds up across workers.
-- Access log: on stdout, with the token part of ``/u/...`` and ``/p/...`` links, any
-  address, and the Authorization header masked.
+- Logs: one format, the app's JSON lines (``prefs/logs.py``), scrubbed of addresses, tokens
+  and keys, from gunicorn as from the app. The app writes one access line per request (its
+  route pattern, never its path); gunicorn writes one only for a request the app never saw
+  (one it refused itself, such as a malformed request line), with no path or header in it.
+- Settings: the master checks them before any worker starts, so a missing or malformed one
+  stops the service with one line naming it (not a worker that fails and is restarted).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import multiprocessing
 import os
@@ -79,61 +82,56 @@ worker_tmp_dir = SHM if os.path.isdir(SHM) else None
 accesslog = os.environ.get("PREFS_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("PREFS_LOG_LEVEL", "info").lower()
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(f)s" "%(a)s" %({x-request-id}o)s'
-
-_TOKEN_PATH = re.compile(r"(/[up]/)[^\s/?\"']+")
-_EMAIL = re.compile(r"[^\s/?&=\"'<>(),;:]+(?:@|%40)[^\s/?&=\"'<>(),;:]+")
-_SECRET_HEADERS = ("{authorization}i", "{cookie}i", "{http_authorization}e", "{http_cookie}e")
 
 
-def mask(value: str) -> str:
-    """Mask link tokens and addresses in one access-log value."""
-    # most values hold neither: the plain tests spare them the patterns' backtracking
-    if "/u/" in value or "/p/" in value:
-        value = _TOKEN_PATH.sub(r"\1[token]", value)
-    if "@" in value or "%40" in value:
-        value = _EMAIL.sub("[email]", value)
-    return value
+# gunicorn names the client of a request it refuses ("Invalid request from ip=..."): no raw IP is kept
+_CLIENT = re.compile(r"\bip=[0-9A-Fa-f:.]+")
 
 
-_ATOM = re.compile(r"%\(([^)]*)\)")
+class JsonLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger, writing the app's JSON lines, each scrubbed as every other is."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from prefs import logs
+
+        logs.configure(cfg.loglevel)  # in the master too: its own lines, and the settings' warnings
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(logs.JsonFormatter())
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        super().warning(_CLIENT.sub("ip=[client]", str(msg)), *args, **kwargs)
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        """Log a request the app did not log itself: its method, status and time, no path."""
+        from prefs import logs, monitoring
+
+        if not self.access_log_enabled or environ.get(monitoring.LOGGED):
+            return
+        header = next((v for k, v in getattr(req, "headers", ()) if k == "X-REQUEST-ID"), None)
+        extra = {
+            "request_id": logs.request_id(header),
+            "method": getattr(req, "method", None),
+            "status": int(str(resp.status).split(" ", 1)[0]),
+            "duration_ms": round(request_time.total_seconds() * 1000, 2),
+        }
+        self.access_log.info("request", extra=extra)
 
 
-@functools.lru_cache(maxsize=8)
-def named_atoms(log_format: str) -> tuple[str, ...]:
-    """Return the atoms a log format writes, spelled as gunicorn looks them up."""
-    names = (n.lower() if n.startswith("{") else n for n in _ATOM.findall(log_format))
-    return tuple(dict.fromkeys(names))
-
-
-class MaskingLogger(Logger):  # type: ignore[misc]
-    """Gunicorn's logger, with no token, address or credential in any access-log atom.
-
-    Only the atoms the format writes are masked and handed on (gunicorn writes ``-`` for
-    any other): gunicorn makes one for every request header, response header and environ
-    entry, and masking and quoting all of them cost more than the rest of the line.
-    """
-
-    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
-        every: dict[str, Any] = super().atoms(resp, req, environ, request_time)
-        atoms = {}
-        for name in named_atoms(self.cfg.access_log_format):
-            if name not in every:
-                continue
-            value = every[name]
-            if name in _SECRET_HEADERS:
-                value = "[hidden]"
-            elif isinstance(value, str):
-                value = mask(value)
-            atoms[name] = value
-        return atoms
-
-
-logger_class = MaskingLogger
+logger_class = JsonLogger
 
 
 def on_starting(server: Any) -> None:
-    """Start from an empty metrics folder: figures of an earlier run must not add up."""
+    """Check the settings before any worker starts; start from an empty metrics folder."""
+    from prefs import config, ratelimit
+
+    # a bad setting stops the master here with one line (ConfigError), before any worker runs
+    settings = config.service_settings()
+    note = ratelimit.per_process_note(settings["RATELIMIT_STORAGE_URI"], server.cfg.workers)
+    if note:
+        server.log.warning(note)
+    # figures of an earlier run must not add up
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)
 

@@ -59,6 +59,7 @@ def command_env(db: Database) -> dict[str, str]:
     return {
         "PREFS_DATABASE_URL": db.url,
         "PREFS_SECRET_KEYS": "benchmark-key-0123456789",
+        "PREFS_BASE_URL": "https://prefs.example.com",  # every command needs one, as in production
         "PATH": "/usr/bin:/bin",
     }
 

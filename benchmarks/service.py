@@ -62,6 +62,8 @@ def start(app: str, database_url: str, log_path: Path, workers: int | None = Non
         "PREFS_DATABASE_URL": database_url,
         "PREFS_SECRET_KEYS": SECRET,
         "PREFS_BASE_URL": "https://prefs.example.com",
+        # the load generators name the host they connect to
+        "PREFS_TRUSTED_HOSTS": "127.0.0.1",
         "PREFS_LOG_LEVEL": "warning",
         "PREFS_ACCESS_LOG": str(log_path.with_suffix(".access.log")),
         "PYTHONPATH": str(ROOT),

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config, i18n, logs, oneclick, ratelimit
+from . import config, hosts, i18n, logs, oneclick, ratelimit
 from .db import configure_engine
 from .extensions import MigrationCommands, babel, db, limiter
 from .mail import Mailer
 from .tokens import Tokens
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Create and configure an instance of the Flask application."""
     app = Flask(
         __name__,
-        instance_path=os.environ.get("PREFS_INSTANCE_PATH") or str(ROOT / "instance"),
+        instance_path=config.instance_path(),
         instance_relative_config=True,
-        template_folder=str(ROOT / "templates"),
+        template_folder=str(config.ROOT / "templates"),
     )
-    app.config.from_mapping(config.DEFAULTS)
-    app.config.from_pyfile("prefs.cfg", silent=True)
-    app.config.from_prefixed_env("PREFS")
+    app.config.update(config.layered(app.instance_path))
     if test_config is not None:
         app.config.from_mapping(test_config)
     if not app.config.get("TESTING"):
@@ -60,7 +54,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     web.register(app)
     monitoring.register(app)
-    # after monitoring's timer starts, before any view (or the admin's login) reads the database
+    # after monitoring's timer starts (a refused host is logged and counted), before anything else
+    app.before_request(hosts.refuse_unknown)
+    # before any view (or the admin's login) reads the database
     app.before_request(web.read_body_first)
     public.register(app)
     app.register_blueprint(health.bp)

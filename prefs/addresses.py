@@ -105,6 +105,24 @@ def normalize_all(addresses: Iterable[str]) -> list[str | None]:
     return normalized
 
 
+# the domains whose mailboxes ignore the dots in a local part, and the name each goes by
+_DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+
+
+def mailbox(address: str) -> str:
+    """Return the inbox a normalized address reaches, to count the mail sent to one person.
+
+    The ``+tag`` is left out (sub-addressing: Gmail, Outlook, iCloud, Fastmail, Proton and
+    many mail servers deliver ``ann+x@`` to ``ann@``), and at Gmail the dots too. Only for
+    counting: the address on file is never changed.
+    """
+    local, _, domain = address.rpartition("@")
+    local = local.split("+", 1)[0] or local
+    if domain in _DOTS_IGNORED:
+        local, domain = local.replace(".", "") or local, _DOTS_IGNORED[domain]
+    return f"{local}@{domain}"
+
+
 def mask(address: str) -> str:
     """Show enough of an address for its owner to recognise it: ``a***@example.com``."""
     local, _, domain = address.partition("@")

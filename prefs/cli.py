@@ -8,10 +8,10 @@ from typing import Any, TypeVar
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, with_appcontext
+from flask.cli import AppGroup, ScriptInfo, pass_script_info, with_appcontext
 from werkzeug.serving import run_simple
 
-from . import imports, ledger, links, topics
+from . import config, imports, ledger, links, topics
 from . import keys as api_keys
 from . import register as request_register
 from .addresses import normalize
@@ -182,15 +182,30 @@ DEMO_TOPICS = (
 
 
 @click.command("demo")
-@with_appcontext
 @click.option("--serve/--no-serve", default=True, help="Run the development server afterwards.")
 @click.option("--port", default=5000, show_default=True)
+@pass_script_info
 @reports_errors
-def demo(serve: bool, port: int) -> None:
+def demo(info: ScriptInfo, serve: bool, port: int) -> None:
     """Build the schema, add sample topics and print a link to open, then serve."""
+    # a Flask plugin command (setup.cfg), found before the app is loaded: it loads the app
+    # itself, as the one command that may run without a base URL (links go to its own origin)
+    origin = config.DEMO_ORIGIN.set(f"http://127.0.0.1:{port}")
+    try:
+        app = info.load_app()
+    finally:
+        config.DEMO_ORIGIN.reset(origin)
+    with app.app_context():
+        _build_demo(app)
+    if serve:
+        # app.run() is a no-op under the flask command; serve the way `flask run` does
+        run_simple("127.0.0.1", port, app, threaded=True)
+
+
+def _build_demo(app: Flask) -> None:
     from flask_migrate import upgrade
 
-    migrations(current_app._get_current_object())  # type: ignore[attr-defined]
+    migrations(app)
     upgrade()
     db = session()
     existing = {t.key for t in topics.list_topics(db)}
@@ -199,14 +214,10 @@ def demo(serve: bool, port: int) -> None:
             topics.create_topic(db, key, name, description, opt_in)
     subscriber = ledger.ensure_subscriber(db, "demo@example.com")
     service = links.tokens()
-    base = current_app.config["BASE_URL"] or f"http://127.0.0.1:{port}"
+    unsubscribe = links.unsubscribe_url(service.unsubscribe(subscriber.public_id, "news", "demo"))
     click.echo("Demo ready. Open these links in a browser:")
-    click.echo(f"  unsubscribe page:  {base}/u/{service.unsubscribe(subscriber.public_id, 'news', 'demo')}")
-    click.echo(f"  preference center: {base}/p/{service.preferences(subscriber.public_id)}")
-    if serve:
-        # app.run() is a no-op under the flask command; serve the way `flask run` does
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        run_simple("127.0.0.1", port, app, threaded=True)
+    click.echo(f"  unsubscribe page:  {unsubscribe}")
+    click.echo(f"  preference center: {links.preferences_url(service.preferences(subscriber.public_id))}")
 
 
 @click.command("smtpd")
@@ -301,7 +312,6 @@ def register(app: Flask) -> None:
         check,
         unsubscribe,
         resubscribe,
-        demo,
         smtpd,
         import_command,
         requests_group,

@@ -7,20 +7,26 @@ import logging
 import os
 import re
 import secrets
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flask import Config
 from limits import parse_many
 
+from . import hosts
 from .mail import check_sender, parse_smtp_url
 
 log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,
     "SECRET_KEYS": None,
     "BASE_URL": None,
+    "TRUSTED_HOSTS": None,
     "DB_POOL_SIZE": 5,
     "DB_POOL_TIMEOUT": 2.0,
     "DB_BUSY_TIMEOUT_MS": 5000,
@@ -58,6 +64,19 @@ _LIMIT_SETTINGS = (
 
 KEY_FILE = "secret_keys"
 
+# what a service on the network must be told, and why; the tests and the demo go without
+REQUIRED = {
+    "BASE_URL": "to the public origin of the links mailed, e.g. https://prefs.example.com "
+    "(a request's Host header never decides them)",
+}
+# the origin ``flask --app prefs demo`` serves on, while it loads the app; the demo is the one
+# command that may run without REQUIRED (it serves one person on loopback)
+DEMO_ORIGIN: ContextVar[str | None] = ContextVar("prefs_demo_origin", default=None)
+# links the tests build without a base URL: the test client's own host
+TEST_ORIGIN = "http://localhost"
+# anyone may type either for the demo on loopback
+_DEMO_HOSTS = ("localhost", "127.0.0.1")
+
 
 class ConfigError(SystemExit):
     """A setting is missing or malformed; the message names the variable."""
@@ -68,10 +87,39 @@ class ConfigError(SystemExit):
         super().__init__(f"prefs: configuration error: PREFS_{variable} {problem}")
 
 
+def instance_path() -> str:
+    """Return the instance folder: ``PREFS_INSTANCE_PATH``, or ``instance/`` beside the code."""
+    return os.environ.get("PREFS_INSTANCE_PATH") or str(ROOT / "instance")
+
+
+def layered(instance_path: str) -> Config:
+    """Return the settings' layers: the defaults, then ``instance/prefs.cfg``, then ``PREFS_*``."""
+    settings = Config(instance_path, DEFAULTS)
+    settings.from_pyfile("prefs.cfg", silent=True)
+    settings.from_prefixed_env("PREFS")
+    return settings
+
+
+def service_settings() -> dict[str, Any]:
+    """Return the checked settings a service starts with; a bad one raises ``ConfigError``."""
+    folder = instance_path()
+    settings = dict(layered(folder))
+    finish(settings, folder)
+    return settings
+
+
 def finish(config: dict[str, Any], instance_path: str) -> None:
     """Check the loaded settings and derive the values the extensions read."""
+    demo = DEMO_ORIGIN.get()
+    if demo and config.get("BASE_URL") in (None, ""):
+        config["BASE_URL"] = demo
+    if not (config.get("TESTING") or demo):
+        _require(config)
     config["SECRET_KEYS"] = _secret_keys(config.get("SECRET_KEYS"), instance_path)
-    config["BASE_URL"] = _base_url(config.get("BASE_URL"))
+    config["BASE_URL"] = _base_url(config.get("BASE_URL")) or TEST_ORIGIN
+    config["ALLOWED_HOSTS"] = _allowed_hosts(config["BASE_URL"], config.get("TRUSTED_HOSTS"), bool(demo))
+    # Flask checks TRUSTED_HOSTS itself, and would refuse /healthz too: prefs checks (hosts.py)
+    config["TRUSTED_HOSTS"] = None
     config["DB_POOL_SIZE"] = _positive_int(config, "DB_POOL_SIZE")
     config["DB_BUSY_TIMEOUT_MS"] = _positive_int(config, "DB_BUSY_TIMEOUT_MS")
     config["MAX_BODY_BYTES"] = _positive_int(config, "MAX_BODY_BYTES")
@@ -279,13 +327,52 @@ def _stored_key(path: Path) -> str | None:
     return key
 
 
+def _require(config: dict[str, Any]) -> None:
+    for name, why in REQUIRED.items():
+        if config.get(name) in (None, ""):
+            raise ConfigError(name, f"is not set: set it {why}")
+
+
 def _base_url(value: Any) -> str | None:
     if value in (None, ""):
         return None
     parts = urlsplit(str(value))
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+    try:
+        parts.port  # noqa: B018 - a port that is no number raises here
+        host = hosts.url_host(parts)
+    except ValueError:
+        host = None
+    if (
+        parts.scheme not in ("http", "https")
+        or host is None
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+    ):
         raise ConfigError("BASE_URL", "must be an http(s) origin such as https://prefs.example.com")
     return str(value).rstrip("/")
+
+
+def _allowed_hosts(base_url: str, trusted: Any, demo: bool) -> frozenset[str]:
+    """Return the hosts the service answers for: the base URL's, the trusted ones, the demo's."""
+    if trusted in (None, ""):
+        listed: list[str] = []
+    elif isinstance(trusted, str):
+        listed = trusted.split(",")
+    elif isinstance(trusted, list | tuple | set | frozenset):
+        listed = [str(t) for t in trusted]
+    else:
+        raise ConfigError("TRUSTED_HOSTS", "must be a comma-separated list of host names")
+    names = {hosts.url_host(urlsplit(base_url))}
+    for entry in listed:
+        name = hosts.listed_host(entry)
+        if name is None:
+            problem = f"must list host names such as www.prefs.example.com, 10.0.0.7, not {entry.strip()!r}"
+            raise ConfigError("TRUSTED_HOSTS", problem)
+        names.add(name)
+    if demo:
+        names.update(_DEMO_HOSTS)
+    return frozenset(n for n in names if n)
 
 
 def _mailto(value: Any) -> str | None:

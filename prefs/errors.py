@@ -71,6 +71,8 @@ class TryLater(DomainError):
     """The message cannot be judged now (a DNS answer is missing); the sender should retry."""
 
     code = "try_later"
+
+
 class IdempotencyKeyReused(DomainError):
     """An idempotency key came again with another request than the one it was first used for."""
 

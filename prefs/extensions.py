@@ -9,7 +9,6 @@ from flask import Flask
 from flask.cli import ScriptInfo
 from flask_babel import Babel
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Constraint, Index, MetaData
 from sqlalchemy.orm import DeclarativeBase, Session
@@ -87,8 +86,17 @@ class MigrationCommands(click.Command):
 # settings live here, not in app.config: Flask-Limiter keeps the first app's values anyway.
 # swallow_errors: a storage outage must never turn a mailbox provider away
 RATELIMIT_KEY_PREFIX = "prefs"
+
+
+def _client_key() -> str:
+    # a keyed hash of the client's address: the limiter's storage never holds a raw IP
+    from .ratelimit import client_key  # ratelimit needs the models, which need this module
+
+    return client_key()
+
+
 limiter = Limiter(
-    key_func=get_remote_address,
+    key_func=_client_key,
     key_prefix=RATELIMIT_KEY_PREFIX,
     strategy="fixed-window",
     headers_enabled=False,

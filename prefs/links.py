@@ -1,12 +1,10 @@
-"""Build the public links, on the configured origin or the request's own."""
+"""Build the public links, always on the configured origin (``PREFS_BASE_URL``)."""
 
 from __future__ import annotations
 
-from flask import current_app, has_request_context, request
+from flask import current_app
 
 from .tokens import Tokens
-
-FALLBACK_ORIGIN = "http://127.0.0.1:5000"
 
 
 def tokens() -> Tokens:
@@ -16,13 +14,9 @@ def tokens() -> Tokens:
 
 
 def base_url() -> str:
-    """Return the public origin every generated link starts with."""
-    configured: str | None = current_app.config["BASE_URL"]
-    if configured:
-        return configured
-    if has_request_context():
-        return request.host_url.rstrip("/")
-    return FALLBACK_ORIGIN
+    """Return the public origin every generated link starts with; a request's Host never decides it."""
+    configured: str = current_app.config["BASE_URL"]
+    return configured
 
 
 def unsubscribe_url(token: str) -> str:

@@ -25,18 +25,33 @@ FIELDS = (
     "count",
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
-# last line of defence: whatever a message says, addresses, link tokens and keys are masked
-# (either side may be empty: a message cut short can split an address in two)
-_EMAIL = re.compile(r"[^\s/?&=\"'<>(),;:]*(?:@|%40)[^\s/?&=\"'<>(),;:]*")
-_TOKEN_PATH = re.compile(r"(/[up]/)[^\s/?\"']+")
+# last line of defence: whatever a message says, addresses, link tokens and keys are masked.
+# Every pattern takes linear time on any text (tests/test_logs.py holds them to 64 KB of
+# adversarial text): none may scan a stretch again from each of its positions.
+_SEP = r" \t\n\r\f\v/?&=\"'<>(),;:"
+# an @ as an address may be written in a log: plain, percent-encoded once or more (%40,
+# %2540), or a look-alike (U+FF20, U+FE6B) raw or percent-encoded as UTF-8
+_AT = r"(?:@|\uff20|\ufe6b|%(?:25)*(?:40|[eE][fF]%(?:25)*(?:[bB][cC]%(?:25)*[aA]0|[bB]9%(?:25)*[aA][bB])))"
+_AT_START = re.compile(r"[@\uff20\ufe6b%]")
+# a stretch between separators that holds an @ (either side may be empty: a message cut
+# short can split an address in two). The look-behind starts a match only where a stretch
+# starts, so a stretch with no @ is scanned once, not once from each of its characters.
+_EMAIL = re.compile(rf"(?<![^{_SEP}])[^{_SEP}]*?{_AT}[^{_SEP}]*")
+# a link's token after /u/ or /p/, slashes plain or percent-encoded
+_TOKEN_PATH = re.compile(r"((?:/|%(?:25)*2[fF])[upUP](?:/|%(?:25)*2[fF]))[^\s/?\"']+")
+# a token anywhere else: its signature, 27 characters of base64 after a dot, ends it
+_SIGNATURE = re.compile(r"\.[A-Za-z0-9_-]{27}(?![A-Za-z0-9_-])")
 _API_KEY = re.compile(r"prefs_[A-Za-z0-9_-]{8,}")
 _MARK = "_prefs_json_handler"
 
 
 def scrub(text: str) -> str:
-    """Mask every address, link token and API key in a text."""
+    """Mask every address, link token and API key in a text, in time linear in its length."""
     text = _API_KEY.sub("prefs_[key]", text)
     text = _TOKEN_PATH.sub(r"\1[token]", text)
+    text = _SIGNATURE.sub(".[signature]", text)
+    if _AT_START.search(text) is None:
+        return text
     return _EMAIL.sub("[email]", text)
 
 
@@ -57,6 +72,13 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["error"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, separators=(",", ":"))
+
+
+class NoResultRows(logging.Filter):
+    """Drop SQLAlchemy's debug lines: they hold result rows, which are data, not log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.INFO or not record.name.startswith("sqlalchemy.")
 
 
 class Scrubbed(logging.Filter):
@@ -81,6 +103,7 @@ def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     setattr(handler, _MARK, True)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(NoResultRows())
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in SCRUBBED_LOGGERS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -20,7 +21,8 @@ from .logs import request_id
 from .metrics import ERRORS, LATENCY, dropped, prepare
 from .register import count_requests
 
-LOCAL = ("127.0.0.1", "::1")
+# set in a request's environ once its access line is written: gunicorn's logger then writes none
+LOGGED = "prefs.logged"
 access = logging.getLogger("prefs.access")
 log = logging.getLogger(__name__)
 bp = Blueprint("monitoring", __name__)
@@ -62,6 +64,34 @@ class _Default(Collector):
         yield from REGISTRY.collect()
 
 
+def forwarded(environ: dict[str, object]) -> bool:
+    """Tell whether a request carries any header a proxy adds for the client behind it."""
+    for key in environ:
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:]
+        if (
+            name == "VIA"
+            or "FORWARD" in name
+            or "CLIENT" in name
+            or name.endswith(("_IP", "_ADDR", "_ADDRESS"))
+            or name.startswith(("X_REAL_", "X_ORIGINAL_", "X_ORIGINATING_", "X_REMOTE_"))
+        ):
+            return True
+    return False
+
+
+def loopback(address: str | None) -> bool:
+    """Tell whether an address is this host's own (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def _allowed() -> Response | None:
     token: str | None = current_app.config["METRICS_TOKEN"]
     if token:
@@ -72,8 +102,11 @@ def _allowed() -> Response | None:
                 "a bearer token is required\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'}
             )
         return None
-    # behind a proxy on this host every request comes from 127.0.0.1: a forwarded one is not local
-    if request.remote_addr in LOCAL and "X-Forwarded-For" not in request.headers:
+    # local: the socket's peer (not the client a proxy fix read from a header) is this host,
+    # and nothing says a proxy on this host forwarded the request for someone elsewhere
+    environ = request.environ
+    peer = environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", environ.get("REMOTE_ADDR"))
+    if loopback(peer) and not forwarded(environ):
         return None
     return Response("set PREFS_METRICS_TOKEN to read the metrics from elsewhere\n", 403)
 
@@ -127,6 +160,7 @@ def register(app: Flask) -> None:
         if started is None:
             return response
         observe(route(), request.method, response.status_code, time.perf_counter() - started, g.request_id)
+        request.environ[LOGGED] = True
         response.headers["X-Request-ID"] = g.request_id
         return response
 

@@ -10,6 +10,7 @@ the steps the view takes, and with no app context: it keeps the app's engine and
 fingerprint key once it has looked them up, and the group commit writes on a connection
 of its own.
 
+- it answers only for a host the view answers for (``hosts.py``);
 - it verifies the link (``Tokens.read_unsubscribe``);
 - it counts the link against the view's rate limit, in Flask-Limiter's own storage under
   the key the view's limit uses, so both count the same link together;
@@ -41,7 +42,7 @@ from limits import RateLimitItem, parse_many
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from . import i18n, ledger, monitoring, privacy
+from . import hosts, i18n, ledger, monitoring, privacy, ratelimit
 from .errors import InvalidToken
 from .extensions import RATELIMIT_KEY_PREFIX, db, limiter, session
 from .logs import request_id
@@ -53,7 +54,6 @@ from .public import (
     ONE_CLICK_SCOPE,
     SECURITY_HEADERS,
     client_origin,
-    token_key,
 )
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ class OneClick:
         self, environ: WSGIEnvironment, token: str, started: float
     ) -> tuple[list[tuple[str, str]], bytes] | None:
         """Record the opt-out and return the headers and page, or None to hand it on."""
+        if not hosts.serves(environ, self.app.config["ALLOWED_HOSTS"]):
+            return None  # the view refuses it
         pages: dict[str, str] = self.app.extensions.get(ONE_CLICK_PAGES, {})
         page = pages.get(i18n.accepted_language(environ.get("HTTP_ACCEPT_LANGUAGE")))
         if page is None:
@@ -112,10 +114,10 @@ class OneClick:
             link = self.app.extensions["prefs.tokens"].read_unsubscribe(token)
         except InvalidToken:
             return None
-        if not self._within_limit(token):
-            return None
         try:
             engine, key = self._database()
+            if not self._within_limit(key, token):
+                return None
             origin = client_origin(
                 key, "one-click", link.campaign, environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT")
             )
@@ -129,6 +131,7 @@ class OneClick:
             return None
         rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
         monitoring.observe(ROUTE, "POST", 200, time.perf_counter() - started, rid)
+        environ[monitoring.LOGGED] = True
         data = page.encode()
         return [*HEADERS, ("Content-Length", str(len(data))), ("X-Request-ID", rid)], data
 
@@ -149,12 +152,12 @@ class OneClick:
             return contextlib.nullcontext()
         return self.app.app_context()
 
-    def _within_limit(self, token: str) -> bool:
+    def _within_limit(self, fingerprint_key: bytes, token: str) -> bool:
         """Count this link against the view's one-click limit; tell whether it is within it."""
         if not limiter.enabled:
             return True
         # the key the view's limit uses: Flask-Limiter's prefix, the link's key, the scope
-        key = (RATELIMIT_KEY_PREFIX, token_key(token), LIMIT_SCOPE)
+        key = (RATELIMIT_KEY_PREFIX, ratelimit.token_key(fingerprint_key, token), LIMIT_SCOPE)
         try:
             # each limit in turn, stopping at the first reached, as Flask-Limiter does
             limits = _limits(self.app.config["RATELIMIT_ONE_CLICK"])

@@ -1,4 +1,4 @@
-"""Keyed, non-reversible fingerprints: of an erased address, of a client, of an API key."""
+"""Keyed, non-reversible fingerprints: of an erased address, of a client, of an API key, of a limit."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ def client_fingerprint(key: bytes, ip: str | None, user_agent: str | None) -> st
         return None
     data = f"client:{ip or ''}|{user_agent or ''}".encode()
     return hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
+
+
+def limit_key(key: bytes, kind: str, value: str) -> str:
+    """Return a rate limit's key for a value (a client, a token, a mailbox): a keyed hash of it."""
+    return f"{kind}:" + hmac.digest(key, f"ratelimit:{kind}:{value}".encode(), "sha256").hex()[:32]
 
 
 def secret_hash(secret: str) -> str:

@@ -6,7 +6,6 @@ GET and HEAD never change anything: mail scanners fetch every link in a message.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from . import i18n, ledger, link_requests, links, privacy, topics
+from . import i18n, ledger, link_requests, links, privacy, ratelimit, topics
 from .addresses import mask, normalize, normalize_or_none
 from .errors import DomainError, InvalidAddress, InvalidToken, NotRecorded, UnknownSubscriber, UnknownTopic
 from .extensions import limiter, session
@@ -60,13 +59,9 @@ def _config(name: str) -> Any:
     return current_app.config[name]
 
 
-def token_key(token: str) -> str:
-    """Return the one-click limit's key for a link: the limiter's storage never holds a token."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-
-
 def _token_key() -> str:
-    return token_key((request.view_args or {}).get("token", ""))
+    token = (request.view_args or {}).get("token", "")
+    return ratelimit.token_key(privacy.fingerprint_key(session()), token)
 
 
 def _requested_address() -> str | None:
@@ -82,10 +77,7 @@ def _requested_address() -> str | None:
 
 
 def _address_key() -> str:
-    # a keyed hash: the limiter's storage never holds an address
-    address = _requested_address() or ""
-    key = privacy.fingerprint_key(session())
-    return "address:" + hmac.new(key, b"ratelimit:" + address.encode(), hashlib.sha256).hexdigest()[:32]
+    return ratelimit.address_key(_requested_address() or "")
 
 
 def client_origin(
@@ -290,15 +282,20 @@ def stylesheet() -> ResponseReturnValue:
 @bp.app_context_processor
 def page_context() -> dict[str, Any]:
     """Give every page the brand, the stylesheet and the language switch."""
+    # paths only, built without the request's Host: werkzeug cannot bind some (a label longer
+    # than 63 characters), and the page that refuses such a request must still render
+    paths = current_app.url_map.bind("localhost", script_name=request.script_root or None)
     rule = request.url_rule
-    switch = rule is not None and request.endpoint is not None and "GET" in (rule.methods or ())
+    # the switch links to this page in each language, when this page is one to GET
+    page = request.endpoint if rule is not None and "GET" in (rule.methods or ()) else None
+    args = request.view_args or {}
     languages = [
-        (code, name, url_for(request.endpoint, **(request.view_args or {}), lang=code) if switch else None)  # type: ignore[arg-type]
+        (code, name, paths.build(page, {**args, "lang": code}) if page else None)
         for code, name in i18n.language_names()
     ]
     return {
         "brand_name": _config("BRAND_NAME"),
-        "stylesheet_url": url_for("public.stylesheet", v=_stylesheet()[1]),
+        "stylesheet_url": paths.build("public.stylesheet", {"v": _stylesheet()[1]}),
         "lang": i18n.current_language(),
         "chosen_lang": i18n.chosen_language(),
         "languages": languages,

@@ -1,18 +1,27 @@
-"""The rate limits' storages: counters in each process (``memory://``), or a shared Redis
-that is skipped for a while when it does not answer in time.
+"""Rate limits: the keys they count under, and their storages: counters in each process
+(``memory://``), or a shared Redis that is skipped for a while when it does not answer in time.
+
+Every key is a keyed hash (``privacy.limit_key``): the limiter's storage, Redis included,
+never holds a client's address, a link's token or an email address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from flask import request
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from . import privacy
+from .addresses import mailbox
+from .extensions import session
 
 PREFIX = "prefs+"
 SCHEME = PREFIX + "memory"
@@ -21,6 +30,38 @@ SWEEP_SECONDS = 1.0
 SKIP_SECONDS = 5.0
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def client(address: str | None) -> str:
+    """Return what counts as one client: its IPv4 address, or its IPv6 address's /64.
+
+    An IPv6 host is handed a /64 (RFC 6177) and may pick any address in it: counted
+    address by address, one client would have 2^64 limits.
+    """
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or ""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def client_key() -> str:
+    """Return the limit key of this request's client."""
+    return privacy.limit_key(privacy.fingerprint_key(session()), "client", client(request.remote_addr))
+
+
+def address_key(address: str) -> str:
+    """Return the limit key of a normalized address: the inbox it reaches, not its spelling."""
+    return privacy.limit_key(privacy.fingerprint_key(session()), "address", mailbox(address))
+
+
+def token_key(key: bytes, token: str) -> str:
+    """Return the limit key of a link's token, under the fingerprint key ``key``."""
+    return privacy.limit_key(key, "token", token)
 
 
 class SweptMemoryStorage(MemoryStorage):
@@ -145,3 +186,14 @@ def storage_options(timeout_ms: int) -> dict[str, Any]:
     seconds = timeout_ms / 1000
     # redis-py retries a timed-out command (ten times, by default): one wait is enough
     return {"socket_timeout": seconds, "socket_connect_timeout": seconds, "retry": Retry(NoBackoff(), 0)}
+
+
+def per_process_note(storage: str, workers: int) -> str | None:
+    """Return what to say at start when each worker would count a limit on its own, or None."""
+    if workers <= 1 or storage.partition("://")[0] not in ("memory", SCHEME):
+        return None
+    return (
+        f"PREFS_RATELIMIT_STORAGE_URI is memory://: each of the {workers} workers counts on its own, "
+        f"so a rate limit lets up to {workers} times its rate through on this host; "
+        "set redis://... to hold the limits as configured"
+    )

@@ -85,6 +85,8 @@ def make_app(database_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]
             "DATABASE_URL": database_url,
             "SECRET_KEYS": TEST_KEYS,
             "BASE_URL": "https://prefs.example.com",
+            # the test client's own Host, and the loopback servers'; links still start with the base URL
+            "TRUSTED_HOSTS": ["localhost", "127.0.0.1"],
             # the address form's timing floor; tests that measure it set their own
             "REQUEST_MIN_SECONDS": 0,
         }

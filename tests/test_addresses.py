@@ -5,7 +5,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from prefs.addresses import _validated, mask, normalize, normalize_all
+from prefs.addresses import _validated, mailbox, mask, normalize, normalize_all
 from prefs.errors import InvalidAddress
 
 
@@ -124,3 +124,19 @@ def test_an_ascii_address_with_two_at_signs_is_never_valid(first, second, third)
     address = first + "@" + second + "@" + third
     assert reference(address) is None
     assert normalize_all([address]) == [None]
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("ann@example.com", "ann@example.com"),
+        ("ann+news@example.com", "ann@example.com"),
+        ("ann+a+b@example.com", "ann@example.com"),
+        ("a.nn@example.com", "a.nn@example.com"),
+        ("a.n.n+x@gmail.com", "ann@gmail.com"),
+        ("ann@googlemail.com", "ann@gmail.com"),
+        ("+tag@example.com", "+tag@example.com"),
+    ],
+)
+def test_the_mailbox_an_address_delivers_to(address, expected):
+    assert mailbox(address) == expected

@@ -1,8 +1,10 @@
 """Every ``flask --app prefs`` command, through Click's runner."""
 
+from click.testing import CliRunner
+from flask.cli import FlaskGroup
 from sqlalchemy import select
 
-from prefs import create_app, ledger
+from prefs import ledger
 from prefs.models import ApiKey, Event
 from prefs.privacy import secret_hash
 from tests.factories import make_topic
@@ -114,13 +116,31 @@ def test_unsubscribing_a_stranger_records_it(runner, session):
     assert ledger.verdict_for(session, "new@example.com", "news").reason == "unsubscribed_all"
 
 
-def test_demo_builds_the_schema_and_prints_links(tmp_path):
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}"})
-    result = app.test_cli_runner().invoke(args=["demo", "--no-serve"])
+def flask_command(monkeypatch, tmp_path, *args):
+    """Run ``flask --app prefs ARGS`` in process, as a shell would, with no base URL set."""
+    monkeypatch.delenv("PREFS_BASE_URL", raising=False)
+    env = {
+        "PREFS_INSTANCE_PATH": str(tmp_path / "instance"),
+        "PREFS_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+        "PREFS_SECRET_KEYS": "k" * 20,
+    }
+    return CliRunner().invoke(FlaskGroup(), ["--app", "prefs", *args], env=env)
+
+
+def test_demo_builds_the_schema_and_prints_links_on_its_own_origin(monkeypatch, tmp_path):
+    result = flask_command(monkeypatch, tmp_path, "demo", "--no-serve", "--port", "5057")
     assert result.exit_code == 0, result.output
-    assert "/u/" in result.output and "/p/" in result.output
-    again = app.test_cli_runner().invoke(args=["demo", "--no-serve"])
+    assert "http://127.0.0.1:5057/u/" in result.output and "http://127.0.0.1:5057/p/" in result.output
+    again = flask_command(monkeypatch, tmp_path, "demo", "--no-serve")
     assert again.exit_code == 0, again.output
+    assert "http://127.0.0.1:5000/p/" in again.output
+
+
+def test_every_other_command_refuses_to_run_without_a_base_url(monkeypatch, tmp_path):
+    for args in (("link", "ann@example.com"), ("topics", "list"), ("routes",)):
+        result = flask_command(monkeypatch, tmp_path, *args)
+        assert result.exit_code != 0, (args, result.output)
+        assert "PREFS_BASE_URL" in result.output, (args, result.output)
 
 
 def test_smtpd_refuses_a_listen_address_without_a_port(runner, session):

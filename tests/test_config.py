@@ -8,6 +8,8 @@ from prefs import config, create_app
 from prefs.config import ConfigError
 from tests.disks import fill, small_disk
 
+BASE_URL = "https://prefs.example.com"
+
 
 @pytest.mark.parametrize(
     ("settings", "variable"),
@@ -40,24 +42,64 @@ def test_environment_variables_are_read(monkeypatch, make_app):
     assert app.config["DB_POOL_SIZE"] == 7
 
 
+def test_a_service_without_a_base_url_stops_at_start_with_one_line_naming_it(monkeypatch):
+    # links in mail would otherwise be built from what a request says its Host is
+    monkeypatch.delenv("PREFS_BASE_URL", raising=False)
+    with pytest.raises(ConfigError) as err:
+        create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://"})
+    message = str(err.value)
+    assert "PREFS_BASE_URL" in message and "\n" not in message
+
+
+def test_the_tests_make_do_without_a_base_url_and_never_use_the_host(make_app):
+    app = make_app(BASE_URL=None)
+    with app.test_request_context("/", headers={"Host": "attacker.example"}):
+        from prefs import links
+
+        assert "attacker" not in links.preferences_url("t")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://www.prefs.example.com",
+        "www.prefs.example.com/x",
+        "prefs.example.com, bad host",
+        ",",
+        "a@b.example",
+    ],
+)
+def test_a_bad_trusted_host_is_one_line_naming_the_variable(make_app, value):
+    with pytest.raises(ConfigError) as err:
+        make_app(TRUSTED_HOSTS=value)
+    assert "PREFS_TRUSTED_HOSTS" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_base_url_with_credentials_is_refused(make_app):
+    with pytest.raises(ConfigError, match="PREFS_BASE_URL"):
+        make_app(BASE_URL="https://user:pw@prefs.example.com")
+
+
 def test_the_test_mapping_overrides_the_environment(monkeypatch):
     monkeypatch.setenv("PREFS_BRAND_NAME", "From env")
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BRAND_NAME": "Test"})
+    app = create_app(
+        {"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BRAND_NAME": "Test", "BASE_URL": BASE_URL}
+    )
     assert app.config["BRAND_NAME"] == "Test"
 
 
 def test_secret_keys_are_a_comma_separated_list(monkeypatch):
     monkeypatch.setenv("PREFS_SECRET_KEYS", "old-key-0123456789, new-key-0123456789")
-    app = create_app({"DATABASE_URL": "sqlite://"})
+    app = create_app({"DATABASE_URL": "sqlite://", "BASE_URL": BASE_URL})
     assert app.config["SECRET_KEYS"] == ["old-key-0123456789", "new-key-0123456789"]
 
 
 def test_without_keys_one_is_generated_once_into_the_instance_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path))
     monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
-    first = create_app({"DATABASE_URL": "sqlite://"})
+    first = create_app({"DATABASE_URL": "sqlite://", "BASE_URL": BASE_URL})
     assert "PREFS_SECRET_KEYS is not set" in caplog.text
-    second = create_app({"DATABASE_URL": "sqlite://"})
+    second = create_app({"DATABASE_URL": "sqlite://", "BASE_URL": BASE_URL})
     assert first.config["SECRET_KEYS"] == second.config["SECRET_KEYS"]
     assert (tmp_path / "secret_keys").stat().st_mode & 0o077 == 0
 
@@ -68,7 +110,7 @@ def test_a_full_instance_disk_without_keys_is_one_clear_line_and_leaves_no_half_
         monkeypatch.setenv("PREFS_INSTANCE_PATH", str(instance))
         monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
         with pytest.raises(ConfigError) as err:
-            create_app({"DATABASE_URL": "sqlite://"})
+            create_app({"DATABASE_URL": "sqlite://", "BASE_URL": "https://prefs.example.com"})
         message = str(err.value)
         assert "PREFS_SECRET_KEYS" in message and "\n" not in message
         assert sorted(p.name for p in instance.iterdir()) == ["filler"]
@@ -81,19 +123,21 @@ def test_a_key_file_cut_short_is_never_used_as_a_key(tmp_path, monkeypatch, left
     monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path))
     monkeypatch.delenv("PREFS_SECRET_KEYS", raising=False)
     with pytest.raises(ConfigError) as err:
-        create_app({"DATABASE_URL": "sqlite://"})
+        create_app({"DATABASE_URL": "sqlite://", "BASE_URL": "https://prefs.example.com"})
     assert "PREFS_SECRET_KEYS" in str(err.value) and "secret_keys" in str(err.value)
 
 
 def test_the_default_database_is_sqlite_in_the_instance_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path))
     monkeypatch.delenv("PREFS_DATABASE_URL", raising=False)
-    app = create_app({"SECRET_KEYS": "k" * 20})
+    app = create_app({"SECRET_KEYS": "k" * 20, "BASE_URL": BASE_URL})
     assert app.config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path / 'prefs.sqlite3'}"
 
 
 def test_plain_postgresql_urls_use_psycopg_3():
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "postgresql://u@127.0.0.1/p"})
+    app = create_app(
+        {"SECRET_KEYS": "k" * 20, "DATABASE_URL": "postgresql://u@127.0.0.1/p", "BASE_URL": BASE_URL}
+    )
     assert app.config["SQLALCHEMY_DATABASE_URI"] == "postgresql+psycopg://u@127.0.0.1/p"
     assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_size"] == 5
     assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_pre_ping"] is True
@@ -131,7 +175,7 @@ def test_public_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFS_SMTP_URL", "smtps://u:p@mail.example.com")
     monkeypatch.setenv("PREFS_RATELIMIT_STORAGE_URI", "redis://127.0.0.1:6379/2")
     monkeypatch.setenv("PREFS_BRAND_COLOR", "#FFCC00")
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://"})
+    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BASE_URL": BASE_URL})
     assert app.config["SMTP_SERVER"].tls and app.config["SMTP_SERVER"].port == 465
     # the limiter's storage: that Redis, skipped while it does not answer in time (ratelimit.py)
     assert app.config["RATELIMIT_STORAGE_URI"] == "prefs+redis://127.0.0.1:6379/2"
@@ -149,7 +193,9 @@ def test_public_settings_are_read_from_the_environment(monkeypatch):
     ],
 )
 def test_text_on_the_accent_is_white_or_black_by_luminance(color, text, link):
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BRAND_COLOR": color})
+    app = create_app(
+        {"SECRET_KEYS": "k" * 20, "DATABASE_URL": "sqlite://", "BRAND_COLOR": color, "BASE_URL": BASE_URL}
+    )
     assert app.config["BRAND_TEXT_COLOR"] == text
     assert app.config["BRAND_LINK_COLOR"] == link
 

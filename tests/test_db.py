@@ -186,6 +186,8 @@ def test_a_uri_filename_shares_its_write_lock_with_the_plain_path(make_app, tmp_
         with write_transaction(db.session()):
             db.session().execute(text("SELECT 1"))
     assert uri_gate._path == plain_gate._path == f"{path}.write-lock"
+
+
 class Refused(Exception):
     """A driver's error with PostgreSQL's SQLSTATE."""
 

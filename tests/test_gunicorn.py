@@ -1,6 +1,8 @@
 """``gunicorn -c gunicorn.conf.py wsgi:app`` serves, adds metrics up across workers, masks tokens."""
 
 import gc
+import json
+import logging
 import os
 import signal
 import socket
@@ -56,6 +58,7 @@ def served(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
+        PREFS_BASE_URL=f"http://127.0.0.1:{port}",
         PREFS_DATABASE_URL=url,
         PREFS_SECRET_KEYS=",".join(TEST_KEYS),
         PREFS_INSTANCE_PATH=str(tmp_path / "instance"),
@@ -92,9 +95,16 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
     base, process, (unsubscribe, preferences), log_path = served
     for _ in range(20):
         assert get(base + "/healthz") == (200, '{"status":"ok"}\n')
-    get(f"{base}/u/{unsubscribe}")
-    get(f"{base}/p/{preferences}?lang=de", headers={"Referer": f"https://mail.example/u/{unsubscribe}"})
-    get(f"{base}/api/v1/subscribers/ann@example.com", headers={"Authorization": "Bearer prefs_secretkey123"})
+    get(f"{base}/u/{unsubscribe}", headers={"X-Request-ID": "one-u"})
+    get(
+        f"{base}/p/{preferences}?lang=de",
+        headers={"Referer": f"https://mail.example/u/{unsubscribe}", "X-Request-ID": "one-p"},
+    )
+    get(
+        f"{base}/api/v1/subscribers/ann@example.com",
+        headers={"Authorization": "Bearer prefs_secretkey123", "X-Request-ID": "one-api"},
+    )
+    get(f"{base}/no/such/page", headers={"X-Request-ID": "one-404"})
     status, text = get(base + "/metrics")
     assert status == 200
     healthz = sum(
@@ -114,7 +124,7 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
 
     time.sleep(0.5)
     log = log_path.read_text()
-    assert "/u/[token]" in log and "/p/[token]" in log
+    assert '"route":"/u/[token]"' in log and '"route":"/p/[token]"' in log
     for secret in (
         unsubscribe,
         preferences,
@@ -123,7 +133,42 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
         "prefs_secretkey123",
     ):
         assert secret not in log
-    assert '"route":"/healthz"' in log  # the app's own JSON lines are there too
+    # one access line per request, in the one JSON format: the app's, not gunicorn's as well
+    for rid in ("one-u", "one-p", "one-api", "one-404"):
+        assert log.count(rid) == 1, (rid, [line for line in log.splitlines() if rid in line])
+    assert [line for line in log.splitlines() if line.strip() and not line.startswith("{")] == []
+
+
+def test_gunicorn_without_a_base_url_stops_at_start_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "PREFS_BASE_URL")}
+    env.update(
+        PREFS_DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        PREFS_SECRET_KEYS=",".join(TEST_KEYS),
+        PREFS_INSTANCE_PATH=str(tmp_path / "instance"),
+        PREFS_WORKERS="2",
+    )
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "-b",
+            f"127.0.0.1:{free_port()}",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode != 0, output
+    named = [line for line in output.splitlines() if "PREFS_BASE_URL" in line]
+    assert len(named) == 1, output  # said once, by the master, before any worker starts
+    assert "Booting worker" not in output
 
 
 def load_config() -> dict:
@@ -143,9 +188,6 @@ def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_pat
         "prefs.serving.ThreadWorker",
     )
     assert settings["preload_app"] is False
-    assert (
-        settings["mask"]("GET /u/abc.def?x HTTP/1.1 ann%40example.com") == "GET /u/[token]?x HTTP/1.1 [email]"
-    )
 
 
 def test_a_worker_keeps_its_loaded_app_out_of_the_collectors_passes(monkeypatch, tmp_path):
@@ -162,28 +204,42 @@ def test_a_worker_keeps_its_loaded_app_out_of_the_collectors_passes(monkeypatch,
         gc.set_threshold(*before)
 
 
-def test_the_access_log_masks_the_atoms_its_format_writes_and_hands_on_no_other(monkeypatch, tmp_path):
+def test_gunicorn_writes_an_access_line_only_for_a_request_the_app_never_saw(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     settings = load_config()
-    cfg = Config()
-    cfg.set("access_log_format", '%(h)s "%(r)s" %(U)s %({Authorization}i)s %({x-request-id}o)s %(s)s')
-    logger = settings["MaskingLogger"](cfg)
-    response = SimpleNamespace(status="200 OK", headers=[("X-Request-ID", "r1")], sent=12)
-    request = SimpleNamespace(headers=[("AUTHORIZATION", "Bearer prefs_secretkey123"), ("COOKIE", "s=1")])
-    environ = {
-        "REMOTE_ADDR": "127.0.0.1",
-        "REQUEST_METHOD": "GET",
-        "RAW_URI": "/u/abc.def?e=ann@example.com",
-        "PATH_INFO": "/u/abc.def",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_COOKIE": "s=1",
-    }
-    atoms = logger.atoms(response, request, environ, timedelta(milliseconds=3))
-    assert atoms == {
-        "h": "127.0.0.1",
-        "r": "GET /u/[token]?e=[email] HTTP/1.1",
-        "U": "/u/[token]",
-        "{authorization}i": "[hidden]",
-        "{x-request-id}o": "r1",
-        "s": "200",
-    }
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    try:
+        cfg = Config()
+        cfg.set("accesslog", "-")
+        logger = settings["JsonLogger"](cfg)
+        response = SimpleNamespace(status="400 Bad Request")
+        request = SimpleNamespace(
+            method="GET", uri="/u/abc.def?e=ann@example.com", headers=[("X-REQUEST-ID", "r1")]
+        )
+        logger.access(response, request, {"prefs.logged": True}, timedelta(milliseconds=3))
+        logger.access(response, request, {"RAW_URI": request.uri}, timedelta(milliseconds=3))
+        logger.warning(
+            "Invalid request from ip=203.0.113.9: Invalid HTTP request line: 'GET /p/abc.def ann@example.com'"
+        )
+    finally:
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in (captured.out + captured.err).splitlines()]
+    access = [line for line in lines if line["logger"] == "gunicorn.access"]
+    assert access == [
+        {
+            "time": access[0]["time"],
+            "level": "info",
+            "logger": "gunicorn.access",
+            "message": "request",
+            "request_id": "r1",
+            "method": "GET",
+            "status": 400,
+            "duration_ms": 3.0,
+        }
+    ]
+    (error,) = [line for line in lines if line["logger"] == "gunicorn.error"]
+    for secret in ("ann@", "abc.def", "203.0.113.9"):
+        assert secret not in error["message"], error

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -144,3 +145,93 @@ def test_log_level_setting_is_checked(make_app, level):
 def test_a_bad_log_level_names_the_variable(make_app):
     with pytest.raises(SystemExit, match="PREFS_LOG_LEVEL"):
         make_app(LOG_LEVEL="loud")
+
+
+def adversarial_texts(size=65_536):
+    """Return texts of ``size`` characters shaped to make a backtracking mask take quadratic time."""
+    run = "a" * size
+    return {
+        "one @ after a long run": run[: size - 2] + " @",
+        "one @ at its end": run[: size - 1] + "@",
+        "one @ in the middle of separators": ("a/" * (size // 4)) + "@" + ("/a" * (size // 4)),
+        "only @": "@" * size,
+        "@ and separators": "a@ " * (size // 3),
+        "%40 with no end": "%4" * (size // 2 - 2) + "%40",
+        "%25 runs": "%25" * (size // 3) + "40",
+        "a token prefix, repeated": "/u/" * (size // 3),
+        "encoded token prefixes": "%2Fu%2F" * (size // 7) + "@",
+        "key prefixes": "prefs_" * (size // 6),
+        "dots and signature-length runs": ("." + "a" * 26) * (size // 27),
+        "a request line": "GET /api/v1/subscribers/" + run[: size - 40] + "@x HTTP/1.1",
+        "a header of commas": "Referer: " + ", " * (size // 2) + "x@y",
+    }
+
+
+@pytest.mark.parametrize("shape", adversarial_texts())
+def test_scrub_takes_linear_time_on_64_kb_of_adversarial_text(shape):
+    text = adversarial_texts()[shape]
+    assert len(text) >= 60_000
+    started = time.perf_counter()
+    logs.scrub(text)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.05, f"{shape}: {elapsed * 1000:.0f} ms for {len(text)} characters"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "DELETE /api/v1/subscribers/nobody%2540example.com",
+        "DELETE /api/v1/subscribers/nobody%252540example.com",
+        "GET /api/v1/subscribers/nobody\uff20example.com",
+        "GET /api/v1/subscribers/nobody\ufe6bexample.com",
+        "GET /api/v1/subscribers/nobody%EF%BC%A0example.com",
+        "GET /api/v1/subscribers/nobody%ef%bc%a0example.com",
+        "GET /api/v1/subscribers/nobody%40example.com",
+        "GET /api/v1/subscribers/NOBODY@EXAMPLE.COM",
+    ],
+)
+def test_scrub_masks_encoded_and_lookalike_at_signs(text):
+    scrubbed = logs.scrub(text)
+    assert "nobody" not in scrubbed.lower() and "example.com" not in scrubbed.lower(), scrubbed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "POST /u%2F{token}",
+        "POST /u%2f{token}",
+        "POST %2Fp%2F{token}",
+        "Referer: https://mail.example/p/{token}",
+        "GET /unsubscribe?next={token}",
+        "token={token}; more",
+    ],
+)
+def test_scrub_leaves_no_whole_token_whatever_its_surroundings(app, text):
+    from prefs import links
+
+    token = links.tokens().unsubscribe("AAAAAAAAAAAAAAAAAAAAAA", "news", "spring-2026")
+    scrubbed = logs.scrub(text.format(token=token))
+    assert token not in scrubbed and token.rsplit(".", 1)[1] not in scrubbed, scrubbed
+
+
+def test_result_rows_never_reach_the_log_even_at_debug(app, session, capsys):
+    from sqlalchemy import select
+
+    from prefs.extensions import db
+    from prefs.models import Subscriber
+
+    ann = make_subscriber(session, "rowdy@example.com")
+    root, engine_log = logging.getLogger(), logging.getLogger("sqlalchemy.engine")
+    before = (list(root.handlers), root.level, engine_log.level)
+    try:
+        logs.configure("DEBUG")
+        engine_log.setLevel(logging.DEBUG)  # as an operator's logging config might
+        with db.engine.connect() as conn:
+            conn.execute(select(Subscriber.email, Subscriber.public_id)).all()
+    finally:
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
+        engine_log.setLevel(before[2])
+    out = capsys.readouterr().out
+    assert "SELECT" in out  # the statement is there, at INFO, its parameters hidden
+    assert ann.public_id not in out

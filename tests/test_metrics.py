@@ -3,6 +3,7 @@
 from collections import Counter
 from datetime import timedelta
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefs import ledger, metrics, register
@@ -114,6 +115,47 @@ def test_without_a_token_only_this_host_may_read(client):
     assert client.get("/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 403
     # a proxy on this host makes every client look local; a forwarded request is not
     assert client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-Forwarded-For",
+        "X-Real-IP",
+        "Forwarded",
+        "X-Forwarded-Host",
+        "X-Forwarded-Proto",
+        "X-Client-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "X-Cluster-Client-IP",
+        "X-Original-Forwarded-For",
+        "Client-IP",
+        "Via",
+    ],
+)
+def test_without_a_token_a_request_a_proxy_forwarded_is_not_local(client, header):
+    # a proxy on this host connects from 127.0.0.1 for everyone: any trace of forwarding
+    # means a client elsewhere
+    assert client.get("/metrics", headers={header: "203.0.113.9"}).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("peer", "status"), [("::1", 200), ("::ffff:127.0.0.1", 200), ("127.0.0.2", 200), ("2001:db8::1", 403)]
+)
+def test_local_means_a_loopback_peer_of_either_family(client, peer, status):
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": peer}).status_code == status
+
+
+def test_local_is_the_socket_peer_not_the_address_a_proxy_fix_wrote(make_app):
+    app = make_app(TRUSTED_PROXIES=1)
+    client = app.test_client()
+    forwarded = {"X-Forwarded-For": "127.0.0.1"}
+    assert (
+        client.get("/metrics", headers=forwarded, environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 403
+    )
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 403
 
 
 def test_with_a_token_a_bearer_must_present_it(make_app):

@@ -21,7 +21,9 @@ def test_upgrade_from_nothing_has_no_drift(tmp_path):
     else:
         url = f"sqlite:///{tmp_path / 'migrated.sqlite3'}"
     try:
-        app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url})
+        app = create_app(
+            {"SECRET_KEYS": "k" * 20, "DATABASE_URL": url, "BASE_URL": "https://prefs.example.com"}
+        )
         migrations(app)
         with app.app_context():
             upgrade(directory=str(MIGRATIONS))
@@ -40,7 +42,7 @@ def test_upgrade_from_nothing_has_no_drift(tmp_path):
 
 def test_the_cli_upgrade_command_runs(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
-    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url})
+    app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url, "BASE_URL": "https://prefs.example.com"})
     result = app.test_cli_runner().invoke(args=["db", "upgrade"])
     assert result.exit_code == 0, result.output
     engine = create_engine(url)
@@ -56,7 +58,8 @@ def test_serving_never_loads_alembic():
 
     code = (
         "import sys; from prefs import create_app; "
-        "app = create_app({'SECRET_KEYS': 'k' * 20, 'DATABASE_URL': 'sqlite://'}); "
+        "app = create_app({'SECRET_KEYS': 'k' * 20, 'DATABASE_URL': 'sqlite://', "
+        "'BASE_URL': 'http://localhost'}); "
         "app.test_client().get('/healthz'); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'flask_migrate')))"
     )

@@ -227,6 +227,30 @@ def test_requests_are_limited_per_address_whatever_the_client(make_app, smtp_ser
     assert "address:" in keys and "@" not in keys and "ann" not in keys.lower()
 
 
+def test_the_per_address_limit_counts_the_mailbox_not_its_spellings(make_app, smtp_server):
+    app = make_app(
+        SMTP_URL=smtp_server.url, RATELIMIT_PER_ADDRESS="3 per hour", RATELIMIT_PER_CLIENT="100 per hour"
+    )
+    client = app.test_client()
+
+    def post(email, n):
+        ip = {"REMOTE_ADDR": f"10.0.{n}.1"}
+        return client.post("/unsubscribe", data={"email": email}, environ_base=ip).status_code
+
+    spellings = [f"target+{n}@example.com" for n in range(1, 26)] + [
+        "Target@Example.COM",
+        "TARGET+x@example.com",
+    ]
+    statuses = [post(email, n) for n, email in enumerate(spellings)]
+    assert statuses.count(200) == 3, statuses
+    # Gmail delivers with the dots left out, and googlemail.com is gmail.com
+    gmail = ["t.a.r.g.e.t@gmail.com", "target+1@googlemail.com", "tar.get+x@gmail.com", "TARGET@gmail.com"]
+    assert [post(email, 100 + n) for n, email in enumerate(gmail)] == [200, 200, 200, 429]
+    # elsewhere a dot makes another mailbox
+    assert post("t.arget@example.com", 200) == 200
+    assert len(smtp_server.inbox.wait_for(7)) == 7
+
+
 @pytest.fixture
 def redis_db():
     """Return an empty Redis database of its own on 127.0.0.1, emptied again afterwards."""
@@ -294,3 +318,17 @@ def test_without_trusted_proxies_forwarded_headers_are_ignored(make_app):
         for ip in ("198.51.100.1", "198.51.100.2")
     ]
     assert codes == [200, 429]  # a client cannot pick its own address
+
+
+def test_an_ipv6_client_is_counted_by_its_64_not_by_each_address_it_picks(make_app, smtp_server):
+    app = make_app(SMTP_URL=smtp_server.url, RATELIMIT_PER_CLIENT="2 per minute")
+    client = app.test_client()
+
+    def post(ip, n):
+        return client.post(
+            "/unsubscribe", data={"email": f"v6-{n}@example.com"}, environ_base={"REMOTE_ADDR": ip}
+        ).status_code
+
+    picked = ["2001:db8:1:2::1", "2001:db8:1:2::ffff", "2001:db8:1:2:abcd::9"]
+    assert [post(ip, n) for n, ip in enumerate(picked)] == [200, 200, 429]
+    assert post("2001:db8:1:3::1", 9) == 200  # another /64, another client

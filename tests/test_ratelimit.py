@@ -15,10 +15,14 @@ from limits.storage import RedisStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from prefs import ratelimit
+from prefs.extensions import session as db_session
 from prefs.ratelimit import SkippedWhenSlow, SweptMemoryStorage
+from tests.factories import bearer, make_key, make_subscriber, make_topic, unsubscribe_token
 from tests.smtp import free_port
 
 SHARED_REDIS = "redis://127.0.0.1:6379/12"
+
+ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 
 
 def test_memory_means_the_swept_storage_and_redis_the_one_skipped_when_slow():
@@ -207,3 +211,49 @@ def test_a_storage_slower_than_usual_but_within_the_timeout_still_counts():
     finally:
         store.flushdb()
         store.close()
+
+
+REDIS_URL = "redis://127.0.0.1:6379/11"  # this module's own database
+
+
+@pytest.fixture
+def redis_db():
+    """Return an empty Redis database of this module's, emptied again afterwards."""
+    store = redis.Redis.from_url(REDIS_URL)
+    store.flushdb()
+    yield store
+    store.flushdb()
+    store.close()
+
+
+@pytest.mark.parametrize("client_ip", ["198.51.100.77", "2001:db8::77"])
+def test_the_counters_in_redis_hold_no_ip_token_or_address(make_app, redis_db, client_ip):
+    app = make_app(RATELIMIT_STORAGE_URI=REDIS_URL, TRUSTED_PROXIES=1)
+    with app.app_context():
+        s = db_session()
+        make_topic(s, "news")
+        ann = make_subscriber(s, "target@example.com")
+        token, public_id = unsubscribe_token(ann, "news", "c1"), ann.public_id
+        secret = make_key(s, "admin", name="mailer")
+    client = app.test_client()
+    forwarded = {"X-Forwarded-For": client_ip}
+    assert (
+        client.post("/unsubscribe", data={"email": "target+1@example.com"}, headers=forwarded).status_code
+        == 200
+    )
+    for _ in range(2):  # the view, then the layer beneath Flask
+        assert client.post(f"/u/{token}", data=ONE_CLICK, headers=forwarded).status_code == 200
+    assert client.get("/api/v1/topics", headers={**forwarded, **bearer(secret)}).status_code == 200
+    keys = " ".join(k.decode() for k in redis_db.keys("*"))
+    for scope in ("request-client", "request-address", "u", "api-key"):
+        assert scope in keys, keys  # every limit counted
+    for secret_text in (
+        client_ip,
+        client_ip.replace(":", ""),
+        token,
+        public_id,
+        token.rsplit(".", 1)[1],
+        "target",
+        "example",
+    ):
+        assert secret_text not in keys, (secret_text, keys)

@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 
 from prefs.extensions import session as db_session
 from tests.factories import make_subscriber, make_topic
+from tests.smtp import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -65,17 +66,20 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def live(make_app: Any, smtp_server: Any) -> Iterator[Live]:
     """Serve a fresh app in a thread on 127.0.0.1 at a random port, mailing through aiosmtpd."""
-    app = make_app(BASE_URL=None, SMTP_URL=smtp_server.url, BRAND_NAME="Example Shop")
+    port = free_port()
+    # links in mail lead back to this server, as PREFS_BASE_URL makes them do in production
+    origin = f"http://127.0.0.1:{port}"
+    app = make_app(BASE_URL=origin, SMTP_URL=smtp_server.url, BRAND_NAME="Example Shop")
     with app.app_context():
         s = db_session()
         for key, name, description, opt_in in TOPICS:
             make_topic(s, key, opt_in=opt_in, name=name).description = description
         s.commit()
         make_subscriber(s, "demo@example.com")
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield Live(app, f"http://127.0.0.1:{server.server_port}", smtp_server)
+    yield Live(app, origin, smtp_server)
     server.shutdown()
     thread.join(timeout=5)
     server.server_close()

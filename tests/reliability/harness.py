@@ -100,6 +100,8 @@ class Service:
             PREFS_SECRET_KEYS=",".join(TEST_KEYS),
             PREFS_INSTANCE_PATH=str(workdir / "instance"),
             PREFS_BIND=self.base,
+            # links start here, and the tests' requests name this host
+            PREFS_BASE_URL=f"http://{self.base}",
             PREFS_WORKERS="4",
             PREFS_THREADS="4",
             PREFS_TIMEOUT="30",
