@@ -354,6 +354,7 @@ def test_sigterm_stops_it_cleanly(tmp_path):
         "PREFS_SECRET_KEYS": ",".join(TEST_KEYS),
         "PREFS_INSTANCE_PATH": str(tmp_path / "instance"),
         "PREFS_UNSUBSCRIBE_MAILTO": MAILBOX,
+        "PREFS_BASE_URL": "https://prefs.example.com",
     }
     output = (tmp_path / "smtpd.log").open("wb")
     process = subprocess.Popen(
