@@ -170,7 +170,11 @@ def suppressions() -> Any:
         if kind in ("text/csv", "application/x-ndjson"):
             batches = feeds.stream_suppressions(session(), topic)
             first = next(batches, None)  # an unknown topic fails here, before the 200
-            return Response(stream_with_context(_stream(kind, first, batches)), mimetype=kind)
+            if kind == "text/csv" and params["spreadsheet"]:
+                kind = SPREADSHEET
+            return Response(
+                stream_with_context(_stream(kind, first, batches)), mimetype=kind.partition(";")[0]
+            )
         page = feeds.suppression_page(session(), topic, params.get("cursor"), params["limit"])
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
@@ -179,14 +183,20 @@ def suppressions() -> Any:
     return _json({"items": page.items, "next_cursor": page.next_cursor})
 
 
+# the CSV export for people: what a spreadsheet would run as a formula is guarded
+SPREADSHEET = "text/csv; spreadsheet"
+
+
 def _stream(
     kind: str, first: list[feeds.Suppression] | None, batches: Iterator[list[feeds.Suppression]]
 ) -> Iterator[str]:
-    if kind == "text/csv":
+    if kind != "application/x-ndjson":
         yield "email,scope,reason,since\r\n"
     for batch in itertools.chain([first] if first else [], batches):
         if kind == "text/csv":
             yield _csv_lines(batch)
+        elif kind == SPREADSHEET:
+            yield _spreadsheet_lines(batch)
         else:
             yield "".join([json.dumps(feeds.as_item(row), separators=(",", ":")) + "\n" for row in batch])
 
@@ -224,6 +234,20 @@ def _csv(value: str) -> str:
     if value[:1] in _FORMULA or _CSV_SPECIAL.search(value):
         return '"' + value.replace('"', '""') + '"'
     return value
+
+
+# what a spreadsheet reads as the start of a formula (OWASP's list)
+_SPREADSHEET_FORMULA = frozenset("=+-@\t\r")
+
+
+def spreadsheet_cell(value: str) -> str:
+    """Return a cell a spreadsheet shows as text: a leading formula sign gets a ``'`` before it."""
+    return "'" + value if value[:1] in _SPREADSHEET_FORMULA else value
+
+
+def _spreadsheet_lines(batch: list[feeds.Suppression]) -> str:
+    """Return a batch as CSV lines in which no cell begins a formula; not exact, so not the default."""
+    return "".join([",".join(_csv(spreadsheet_cell(cell or "")) for cell in row) + "\r\n" for row in batch])
 
 
 @bp.get("/changes")

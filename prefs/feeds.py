@@ -41,7 +41,8 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
         parts = tuple(int(p) for p in raw.split("."))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidValue("the cursor is not one this service gave out") from None
-    if len(parts) != size or any(p < 0 or p > 2**63 for p in parts):
+    # a stored id is a signed 64-bit integer: SQLite cannot even compare a larger one
+    if len(parts) != size or any(p < 0 or p >= 2**63 for p in parts):
         raise InvalidValue("the cursor is not one this service gave out")
     return parts
 

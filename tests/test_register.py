@@ -1,6 +1,6 @@
 """The 30-day register of data-subject requests."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
@@ -133,3 +133,25 @@ def test_ids_out_of_range_are_unknown_requests(session, request_id):
     # a 31-digit id once reached SQLite and came back as a 500 (found by schemathesis)
     with pytest.raises(UnknownRequest):
         register.get_request(session, request_id)
+
+
+@pytest.mark.parametrize("bad", ["n\ud800", "n\x00"])
+def test_a_note_neither_database_can_store_is_refused(session, bad):
+    with pytest.raises(InvalidValue):
+        register.record_request(session, "access", "ann@example.com", note=bad)
+    item = register.record_request(session, "access", "ann@example.com")
+    with pytest.raises(InvalidValue):
+        register.complete_request(session, item.id, note=bad)
+    assert register.get_request(session, item.id).completed_at is None
+
+
+@pytest.mark.parametrize(
+    "received",
+    [
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(-timedelta(hours=23, minutes=59))),
+        datetime(1, 1, 1, 0, 0, tzinfo=timezone(timedelta(hours=23, minutes=59))),
+    ],
+)
+def test_a_receipt_time_outside_the_calendar_in_utc_is_refused(session, received):
+    with pytest.raises(InvalidValue):
+        register.record_request(session, "access", "ann@example.com", received_at=received)
