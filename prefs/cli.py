@@ -11,12 +11,12 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from werkzeug.serving import run_simple
 
-from . import imports, ledger, links, topics
+from . import imports, ledger, links, purge, topics
 from . import keys as api_keys
 from . import register as request_register
 from .addresses import normalize
 from .errors import DomainError, UnknownSubscriber
-from .extensions import migrations, session
+from .extensions import db, migrations, session
 from .import_formats import FORMATS
 from .ledger import Origin
 from .models import utcnow
@@ -280,6 +280,21 @@ def requests_overdue() -> None:
         )
 
 
+erasures_group = AppGroup("erasures", help="Clear what erased addresses leave in the database's files.")
+
+
+@erasures_group.command("purge")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="PostgreSQL: rewrite the subscribers table too (VACUUM FULL, an exclusive lock while it runs).",
+)
+def erasures_purge(full: bool) -> None:
+    """Clear erased rows' bytes: SQLite's log; PostgreSQL's dead rows and index entries (for cron)."""
+    for done in purge.purge(db.engine, full):
+        click.echo(done)
+
+
 def register(app: Flask) -> None:
     """Add the commands to ``flask --app prefs``."""
     for command in (
@@ -293,5 +308,6 @@ def register(app: Flask) -> None:
         smtpd,
         import_command,
         requests_group,
+        erasures_group,
     ):
         app.cli.add_command(command)

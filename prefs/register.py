@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from . import subjects
-from .addresses import mask, normalize
+from . import purge, subjects
+from .addresses import mask, normalize, scrub
 from .db import write_transaction
 from .errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
 from .ledger import Origin, ensure_subscriber, is_erased, record_opt_out
@@ -154,8 +154,12 @@ def complete_request(
         item.completed_at = now or utcnow()
         item.outcome = outcome
         item.email = None
-        if note:
-            item.note = (item.note + "\n" + note.strip()).strip()[:MAX_NOTE]
+        text = (item.note + "\n" + note).strip() if note else item.note
+        if email is not None:
+            # a done request keeps no address, in whatever form the notes wrote it
+            text = scrub(text, email)
+        item.note = text[:MAX_NOTE]
+    purge.after_forgetting(session)
     return Completion(item, export)
 
 
