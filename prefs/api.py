@@ -299,8 +299,12 @@ def events() -> Response:
             )
             continue
         batch.append((index, _change(public_id, event)))
-    for (index, _), changed in zip(batch, ledger.record_many(db, [c for _, c in batch]), strict=True):
-        results[index] = {"status": "accepted", "changed": changed}
+    for (index, _), recorded in zip(batch, ledger.record_many(db, [c for _, c in batch]), strict=True):
+        answer: dict[str, Any] = {"status": "accepted", "changed": recorded.changed}
+        if recorded.kept_out is not None:
+            # a resubscribe the rule does not let this source make: what still keeps it out
+            answer["reason"] = recorded.kept_out
+        results[index] = answer
     return _json({"results": results})
 
 

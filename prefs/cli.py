@@ -168,9 +168,18 @@ def resubscribe(email: str, topic: str | None) -> None:
     if topic is not None:
         topics.get_topic(session(), topic)
     subscriber = ledger.ensure_subscriber(session(), address)
-    changed = ledger.record_resubscribe(session(), subscriber.public_id, topic, Origin("cli"))
+    recorded = ledger.record_resubscribe(session(), subscriber.public_id, topic, Origin("cli"))
     scope = topic or "all marketing"
-    click.echo(f"resubscribed to {scope}" if changed else f"already subscribed to {scope}")
+    if recorded.kept_out == "complained":
+        lifted = "hard bounce lifted; " if recorded.changed else ""
+        click.echo(
+            f"{lifted}not resubscribed to {scope}: a complaint is lifted only by the person,"
+            " in the preference center"
+        )
+    elif recorded.kept_out is not None:
+        click.echo(f"not resubscribed to {scope}: {recorded.kept_out}")
+    else:
+        click.echo(f"resubscribed to {scope}" if recorded.changed else f"already subscribed to {scope}")
 
 
 DEMO_TOPICS = (

@@ -66,7 +66,7 @@ def committed(info: dict[str, Any]) -> None:
     for topic, action, reason, source, campaign, count in info.pop(_PENDING, ()):
         if action == "unsubscribe":
             OPT_OUTS.labels(topic, source, reason or "unsubscribed").inc(count)
-        else:
+        elif action == "resubscribe":  # not a hard bounce lifted under a complaint that still holds
             RESUBSCRIBES.labels(topic, source).inc(count)
         events_log.info(
             action,

@@ -52,7 +52,10 @@ def checkpoint(engine: Engine) -> bool:
 def purge(engine: Engine, full: bool = False) -> list[str]:
     """Clear the bytes of deleted rows that held an address; return what was run.
 
-    PostgreSQL: VACUUM removes dead rows and their index entries, and REINDEX CONCURRENTLY
+    PostgreSQL: VACUUM removes dead rows and their index entries; ANALYZE takes a new
+    sample of the columns for the planner's statistics (the old one may hold the address),
+    and the statistics catalog is vacuumed (the database's owner may; others are skipped
+    with a warning); REINDEX CONCURRENTLY
     rebuilds every index of the subscribers (an index page keeps a removed entry's bytes
     until it is rewritten); the small request register is rewritten whole. ``full``
     rewrites the subscribers too (VACUUM FULL): without it, a table page may keep a dead
@@ -64,10 +67,11 @@ def purge(engine: Engine, full: bool = False) -> list[str]:
         return ["wal_checkpoint(TRUNCATE)" + ("" if done else ": busy, readers held the log; run again")]
     tables = ", ".join(ADDRESS_TABLES)
     # a plain VACUUM first: it removes the dead rows whatever runs in other databases, while
-    # VACUUM FULL's own snapshot would keep those that a transaction anywhere might still see
-    statements = [f"VACUUM (INDEX_CLEANUP ON) {tables}"]
+    # VACUUM FULL's own snapshot would keep those that a transaction anywhere might still see;
+    # ANALYZE replaces the planner's sample of the columns' values (pg_statistic)
+    statements = [f"VACUUM (INDEX_CLEANUP ON, ANALYZE) {tables}", "VACUUM pg_catalog.pg_statistic"]
     if full:
-        statements.append(f"VACUUM (FULL) {tables}")
+        statements += [f"VACUUM (FULL) {tables}", "VACUUM (FULL) pg_catalog.pg_statistic"]
     else:
         statements += ["VACUUM (FULL) requests", "REINDEX TABLE CONCURRENTLY subscribers"]
     # VACUUM and REINDEX CONCURRENTLY cannot run inside a transaction

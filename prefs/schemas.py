@@ -237,6 +237,13 @@ class EventsRequest(Schema):
 class EventResult(Schema):
     status = fields.String(required=True, validate=validate.OneOf(["accepted", "error"]))
     changed = fields.Boolean()
+    reason = fields.String(
+        validate=validate.OneOf(["complained", "bounced"]),
+        metadata={
+            "description": "a resubscribe this key may not make: what still keeps the address out"
+            " (a complaint is lifted only by the person in the preference center)"
+        },
+    )
     error = fields.Nested(ErrorBody)
 
 

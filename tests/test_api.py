@@ -625,3 +625,29 @@ def test_the_openapi_document_states_the_key_patterns_as_ecma_anchors(client):
     }
     assert schemas["EventItem"]["properties"]["campaign"]["pattern"] == campaign
     assert schemas["EventItem"]["properties"]["topic"]["pattern"] == topic
+
+
+def test_a_resubscribe_the_rules_refuse_is_answered_with_what_keeps_the_address_out(client, keys, session):
+    make_topic(session, "news")
+    events = [
+        {"type": "complaint", "email": "ann@example.com"},
+        {"type": "hard_bounce", "email": "bob@example.com"},
+        {"type": "unsubscribe", "email": "cat@example.com"},
+    ]
+    client.post("/api/v1/events", json={"events": events}, headers=keys["write"])
+    back = [
+        {"type": "resubscribe", "email": "ann@example.com"},
+        {"type": "resubscribe", "email": "ann@example.com", "topic": "news"},
+        {"type": "resubscribe", "email": "bob@example.com"},
+        {"type": "resubscribe", "email": "cat@example.com", "topic": "news"},
+    ]
+    results = client.post("/api/v1/events", json={"events": back}, headers=keys["write"]).json["results"]
+    assert results == [
+        {"status": "accepted", "changed": False, "reason": "complained"},
+        {"status": "accepted", "changed": False, "reason": "complained"},
+        {"status": "accepted", "changed": True},  # a mailer that knows the address works again
+        {"status": "accepted", "changed": True},
+    ]
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "complained"
+    assert ledger.verdict_for(session, "bob@example.com", "news").allowed
+    assert ledger.verdict_for(session, "cat@example.com", "news").allowed
