@@ -364,3 +364,19 @@ def test_concurrent_writers_and_a_reader_see_every_change_once(make_app, databas
             cursor = page.next_cursor
     assert errors == []
     assert sorted(seen) == sorted(f"w{i:03d}@example.com" for i in range(60))
+
+
+def test_a_bounce_lifted_under_a_complaint_is_no_change_in_the_feed(client, session, reader):
+    make_topic(session, "news")
+    [ann] = people(session, 1)
+    ledger.record_opt_out(session, ann.public_id, None, API, "bounced")
+    ledger.record_opt_out(session, ann.public_id, None, API, "complained")
+    cursor = client.get("/api/v1/changes", headers=reader).json["next_cursor"]
+    recorded = ledger.record_resubscribe(session, ann.public_id, None, API)
+    assert (recorded.changed, recorded.kept_out) == (True, "complained")
+    later = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
+    # still out of all marketing for the complaint: nothing to tell a mailer
+    assert later["items"] == []
+    assert [e.action for e, _ in ledger.history(session, ann)][-1] == "bounce-lifted"
+    everything = client.get("/api/v1/suppressions", headers=reader).json["items"]
+    assert [(i["email"], i["reason"]) for i in everything] == [(ann.email, "complained")]
