@@ -161,17 +161,22 @@ def unsubscribe(token: str) -> ResponseReturnValue:
 
 
 def _undo(public_id: str, campaign: str | None, page: dict[str, Any]) -> ResponseReturnValue:
-    """Revert the click the posted undo form names, if it is this link's and still the latest change."""
+    """Revert the click the posted undo form names, if it is this link's and nothing came after."""
     try:
         ref = links.tokens().read_undo(request.form.get("undo", ""))
     except InvalidToken:
-        return render_template("undo_refused.html", **page), 400
+        return _undo_refused(400)
     if ref.public_id != public_id:
-        return render_template("undo_refused.html", **page), 400
+        return _undo_refused(400)
     if not undo.undo(session(), ref, _origin("page", campaign)):
-        return render_template("undo_refused.html", **page), 409
+        return _undo_refused(409)
     page["topic"] = topics.get_topic(session(), ref.topic) if ref.topic else None
     return render_template("resubscribed.html", **page)
+
+
+def _undo_refused(status: int) -> ResponseReturnValue:
+    # an error page holds no token: the request form instead of links, no language switch
+    return render_template("undo_refused.html", languages=[]), status
 
 
 def _preferences_identity(token: str) -> tuple[str, str | None]:
