@@ -179,7 +179,11 @@ def suppressions() -> Any:
         if kind in ("text/csv", "application/x-ndjson"):
             batches = feeds.stream_suppressions(session(), topic)
             first = next(batches, None)  # an unknown topic fails here, before the 200
-            return Response(stream_with_context(_stream(kind, first, batches)), mimetype=kind)
+            if kind == "text/csv" and params["spreadsheet"]:
+                kind = SPREADSHEET
+            return Response(
+                stream_with_context(_stream(kind, first, batches)), mimetype=kind.partition(";")[0]
+            )
         page = feeds.suppression_page(session(), topic, params.get("cursor"), params["limit"])
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
@@ -188,14 +192,20 @@ def suppressions() -> Any:
     return _json({"items": page.items, "next_cursor": page.next_cursor})
 
 
+# the CSV export for people: what a spreadsheet would run as a formula is guarded
+SPREADSHEET = "text/csv; spreadsheet"
+
+
 def _stream(
     kind: str, first: list[feeds.Suppression] | None, batches: Iterator[list[feeds.Suppression]]
 ) -> Iterator[str]:
-    if kind == "text/csv":
+    if kind != "application/x-ndjson":
         yield "email,scope,reason,since\r\n"
     for batch in itertools.chain([first] if first else [], batches):
         if kind == "text/csv":
             yield _csv_lines(batch)
+        elif kind == SPREADSHEET:
+            yield _spreadsheet_lines(batch)
         else:
             yield "".join([json.dumps(feeds.as_item(row), separators=(",", ":")) + "\n" for row in batch])
 
@@ -233,6 +243,20 @@ def _csv(value: str) -> str:
     if value[:1] in _FORMULA or _CSV_SPECIAL.search(value):
         return '"' + value.replace('"', '""') + '"'
     return value
+
+
+# what a spreadsheet reads as the start of a formula (OWASP's list)
+_SPREADSHEET_FORMULA = frozenset("=+-@\t\r")
+
+
+def spreadsheet_cell(value: str) -> str:
+    """Return a cell a spreadsheet shows as text: a leading formula sign gets a ``'`` before it."""
+    return "'" + value if value[:1] in _SPREADSHEET_FORMULA else value
+
+
+def _spreadsheet_lines(batch: list[feeds.Suppression]) -> str:
+    """Return a batch as CSV lines in which no cell begins a formula; not exact, so not the default."""
+    return "".join([",".join(_csv(spreadsheet_cell(cell or "")) for cell in row) + "\r\n" for row in batch])
 
 
 @bp.get("/changes")
@@ -321,8 +345,12 @@ def _record_events(
 ) -> list[dict[str, Any] | None]:
     """Record the changes in one transaction; return every event's result."""
     results = list(prepared)
-    for (index, _), changed in zip(batch, ledger.record_many(db, [c for _, c in batch]), strict=True):
-        results[index] = {"status": "accepted", "changed": changed}
+    for (index, _), recorded in zip(batch, ledger.record_many(db, [c for _, c in batch]), strict=True):
+        answer: dict[str, Any] = {"status": "accepted", "changed": recorded.changed}
+        if recorded.kept_out is not None:
+            # a resubscribe the rule does not let this source make: what still keeps it out
+            answer["reason"] = recorded.kept_out
+        results[index] = answer
     return results
 
 

@@ -34,10 +34,10 @@ ERASED_STATE = State(erased=True)
 
 # What one query tells of a known subscriber for the topic being checked, as the driver
 # gives it: (email, public_id, bounced, left_all_reason, left_all_version[, subscribed,
-# version]). A plain row, no object per subscriber: a check reads thousands. From the
-# fourth field on is the recorded state, which many subscribers share.
+# version, source]). A plain row, no object per subscriber: a check reads thousands. From
+# the third field on is the recorded state, which many subscribers share.
 Known = tuple[Any, ...]
-_PUBLIC_ID, _BOUNCED, _STATE = 1, 2, 3
+_PUBLIC_ID, _BOUNCED, _STATE = 1, 2, 2
 
 
 class Answer(NamedTuple):
@@ -122,12 +122,13 @@ _UNJUDGED = Answer(False, None, None, None, False)
 
 def _state(recorded: tuple[Any, ...]) -> State:
     """Return the ``State`` of a row's recorded fields."""
-    if len(recorded) == 2:  # no topic: whether and why the address left all marketing
-        return State(False, *recorded)
-    left, left_version, subscribed, version = recorded
+    if len(recorded) == 3:  # no topic: whether and why the address left all marketing
+        bounced, left, left_version = recorded
+        return State(False, left, left_version, bounced=bool(bounced))
+    bounced, left, left_version, subscribed, version, source = recorded
     if subscribed is not None:
         subscribed = bool(subscribed)  # SQLite gives 0 and 1
-    return State(False, left, left_version, subscribed, version)
+    return State(False, left, left_version, subscribed, version, source, bool(bounced))
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -165,7 +166,7 @@ def _known(session: Session, emails: set[str], topic_id: int | None) -> dict[str
     dialect = session.get_bind().dialect.name
     columns, join = _COLUMNS, ""
     if topic_id is not None:
-        columns += ", p.subscribed, p.version"
+        columns += ", p.subscribed, p.version, p.source"
         join = f" LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {int(topic_id)}"
     source, where = _WANTED[dialect]
     # every piece of the text is a constant or an int; the addresses are one parameter
@@ -276,7 +277,7 @@ def _create(
     if not overlap:
         meanwhile()
     # a stranger until now: no choices, never left, never bounced
-    stranger = (False, None, None) if topic_id is None else (False, None, None, None, None)
+    stranger = (False, None, None) if topic_id is None else (False, None, None, None, None, None)
     created.update((email, (email, public_id, *stranger)) for email, public_id in inserted)
     raced = fresh.difference(created)
     if raced:  # a concurrent check inserted these first: read what it made

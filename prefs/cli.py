@@ -11,12 +11,12 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo, pass_script_info, with_appcontext
 from werkzeug.serving import run_simple
 
-from . import config, imports, ledger, links, topics
+from . import config, imports, ledger, links, purge, topics
 from . import keys as api_keys
 from . import register as request_register
 from .addresses import normalize
 from .errors import DomainError, UnknownSubscriber
-from .extensions import migrations, session
+from .extensions import db, migrations, session
 from .import_formats import FORMATS
 from .ledger import Origin
 from .models import utcnow
@@ -168,9 +168,18 @@ def resubscribe(email: str, topic: str | None) -> None:
     if topic is not None:
         topics.get_topic(session(), topic)
     subscriber = ledger.ensure_subscriber(session(), address)
-    changed = ledger.record_resubscribe(session(), subscriber.public_id, topic, Origin("cli"))
+    recorded = ledger.record_resubscribe(session(), subscriber.public_id, topic, Origin("cli"))
     scope = topic or "all marketing"
-    click.echo(f"resubscribed to {scope}" if changed else f"already subscribed to {scope}")
+    if recorded.kept_out == "complained":
+        lifted = "hard bounce lifted; " if recorded.changed else ""
+        click.echo(
+            f"{lifted}not resubscribed to {scope}: a complaint is lifted only by the person,"
+            " in the preference center"
+        )
+    elif recorded.kept_out is not None:
+        click.echo(f"not resubscribed to {scope}: {recorded.kept_out}")
+    else:
+        click.echo(f"resubscribed to {scope}" if recorded.changed else f"already subscribed to {scope}")
 
 
 DEMO_TOPICS = (
@@ -303,6 +312,21 @@ def requests_overdue() -> None:
         )
 
 
+erasures_group = AppGroup("erasures", help="Clear what erased addresses leave in the database's files.")
+
+
+@erasures_group.command("purge")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="PostgreSQL: rewrite the subscribers table too (VACUUM FULL, an exclusive lock while it runs).",
+)
+def erasures_purge(full: bool) -> None:
+    """Clear erased rows' bytes: SQLite's log; PostgreSQL's dead rows and index entries (for cron)."""
+    for done in purge.purge(db.engine, full):
+        click.echo(done)
+
+
 def register(app: Flask) -> None:
     """Add the commands to ``flask --app prefs``."""
     for command in (
@@ -315,5 +339,6 @@ def register(app: Flask) -> None:
         smtpd,
         import_command,
         requests_group,
+        erasures_group,
     ):
         app.cli.add_command(command)

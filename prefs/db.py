@@ -102,6 +102,9 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # a deleted row's bytes are overwritten with zeros, whatever the build's default: an
+        # erased address must not stay readable in the file's free space
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -112,6 +115,12 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             connection.exec_driver_sql("BEGIN")
+
+
+def write_gate(engine: Engine) -> contextlib.AbstractContextManager[None]:
+    """Return the SQLite database's write gate to hold, or a no-op for PostgreSQL."""
+    gate = _gates.get(engine)
+    return contextlib.nullcontext() if gate is None else gate.held()
 
 
 def _end_read(session: Session) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from .db import driver_rows
 from .errors import InvalidValue
-from .ledger import RESUBSCRIBE
+from .ledger import RESUBSCRIBE, UNSUBSCRIBE
 from .rules import Category, State, reason_for_leaving_all, verdict
 from .topics import get_topic
 
@@ -41,7 +41,8 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
         parts = tuple(int(p) for p in raw.split("."))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidValue("the cursor is not one this service gave out") from None
-    if len(parts) != size or any(p < 0 or p > 2**63 for p in parts):
+    # a stored id is a signed 64-bit integer: SQLite cannot even compare a larger one
+    if len(parts) != size or any(p < 0 or p >= 2**63 for p in parts):
         raise InvalidValue("the cursor is not one this service gave out")
     return parts
 
@@ -49,22 +50,24 @@ def decode_cursor(cursor: str, size: int) -> tuple[int, ...]:
 # plain driver SQL: a million rows need no SQLAlchemy row objects or datetime parsing
 _TOPIC_CANDIDATES = (
     "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at},"
-    " p.subscribed, p.version, {iso_p_updated_at} FROM subscribers s"
+    " p.subscribed, p.version, {iso_p_updated_at}, p.source, s.bounced_at IS NOT NULL FROM subscribers s"
     " LEFT JOIN preferences p ON p.subscriber_id = s.id AND p.topic_id = {topic_id}"
     # candidates only: the verdict below decides who is suppressed
     " WHERE s.id > {mark} AND (s.left_all_reason IS NOT NULL OR NOT p.subscribed)"
     " ORDER BY s.id LIMIT {limit}"
 )
 _ALL_CANDIDATES = (
-    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at} FROM subscribers s"
+    "SELECT s.id, s.email, s.left_all_reason, s.left_all_version, {iso_s_left_all_at},"
+    " s.bounced_at IS NOT NULL FROM subscribers s"
     " WHERE s.id > {mark} AND s.left_all_reason IS NOT NULL ORDER BY s.id LIMIT {limit}"
 )
 # who among a page's subscribers has chosen a topic since: a range of the preferences' key,
 # read once a page (a correlated NOT EXISTS probed the index for every row, and PostgreSQL
 # chose a merge anti-join that read every preference from the first subscriber on)
 _CHOSEN_AGAIN = (
-    "SELECT p.subscriber_id, max(p.version) FROM preferences p"
-    " WHERE p.subscriber_id > {mark} AND p.subscriber_id <= {mark} AND p.subscribed GROUP BY p.subscriber_id"
+    "SELECT p.subscriber_id, p.source, max(p.version) FROM preferences p"
+    " WHERE p.subscriber_id > {mark} AND p.subscriber_id <= {mark} AND p.subscribed"
+    " GROUP BY p.subscriber_id, p.source"
 )
 _CHANGES = (
     "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
@@ -109,9 +112,11 @@ def suppressions(
     category = Category(topic.key, topic.opt_in)
     rows = _rows(session, _TOPIC_CANDIDATES, (after,), topic_id=int(topic.id), limit=int(limit))
     items: list[Suppression] = []
-    for _sid, email, left, left_version, left_at, subscribed, version, updated in rows:
+    for _sid, email, left, left_version, left_at, subscribed, version, updated, source, bounced in rows:
         subscribed = None if subscribed is None else bool(subscribed)
-        judged = verdict(State(False, left, left_version, subscribed, version), category)
+        judged = verdict(
+            State(False, left, left_version, subscribed, version, source, bool(bounced)), category
+        )
         if judged.allowed:
             continue
         if judged.reason == "unsubscribed":
@@ -132,19 +137,31 @@ class _LeftAllReasons(dict[tuple[str, "int | None"], "str | None"]):
 
 def _all_suppressions(session: Session, after: int, limit: int) -> tuple[list[Suppression], int | None]:
     fetched = rows = _rows(session, _ALL_CANDIDATES, (after,), limit=int(limit))
-    chosen = dict(_rows(session, _CHOSEN_AGAIN, (after, rows[-1][0]))) if rows else {}
+    chosen: dict[int, list[tuple[str, int]]] = {}
+    for sid, source, version in _rows(session, _CHOSEN_AGAIN, (after, rows[-1][0])) if rows else ():
+        chosen.setdefault(sid, []).append((source, version))
     if chosen:
-        # a topic chosen after leaving all marketing takes the subscriber off the list
-        rows = [r for r in rows if r[3] is None or chosen.get(r[0], -1) <= r[3]]
+        # a topic chosen after leaving all marketing, by one who may lift the reason (the
+        # rule decides), takes the subscriber off the list
+        rows = [r for r in rows if r[3] is None or r[0] not in chosen or not _chose_again(r, chosen[r[0]])]
     # tuples straight from the rows: the export writes a million of them, with a handful of
     # distinct states among them, so the verdict is asked once a state, not once a row
     reasons = _LeftAllReasons()
     items: list[Suppression] = [
         (email, "all", reasons[left, left_version], left_at)
-        for _sid, email, left, left_version, left_at in rows
+        for _sid, email, left, left_version, left_at, _bounced in rows
     ]
     last = fetched[-1][0] if len(fetched) == limit else None
     return items, last
+
+
+def _chose_again(row: tuple[Any, ...], choices: Any) -> bool:
+    """Tell whether one of a subscriber's later choices brings a topic back, as the rule says."""
+    _sid, _email, left, left_version, _at, bounced = row
+    return any(
+        verdict(State(False, left, left_version, True, version, source, bool(bounced)), _ANY_TOPIC).allowed
+        for source, version in choices
+    )
 
 
 def as_item(row: Suppression) -> dict[str, Any]:
@@ -180,6 +197,8 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
     items = []
     for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id
+        if action not in (UNSUBSCRIBE, RESUBSCRIBE):
+            continue  # no change to who may receive what (a hard bounce lifted under a complaint)
         if action == RESUBSCRIBE:
             change, why = "unsuppressed", None
         elif key is None:

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Boolean, Engine, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,12 +39,15 @@ from .db import GroupCommit, Statement, Writer, run_committed, write_transaction
 from .errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import LEFT_ALL_REASONS, STRANGER, Category, State, Verdict, verdict
+from .rules import LEFT_ALL_REASONS, LIFTED_BY, STRANGER, Category, State, Verdict, held_by, rejoin, verdict
 from .topics import KEY, resolve
 
 SOURCES = ("one-click", "page", "preferences", "mailto", "api", "import", "cli")
 UNSUBSCRIBE = "unsubscribe"
 RESUBSCRIBE = "resubscribe"
+# a hard bounce lifted while a complaint still keeps the address out: who may receive what is
+# unchanged, so the change feed does not list it
+BOUNCE_LIFTED = "bounce-lifted"
 # a stronger reason replaces a weaker one; a weaker one never hides a complaint
 _RANK = {"complained": 3, "bounced": 2}
 
@@ -144,7 +147,7 @@ def state_of(session: Session, subscriber: Subscriber | None, category: Category
     if subscriber is None or category.transactional:
         return STRANGER
     row = session.execute(
-        select(Preference.subscribed, Preference.version)
+        select(Preference.subscribed, Preference.version, Preference.source)
         .join(Topic, Topic.id == Preference.topic_id)
         .where(Preference.subscriber_id == subscriber.id, Topic.key == category.key)
     ).first()
@@ -153,6 +156,8 @@ def state_of(session: Session, subscriber: Subscriber | None, category: Category
         left_all_version=subscriber.left_all_version,
         subscribed=row.subscribed if row else None,
         version=row.version if row else None,
+        source=row.source if row else None,
+        bounced=subscriber.bounced_at is not None,
     )
 
 
@@ -177,15 +182,27 @@ def record_opt_out(
     Committed before it returns, in a group with the changes of concurrent requests. A
     caller with no session of its own (the one-click layer) passes the engine.
     """
-    return _run(session, Change(public_id, topic_key, False, origin, reason))
+    return _run(session, Change(public_id, topic_key, False, origin, reason)).changed
 
 
-def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> bool:
-    """Bring a subscriber back to one topic, or undo leaving all marketing."""
+class Recorded(NamedTuple):
+    """Whether a change was recorded, and what still keeps the address out after a re-subscription."""
+
+    changed: bool
+    kept_out: str | None = None  # the verdict's reason the source may not lift (rules.held_by)
+    event: int | None = None  # the audit event's id, when one was recorded
+
+
+UNCHANGED = Recorded(False)
+CHANGED = Recorded(True)
+
+
+def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> Recorded:
+    """Bring a subscriber back to one topic, or to all marketing, as far as ``origin`` may."""
     return _run(session, Change(public_id, topic_key, True, origin))
 
 
-def _run(session: Session | Engine, change: Change) -> bool:
+def _run(session: Session | Engine, change: Change) -> Recorded:
     if isinstance(session, Engine):
         return _group(session).run(change)
     return _group(session.get_bind().engine).run(change, session)
@@ -197,7 +214,7 @@ def record_choices(
     """Save a preference center's form in one transaction; return the topics that changed."""
 
     def save() -> list[str]:
-        return [key for key, on in choices.items() if _choose(session, public_id, key, on, origin)]
+        return [key for key, on in choices.items() if choose(session, public_id, key, on, origin).changed]
 
     return run_committed(session, save)
 
@@ -213,37 +230,38 @@ class Change:
     reason: str = "unsubscribed"
 
 
-def record_many(session: Session, changes: list[Change]) -> list[bool]:
-    """Record a batch of changes in one transaction; return, for each, whether it changed.
+def record_many(session: Session, changes: list[Change]) -> list[Recorded]:
+    """Record a batch of changes in one transaction; return, for each, what was recorded.
 
     They are applied in the lock order (by public id); one subscriber's in the order given.
     """
     order = sorted(range(len(changes)), key=lambda i: changes[i].public_id)
 
-    def record() -> list[bool]:
-        changed = [False] * len(changes)
+    def record() -> list[Recorded]:
+        recorded: dict[int, Recorded] = {}
         for i in order:
-            changed[i] = _apply(session, changes[i])
-        return changed
+            recorded[i] = _apply(session, changes[i])
+        return [recorded[i] for i in range(len(changes))]
 
     return run_committed(session, record)
 
 
-def _apply(session: Writer, change: Change) -> bool:
+def _apply(session: Writer, change: Change) -> Recorded:
     """Record one change in the open write transaction; a domain error comes before any write."""
     if change.topic_key is not None:
-        return _choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
+        return choose(session, change.public_id, change.topic_key, change.subscribe, change.origin)
     if change.subscribe:
         return _rejoin_all(session, change.public_id, change.origin)
-    return _leave_all(session, change.public_id, change.reason, change.origin)
+    left = leave_all(session, change.public_id, change.reason, change.origin)
+    return UNCHANGED if left is None else CHANGED
 
 
 # one group commit per database: requests of this process share it
-_groups: weakref.WeakKeyDictionary[Engine, GroupCommit[Change, bool]] = weakref.WeakKeyDictionary()
+_groups: weakref.WeakKeyDictionary[Engine, GroupCommit[Change, Recorded]] = weakref.WeakKeyDictionary()
 _groups_lock = threading.Lock()
 
 
-def _group(engine: Engine) -> GroupCommit[Change, bool]:
+def _group(engine: Engine) -> GroupCommit[Change, Recorded]:
     group = _groups.get(engine)
     if group is None:
         with _groups_lock:
@@ -264,7 +282,8 @@ def _group(engine: Engine) -> GroupCommit[Change, bool]:
 # building SQLAlchemy constructs per request cost more than the database work.
 _BUMP = Statement(
     "UPDATE subscribers SET version = version + 1 WHERE public_id = :public_id"
-    " RETURNING id, version, left_all_version"
+    # bounced_at itself: SQLite 3.40 answers "bounced_at IS NOT NULL" wrongly in a RETURNING
+    " RETURNING id, version, left_all_version, left_all_reason, bounced_at"
 )
 _TOPIC_ID = Statement("SELECT id, opt_in FROM topics WHERE key = :key")
 # choosing an opt-out topic one receives by default changes nothing, unless a refusal is on file
@@ -287,10 +306,13 @@ _CHOOSE = Statement(
     now=UTCDateTime(),
     subscribed=Boolean(),
 )
-# a stronger reason replaces a weaker one; choosing a topic since leaving makes it a change
+# a stronger reason replaces a weaker one, and a weaker one never replaces it; choosing a topic
+# since leaving makes leaving again a change
 _LEAVE_ALL = Statement(
     "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
-    " left_all_reason = :reason, left_all_at = :now,"
+    " left_all_reason = CASE WHEN left_all_reason IS NOT NULL AND"
+    " (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) > :rank"
+    " THEN left_all_reason ELSE :reason END, left_all_at = :now,"
     " bounced_at = CASE WHEN :bounced THEN :now ELSE bounced_at END"
     " WHERE public_id = :public_id AND (left_all_reason IS NULL"
     " OR (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) < :rank"
@@ -304,13 +326,15 @@ _BOUNCED = Statement(
     "UPDATE subscribers SET bounced_at = :now WHERE public_id = :public_id", now=UTCDateTime()
 )
 _REJOIN_ALL = Statement(
-    "UPDATE subscribers SET version = version + 1, left_all_reason = NULL, left_all_at = NULL,"
-    " left_all_version = NULL WHERE public_id = :public_id AND left_all_reason IS NOT NULL RETURNING id"
+    "UPDATE subscribers SET left_all_reason = NULL, left_all_at = NULL, left_all_version = NULL,"
+    " bounced_at = CASE WHEN :bounce THEN NULL ELSE bounced_at END WHERE id = :subscriber_id",
+    bounce=Boolean(),
 )
+_LIFT_BOUNCE = Statement("UPDATE subscribers SET bounced_at = NULL WHERE id = :subscriber_id")
 _EVENT = (
     "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, campaign, fingerprint,"
     " created_at) VALUES ({txid}, :subscriber_id, :topic_id, :action, :reason, :source, :campaign,"
-    " :fingerprint, :at)"
+    " :fingerprint, :at) RETURNING id"
 )
 _EVENTS = {
     dialect: Statement(_EVENT.format(txid=txid), at=UTCDateTime())
@@ -318,19 +342,23 @@ _EVENTS = {
 }
 
 
-def _bump(session: Writer, public_id: str) -> Any:
-    # locks the subscriber's row: concurrent changes to one subscriber take turns
+def lock_subscriber(session: Writer, public_id: str) -> Any:
+    """Bump a subscriber's version, which locks its row until the transaction ends; return its state.
+
+    The row: id, version, left_all_version, left_all_reason, and whether a hard bounce is on
+    file. Concurrent changes to one subscriber take turns.
+    """
     row = _BUMP.first(session, {"public_id": public_id})
     if row is None:
         raise UnknownSubscriber("nobody is on file for this link")
-    return row
+    return (*row[:4], row[4] is not None)
 
 
 # a topic's key and id never change and topics are never deleted: once read, always right
 _topic_ids: weakref.WeakKeyDictionary[Engine, dict[str, tuple[int, bool]]] = weakref.WeakKeyDictionary()
 
 
-def _topic(session: Writer, key: str) -> tuple[int, bool]:
+def topic_of(session: Writer, key: str) -> tuple[int, bool]:
     """Return a topic's id and whether it is opt-in; neither ever changes."""
     known = _topic_ids.setdefault(session.get_bind().engine, {})
     topic = known.get(key)
@@ -342,9 +370,17 @@ def _topic(session: Writer, key: str) -> tuple[int, bool]:
     return topic
 
 
-def _choose(session: Writer, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> bool:
-    topic_id, opt_in = _topic(session, topic_key)
-    subscriber_id, version, left_all_version = _bump(session, public_id)
+def choose(session: Writer, public_id: str, topic_key: str, subscribed: bool, origin: Origin) -> Recorded:
+    """Record one explicit choice for a topic, in the open write transaction."""
+    topic_id, opt_in = topic_of(session, topic_key)
+    subscriber_id, version, left_all_version, left_all_reason, bounced = lock_subscriber(session, public_id)
+    lifted = None
+    if subscribed and left_all_reason is not None:
+        # a complaint or a hard bounce comes back only from those who may lift it (the rule)
+        kept_out = held_by(left_all_reason, bool(bounced), origin.source)
+        if kept_out is not None:
+            return Recorded(False, kept_out)
+        lifted = left_all_reason if left_all_reason in LIFTED_BY else None
     # someone who never left all marketing receives an opt-out topic by default: choosing
     # it is a change only where a refusal is on file (a repeat records nothing)
     statement = _BACK_TO_DEFAULT if subscribed and not opt_in and left_all_version is None else _CHOOSE
@@ -361,13 +397,16 @@ def _choose(session: Writer, public_id: str, topic_key: str, subscribed: bool, o
         },
     )
     if changed is None:
-        return False
+        return UNCHANGED
     action = RESUBSCRIBE if subscribed else UNSUBSCRIBE
-    _event(session, subscriber_id, topic_id, topic_key, action, None, origin)
-    return True
+    # the proof of a lift: the reason it lifted, with the source, campaign and time
+    return Recorded(
+        True, None, record_event(session, subscriber_id, topic_id, topic_key, action, lifted, origin)
+    )
 
 
-def _leave_all(session: Writer, public_id: str, reason: str, origin: Origin) -> bool:
+def leave_all(session: Writer, public_id: str, reason: str, origin: Origin) -> int | None:
+    """Take a subscriber out of all marketing; return the event's id, or None if nothing changed."""
     if reason not in LEFT_ALL_REASONS:
         raise InvalidValue(f"unknown reason {reason!r}")
     now = origin.at or utcnow()
@@ -380,24 +419,28 @@ def _leave_all(session: Writer, public_id: str, reason: str, origin: Origin) -> 
     }
     row = _LEAVE_ALL.first(session, params)
     if row is None:
-        _bump(session, public_id)  # raises for an unknown subscriber
+        lock_subscriber(session, public_id)  # raises for an unknown subscriber
         if reason == "bounced":
             _BOUNCED.first(session, {"now": now, "public_id": public_id})
-        return False
-    _event(session, row[0], None, None, UNSUBSCRIBE, reason, origin)
-    return True
+        return None
+    return record_event(session, row[0], None, None, UNSUBSCRIBE, reason, origin)
 
 
-def _rejoin_all(session: Writer, public_id: str, origin: Origin) -> bool:
-    row = _REJOIN_ALL.first(session, {"public_id": public_id})
-    if row is None:
-        _bump(session, public_id)
-        return False
-    _event(session, row[0], None, None, RESUBSCRIBE, None, origin)
-    return True
+def _rejoin_all(session: Writer, public_id: str, origin: Origin) -> Recorded:
+    subscriber_id, _, _, left_all_reason, bounced = lock_subscriber(session, public_id)
+    lift = rejoin(left_all_reason, bool(bounced), origin.source)
+    params = {"subscriber_id": subscriber_id, "bounce": lift.bounce}
+    lifted = left_all_reason if left_all_reason in LIFTED_BY else None
+    if lift.left:
+        _REJOIN_ALL.first(session, params)
+        record_event(session, subscriber_id, None, None, RESUBSCRIBE, lifted, origin)
+    elif lift.bounce:
+        _LIFT_BOUNCE.first(session, params)
+        record_event(session, subscriber_id, None, None, BOUNCE_LIFTED, "bounced", origin)
+    return Recorded(lift.left or lift.bounce, lift.kept_out)
 
 
-def _event(
+def record_event(
     session: Writer,
     subscriber_id: int,
     topic_id: int | None,
@@ -405,9 +448,10 @@ def _event(
     action: str,
     reason: str | None,
     origin: Origin,
-) -> None:
+) -> int:
+    """Append one audit event in the open write transaction; return its id."""
     statement = _EVENTS["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
-    statement.first(
+    row = statement.first(
         session,
         {
             "subscriber_id": subscriber_id,
@@ -421,6 +465,8 @@ def _event(
         },
     )
     metrics.count_change(session, topic_key, action, reason, origin.source, origin.campaign)
+    assert row is not None
+    return int(row[0])
 
 
 def history(session: Session, subscriber: Subscriber) -> list[tuple[Event, str | None]]:

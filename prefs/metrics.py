@@ -117,7 +117,7 @@ def committed(info: dict[str, Any]) -> None:
         try:
             if action == "unsubscribe":
                 OPT_OUTS.labels(topic, source, reason or "unsubscribed").inc(count)
-            else:
+            elif action == "resubscribe":  # not a hard bounce lifted under a complaint that still holds
                 RESUBSCRIBES.labels(topic, source).inc(count)
         except OSError as err:
             dropped(err)

@@ -187,9 +187,14 @@ def document(server: str) -> dict[str, Any]:
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("Error", schema=s.Error)
+    spec.components.schema("EventItem", schema=s.EventItem)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(spec, op)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
-    return spec.to_dict()
+    document = spec.to_dict()
+    # the view loads each event with EventItem on its own, to answer each in order
+    events = document["components"]["schemas"]["EventsRequest"]["properties"]["events"]
+    events["items"] = {"$ref": "#/components/schemas/EventItem"}
+    return document

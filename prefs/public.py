@@ -18,14 +18,14 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from . import i18n, ledger, link_requests, links, privacy, ratelimit, topics
+from . import i18n, ledger, link_requests, links, privacy, ratelimit, topics, undo
 from .addresses import mask, normalize, normalize_or_none
 from .errors import DomainError, InvalidAddress, InvalidToken, NotRecorded, UnknownSubscriber, UnknownTopic
 from .extensions import limiter, session
 from .ledger import Origin
 from .mail import Mailer, MailError, compose
 from .models import Subscriber, Topic
-from .rules import verdict
+from .rules import held_by, verdict
 from .web import API_PREFIX, page_error
 
 bp = Blueprint("public", __name__)
@@ -102,11 +102,6 @@ def _topic_rows(subscriber: Subscriber) -> list[tuple[Topic, bool]]:
     return [(t, _receives(subscriber, t)) for t in topics.list_topics(session(), include_archived=False)]
 
 
-def _preferences_link(public_id: str) -> str:
-    token = links.tokens().preferences(public_id)
-    return url_for("public.preferences", token=token, lang=i18n.chosen_language())
-
-
 def _one_click_page() -> str:
     """Return the one-click answer: the same for everyone, so rendered once per language."""
     lang = i18n.current_language()
@@ -146,23 +141,43 @@ def unsubscribe(token: str) -> ResponseReturnValue:
         "token": token,
         "topic": topic,
         "address": mask(subscriber.email),
-        "preferences_url": _preferences_link(subscriber.public_id),
+        # the link's own token: the preference center then records the link's campaign
+        "preferences_url": url_for(".preferences", token=token, lang=i18n.chosen_language()),
     }
     if request.method != "POST":
         # GET, HEAD: only ask; scanners fetch every link
         return render_template("unsubscribe.html", **page)
+    if request.form.get("action") == "undo":
+        return _undo(link.public_id, link.campaign, page)
     if request.form.get("scope") == "all":
         topic = page["topic"] = None
-    key = topic.key if topic else None
-    if request.form.get("action") == "undo":
-        ledger.record_resubscribe(session(), link.public_id, key, _origin("page", link.campaign))
-        return render_template("resubscribed.html", **page)
-    was_receiving = _receives(subscriber, topic) if topic else None
-    changed = ledger.record_opt_out(session(), link.public_id, key, _origin("page", link.campaign))
+    click = undo.record_click(
+        session(), link.public_id, topic.key if topic else None, _origin("page", link.campaign)
+    )
     # undo brings back what this click took away, never a choice made before it
-    page["undo"] = changed if topic is None else bool(was_receiving)
+    page["undo"] = None if click.undo is None else links.tokens().undo(click.undo)
+    page["stopped"] = click.undo is not None or (topic is None and click.changed)
     page["others"] = [t for t, on in _topic_rows(subscriber) if on and t.key != topic.key] if topic else []
     return render_template("unsubscribed.html", **page)
+
+
+def _undo(public_id: str, campaign: str | None, page: dict[str, Any]) -> ResponseReturnValue:
+    """Revert the click the posted undo form names, if it is this link's and nothing came after."""
+    try:
+        ref = links.tokens().read_undo(request.form.get("undo", ""))
+    except InvalidToken:
+        return _undo_refused(400)
+    if ref.public_id != public_id:
+        return _undo_refused(400)
+    if not undo.undo(session(), ref, _origin("page", campaign)):
+        return _undo_refused(409)
+    page["topic"] = topics.get_topic(session(), ref.topic) if ref.topic else None
+    return render_template("resubscribed.html", **page)
+
+
+def _undo_refused(status: int) -> ResponseReturnValue:
+    # an error page holds no token: the request form instead of links, no language switch
+    return render_template("undo_refused.html", languages=[]), status
 
 
 def _preferences_identity(token: str) -> tuple[str, str | None]:
@@ -193,12 +208,15 @@ def preferences(token: str) -> ResponseReturnValue:
             done = "saved"
         target = url_for(".preferences", token=token, done=done, lang=i18n.chosen_language())
         return redirect(target, code=303)
+    # a hard bounce is lifted only by a mailer or an operator: ticking topics here cannot
+    bounced = held_by(subscriber.left_all_reason, subscriber.bounced_at is not None, "preferences")
     return render_template(
         "preferences.html",
         token=token,
         address=mask(subscriber.email),
         rows=_topic_rows(subscriber),
         left_all=subscriber.left_all_reason is not None,
+        bounced=bounced == "bounced",
         done=request.args.get("done"),
     )
 

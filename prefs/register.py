@@ -14,13 +14,14 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from . import subjects
-from .addresses import mask, normalize
+from . import purge, subjects
+from .addresses import mask, normalize, scrub
 from .db import write_transaction
 from .errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
 from .ledger import Origin, ensure_subscriber, is_erased, record_opt_out
 from .models import Request, utcnow
 from .privacy import address_fingerprint, fingerprint_key
+from .text import check_text
 
 TYPES = ("access", "rectification", "erasure", "objection")
 STATUSES = ("open", "overdue", "done")
@@ -39,7 +40,17 @@ class Completion:
 
 
 def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidValue("a time must fall between the years 1 and 9999 in UTC") from None
+
+
+def _note(note: str | None) -> str:
+    note = check_text((note or "").strip(), "note")
+    if len(note) > MAX_NOTE:
+        raise InvalidValue(f"a note is at most {MAX_NOTE} characters")
+    return note
 
 
 def record_request(
@@ -58,9 +69,7 @@ def record_request(
     received = _aware(received_at) if received_at is not None else now
     if received > now + timedelta(minutes=5):
         raise InvalidValue("a request cannot be received in the future")
-    note = (note or "").strip()
-    if len(note) > MAX_NOTE:
-        raise InvalidValue(f"a note is at most {MAX_NOTE} characters")
+    note = _note(note)
     fingerprint = address_fingerprint(fingerprint_key(session), address)
     with write_transaction(session):
         item = Request(
@@ -126,6 +135,7 @@ def complete_request(
     item = get_request(session, request_id)
     if item.completed_at is not None:
         raise Conflict(f"request {request_id} was completed already")
+    note = _note(note)
     email = item.email
     export: dict[str, Any] | None = None
     outcome = "done"
@@ -144,8 +154,12 @@ def complete_request(
         item.completed_at = now or utcnow()
         item.outcome = outcome
         item.email = None
-        if note:
-            item.note = (item.note + "\n" + note.strip()).strip()[:MAX_NOTE]
+        text = (item.note + "\n" + note).strip() if note else item.note
+        if email is not None:
+            # a done request keeps no address, in whatever form the notes wrote it
+            text = scrub(text, email)
+        item.note = text[:MAX_NOTE]
+    purge.after_forgetting(session)
     return Completion(item, export)
 
 

@@ -46,6 +46,15 @@ class Category:
 TRANSACTIONAL_CATEGORY = Category(TRANSACTIONAL)
 
 
+# Who may bring back someone who left all marketing for this reason; anyone, for the others.
+# A complaint: only the person, topic by topic, in the preference center. A hard bounce: only
+# a mailer (API) or an operator (CLI) who knows the address works again, never a page.
+LIFTED_BY = {
+    "complained": frozenset({"preferences"}),
+    "bounced": frozenset({"api", "cli"}),
+}
+
+
 class State(NamedTuple):
     """What is recorded for one address and one topic; the default is a stranger's.
 
@@ -58,6 +67,16 @@ class State(NamedTuple):
     left_all_version: int | None = None
     subscribed: bool | None = None
     version: int | None = None
+    source: str | None = None  # who made the topic's explicit choice
+    bounced: bool = False  # a hard bounce is on file (a complaint outranks it as the reason)
+
+
+class Lift(NamedTuple):
+    """What a re-subscription to all marketing from one source lifts, and what still holds."""
+
+    left: bool  # the reason for leaving all marketing
+    bounce: bool  # the hard bounce on file
+    kept_out: str | None  # the verdict's reason that still keeps the address out
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +99,45 @@ def verdict(state: State, category: Category) -> Verdict:
         return ALLOWED
     if state.erased:
         return _SUPPRESSED["erased"]
-    if state.left_all_reason is not None and (
-        state.version is None or state.version <= (state.left_all_version or 0)
-    ):
+    left = state.left_all_reason
+    if left is not None and (
         # no explicit choice for this topic since leaving all marketing
-        return _SUPPRESSED[reason_for_leaving_all(state.left_all_reason)]
+        state.version is None
+        or state.version <= (state.left_all_version or 0)
+        # or a choice by someone who may not lift this reason
+        or (state.subscribed and held_by(left, state.bounced, state.source) is not None)
+    ):
+        return _SUPPRESSED[reason_for_leaving_all(left)]
     if state.subscribed is not None:
         return ALLOWED if state.subscribed else _SUPPRESSED["unsubscribed"]
     return _SUPPRESSED["not_subscribed"] if category.opt_in else ALLOWED
+
+
+def held_by(left_all_reason: str | None, bounced: bool, source: str | None) -> str | None:
+    """Return what stops a later choice from ``source`` bringing a topic back, or None if nothing does."""
+    if left_all_reason == "complained" and source not in LIFTED_BY["complained"]:
+        return "complained"
+    if (left_all_reason == "bounced" or (left_all_reason == "complained" and bounced)) and (
+        source not in LIFTED_BY["bounced"]
+    ):
+        return "bounced"
+    return None
+
+
+def rejoin(left_all_reason: str | None, bounced: bool, source: str) -> Lift:
+    """Return what re-subscribing to all marketing from ``source`` lifts.
+
+    A complaint is never lifted whole: the person chooses topics again in the preference
+    center. A hard bounce on file is lifted by those who may lift it, whatever else holds.
+    """
+    if left_all_reason is None:
+        return Lift(False, False, None)
+    bounce = (left_all_reason == "bounced" or bounced) and source in LIFTED_BY["bounced"]
+    if left_all_reason == "complained":
+        return Lift(False, bounce and bounced, "complained")
+    if left_all_reason == "bounced" and not bounce:
+        return Lift(False, False, "bounced")
+    return Lift(True, bounce, None)
 
 
 def reason_for_leaving_all(recorded: str) -> str:

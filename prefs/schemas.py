@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
+from datetime import UTC
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate
 
 from .rules import REASONS
+from .text import UNSTORABLE, storable
 from .tokens import CAMPAIGN
 from .topics import KEY
 
@@ -17,13 +20,49 @@ MAX_RECIPIENTS = 10_000
 MAX_EVENTS = 1000
 MAX_PAGE = 10_000
 
-# ECMA-style anchors for the OpenAPI document; the domain checks again with Python's \Z
-_campaign = validate.Regexp(
-    "^" + CAMPAIGN.pattern.removesuffix("\\Z") + "$", error="1 to 64 letters, digits or . _ ~ -"
-)
-_topic_key = validate.Regexp(
-    "^" + KEY.pattern.removesuffix("\\Z") + "$", error="1 to 64 lower-case letters, digits, '-' or '_'"
-)
+
+class Pattern(validate.Regexp):
+    """The domain's own pattern, matched as the domain matches it; the document shows it ECMA-anchored.
+
+    The domain's patterns end in ``\\Z``: a ``$`` would let a final line feed through.
+    """
+
+    def __init__(self, domain: re.Pattern[str], error: str) -> None:
+        super().__init__("^" + domain.pattern.removesuffix("\\Z") + "$", error=error)
+        self.domain = domain
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, str) or self.domain.match(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+_campaign = Pattern(CAMPAIGN, "1 to 64 letters, digits or . _ ~ -")
+_topic_key = Pattern(KEY, "1 to 64 lower-case letters, digits, '-' or '_'")
+
+
+class Text(fields.String):
+    """A string both databases can store: no NUL character, no lone surrogate."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not storable(text):
+            raise ValidationError(f"The text {UNSTORABLE}.")
+        return text
+
+
+class UTCTime(fields.AwareDateTime):
+    """A time with its offset, taken as UTC; one that leaves the years 1 to 9999 in UTC is refused."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(default_timezone=None, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ValidationError("The time falls outside the years 1 to 9999 in UTC.") from None
 
 
 class Recipients(fields.List):  # type: ignore[type-arg]
@@ -52,8 +91,8 @@ class Error(Schema):
 
 
 class CheckRequest(Schema):
-    topic = fields.String(required=True, validate=validate.Length(1, 64))
-    campaign = fields.String(validate=_campaign)
+    topic = Text(required=True, validate=validate.Length(1, 64))
+    campaign = Text(validate=_campaign)
     recipients = Recipients(required=True)
 
 
@@ -142,8 +181,12 @@ class PageQuery(Schema):
 
 
 class SuppressionQuery(PageQuery):
-    topic = fields.String(validate=_topic_key)
-    cursor = fields.String(validate=validate.Length(1, 64))
+    topic = Text(validate=_topic_key)
+    cursor = Text(validate=validate.Length(1, 64))
+    spreadsheet = fields.Boolean(
+        load_default=False,
+        metadata={"description": "CSV only: begin each cell a spreadsheet would run as a formula with '"},
+    )
 
 
 class Suppression(Schema):
@@ -159,7 +202,7 @@ class SuppressionPage(Schema):
 
 
 class ChangesQuery(PageQuery):
-    after = fields.String(validate=validate.Length(1, 64))
+    after = Text(validate=validate.Length(1, 64))
 
 
 class ChangeItem(Schema):
@@ -179,20 +222,28 @@ EVENT_TYPES = ("unsubscribe", "resubscribe", "complaint", "hard_bounce")
 
 
 class EventItem(Schema):
-    type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
-    email = fields.String(required=True, validate=validate.Length(1, 1000))
-    topic = fields.String(validate=_topic_key)
-    campaign = fields.String(validate=_campaign)
-    at = fields.AwareDateTime(default_timezone=None)
+    type = Text(required=True, validate=validate.OneOf(EVENT_TYPES))
+    email = Text(required=True, validate=validate.Length(1, 1000))
+    topic = Text(validate=_topic_key)
+    campaign = Text(validate=_campaign)
+    at = UTCTime()
 
 
 class EventsRequest(Schema):
+    # each event is loaded (and answered) on its own, with EventItem: the document says so
     events = fields.List(fields.Dict(), required=True, validate=validate.Length(1, MAX_EVENTS))
 
 
 class EventResult(Schema):
     status = fields.String(required=True, validate=validate.OneOf(["accepted", "error"]))
     changed = fields.Boolean()
+    reason = fields.String(
+        validate=validate.OneOf(["complained", "bounced"]),
+        metadata={
+            "description": "a resubscribe this key may not make: what still keeps the address out"
+            " (a complaint is lifted only by the person in the preference center)"
+        },
+    )
     error = fields.Nested(ErrorBody)
 
 
@@ -221,15 +272,15 @@ class TopicList(Schema):
 
 
 class TopicCreate(Schema):
-    key = fields.String(required=True, validate=validate.Length(1, 64))
-    name = fields.String(required=True, validate=validate.Length(1, 200))
-    description = fields.String(load_default="", validate=validate.Length(0, 2000))
-    default = fields.String(load_default="opt-out", validate=validate.OneOf(["opt-out", "opt-in"]))
+    key = Text(required=True, validate=validate.Length(1, 64))
+    name = Text(required=True, validate=validate.Length(1, 200))
+    description = Text(load_default="", validate=validate.Length(0, 2000))
+    default = Text(load_default="opt-out", validate=validate.OneOf(["opt-out", "opt-in"]))
 
 
 class TopicPatch(Schema):
-    name = fields.String(validate=validate.Length(1, 200))
-    description = fields.String(validate=validate.Length(0, 2000))
+    name = Text(validate=validate.Length(1, 200))
+    description = Text(validate=validate.Length(0, 2000))
     archived = fields.Boolean()
 
 
@@ -292,18 +343,18 @@ REQUEST_TYPES = ("access", "rectification", "erasure", "objection")
 
 
 class RequestCreate(Schema):
-    type = fields.String(required=True, validate=validate.OneOf(REQUEST_TYPES))
-    email = fields.String(required=True, validate=validate.Length(1, 1000))
-    received_at = fields.AwareDateTime(default_timezone=None)
-    note = fields.String(load_default="", validate=validate.Length(0, 2000))
+    type = Text(required=True, validate=validate.OneOf(REQUEST_TYPES))
+    email = Text(required=True, validate=validate.Length(1, 1000))
+    received_at = UTCTime()
+    note = Text(load_default="", validate=validate.Length(0, 2000))
 
 
 class RequestComplete(Schema):
-    note = fields.String(validate=validate.Length(0, 2000))
+    note = Text(validate=validate.Length(0, 2000))
 
 
 class RequestQuery(Schema):
-    status = fields.String(load_default="open", validate=validate.OneOf(["open", "overdue", "done"]))
+    status = Text(load_default="open", validate=validate.OneOf(["open", "overdue", "done"]))
 
 
 class RequestItem(Schema):

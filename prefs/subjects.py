@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from .addresses import mask
+from . import purge
+from .addresses import scrub
 from .db import run_committed
 from .errors import UnknownSubscriber
 from .ledger import Origin, find_subscriber, history, insert_for, txid_for
@@ -79,6 +79,7 @@ def erase_subject(session: Session, email: str, origin: Origin | None = None) ->
     fingerprint = address_fingerprint(fingerprint_key(session), email)
     origin = origin or Origin("api")
     run_committed(session, lambda: _erase(session, email, fingerprint, origin))
+    purge.after_forgetting(session)
 
 
 def _erase(session: Session, email: str, fingerprint: str, origin: Origin) -> None:
@@ -115,5 +116,5 @@ def forget_address(session: Session, email: str, fingerprint: str) -> None:
     for item in session.scalars(select(Request).where(Request.fingerprint == fingerprint)):
         item.email = None
         item.label = ERASED_LABEL
-        # an operator's note may quote the address
-        item.note = re.sub(re.escape(email), mask(email), item.note or "", flags=re.IGNORECASE)
+        # an operator's note may quote the address, in any form
+        item.note = scrub(item.note or "", email)

@@ -15,7 +15,9 @@ from base64 import urlsafe_b64encode
 from binascii import b2a_base64
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from hashlib import sha1
+from typing import NamedTuple
 
 from itsdangerous import BadSignature, TimestampSigner
 from itsdangerous.encoding import base64_decode, int_to_bytes
@@ -24,15 +26,24 @@ from .errors import InvalidToken, InvalidValue
 
 UNSUBSCRIBE = "unsubscribe"
 PREFERENCES = "preferences"
-PURPOSES = (UNSUBSCRIBE, PREFERENCES)
+UNDO = "undo"
+PURPOSES = (UNSUBSCRIBE, PREFERENCES, UNDO)
 
 CAMPAIGN = re.compile(r"[A-Za-z0-9._~-]{1,64}\Z")
 _PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{16,22}\Z")
 _TOPIC = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+# an undo form's reference: public id . event id . subscriber's version . topic . the prior
+# choice (version~source~microseconds since 1970), if any
+_UNDO = re.compile(
+    r"(?P<public_id>[A-Za-z0-9_-]{16,22})\.(?P<event>[1-9][0-9]{0,17})\.(?P<at_version>[0-9]{1,9})"
+    r"\.(?P<topic>[a-z0-9_-]{0,64})"
+    r"\.(?:(?P<version>[0-9]{1,9})~(?P<source>[a-z-]{1,16})~(?P<at>-?[0-9]{1,18}))?\Z"
+)
 MAX_TOKEN = 256
 # with a maximum age set, a link minted up to this many seconds ahead of this host's clock
 # (on a host whose clock runs ahead) is good, and one minted further ahead is not
 MAX_CLOCK_SKEW = 300
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,25 @@ class UnsubscribeToken:
     public_id: str
     topic: str | None
     campaign: str | None
+
+
+class PriorChoice(NamedTuple):
+    """A topic's explicit choice that a click replaced: on, since this version, from this source."""
+
+    version: int
+    source: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UndoToken:
+    """What an undo form names: one click's audit event, and the choice (None: none) it replaced."""
+
+    public_id: str
+    event_id: int
+    version: int  # the subscriber's version once the click was recorded
+    topic: str | None  # None: the click left all marketing
+    prior: PriorChoice | None = None
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -139,6 +169,7 @@ class Tokens:
         clock = clock or time.time
         self._unsubscribe = _Purpose(keys, UNSUBSCRIBE, clock)
         self._preferences = _Purpose(keys, PREFERENCES, clock)
+        self._undo = _Purpose(keys, UNDO, clock)
 
     def unsubscribe(self, public_id: str, topic: str | None = None, campaign: str | None = None) -> str:
         """Return the token of an unsubscribe link."""
@@ -185,3 +216,24 @@ class Tokens:
             return self.read_preferences(token)
         except InvalidToken:
             return self.read_unsubscribe(token).public_id
+
+    def undo(self, ref: UndoToken) -> str:
+        """Return the signed reference an undo form carries: no address, only ids and versions."""
+        prior = ""
+        if ref.prior is not None:
+            micros = (ref.prior.updated_at - _EPOCH) // timedelta(microseconds=1)
+            prior = f"{ref.prior.version}~{ref.prior.source}~{micros}"
+        return self._undo.sign(f"{ref.public_id}.{ref.event_id}.{ref.version}.{ref.topic or ''}.{prior}")
+
+    def read_undo(self, token: str) -> UndoToken:
+        """Return what an undo form's reference names, or raise ``InvalidToken``."""
+        found = _UNDO.match(self._undo.unsign(token, self.max_age))
+        if found is None:
+            raise InvalidToken("the link is not valid")
+        prior = None
+        if found["version"] is not None:
+            at = _EPOCH + timedelta(microseconds=int(found["at"]))
+            prior = PriorChoice(int(found["version"]), found["source"], at)
+        return UndoToken(
+            found["public_id"], int(found["event"]), int(found["at_version"]), found["topic"] or None, prior
+        )

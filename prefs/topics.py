@@ -11,6 +11,7 @@ from .db import write_transaction
 from .errors import Conflict, InvalidValue, UnknownTopic
 from .models import Topic
 from .rules import TRANSACTIONAL, TRANSACTIONAL_CATEGORY, Category
+from .text import check_text
 
 KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 
@@ -29,15 +30,21 @@ def check_key(key: str) -> str:
 def create_topic(session: Session, key: str, name: str, description: str = "", opt_in: bool = False) -> Topic:
     """Create a marketing topic; ``opt_in`` topics reach only those who chose them."""
     check_key(key)
-    name = (name or "").strip()
-    if not name or len(name) > 200:
-        raise InvalidValue("a topic needs a name of 1 to 200 characters")
+    name = _name(name)
+    description = check_text(description or "", "description")
     with write_transaction(session):
         if session.scalar(select(Topic.id).where(Topic.key == key)) is not None:
             raise Conflict(f"a topic with the key {key!r} exists already")
-        topic = Topic(key=key, name=name, description=description or "", opt_in=opt_in)
+        topic = Topic(key=key, name=name, description=description, opt_in=opt_in)
         session.add(topic)
     return topic
+
+
+def _name(name: str | None) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise InvalidValue("a topic needs a name of 1 to 200 characters")
+    return check_text(name, "name")
 
 
 def list_topics(session: Session, include_archived: bool = True) -> list[Topic]:
@@ -75,12 +82,9 @@ def update_topic(
     with write_transaction(session):
         topic = get_topic(session, key)
         if name is not None:
-            name = name.strip()
-            if not name or len(name) > 200:
-                raise InvalidValue("a topic needs a name of 1 to 200 characters")
-            topic.name = name
+            topic.name = _name(name)
         if description is not None:
-            topic.description = description
+            topic.description = check_text(description, "description")
         if archived is not None:
             topic.archived = archived
     return topic

@@ -495,3 +495,159 @@ def test_the_request_register_over_the_api(client, keys, session):
         headers=keys["admin"],
     )
     assert future.status_code == 422
+
+
+# small inputs that must never reach the database as they are
+
+
+def raw_json(client, method, path, text, headers):
+    """Send ``text`` as the JSON body, escapes and all, exactly as written."""
+    return client.open(
+        path, method=method, data=text.encode(), content_type="application/json", headers=headers
+    )
+
+
+def assert_json_4xx(response):
+    assert 400 <= response.status_code < 500, (response.status_code, response.get_data()[:200])
+    assert response.json["error"]["code"]
+
+
+@pytest.mark.parametrize("bad", ["\\ud800", "\\udfff", "x\\u0000y"])
+def test_a_lone_surrogate_or_a_nul_in_any_text_is_a_json_4xx(client, keys, session, bad):
+    make_topic(session, "news")
+    admin = keys["admin"]
+    for method, path, text in (
+        ("POST", "/api/v1/topics", f'{{"key": "t1", "name": "N{bad}"}}'),
+        ("POST", "/api/v1/topics", f'{{"key": "t2", "name": "N", "description": "D{bad}"}}'),
+        ("PATCH", "/api/v1/topics/news", f'{{"name": "N{bad}"}}'),
+        ("PATCH", "/api/v1/topics/news", f'{{"description": "D{bad}"}}'),
+        ("POST", "/api/v1/requests", f'{{"type": "access", "email": "a@example.com", "note": "n{bad}"}}'),
+        ("POST", "/api/v1/topics", f'{{"key": "t{bad}", "name": "N"}}'),
+    ):
+        assert_json_4xx(raw_json(client, method, path, text, admin))
+    opened = client.post("/api/v1/requests", json={"type": "access", "email": "a@example.com"}, headers=admin)
+    done = raw_json(
+        client, "POST", f"/api/v1/requests/{opened.json['id']}/complete", f'{{"note": "n{bad}"}}', admin
+    )
+    assert_json_4xx(done)
+    check_body = f'{{"topic": "news", "recipients": ["a@example.com"], "campaign": "c{bad}"}}'
+    assert_json_4xx(raw_json(client, "POST", "/api/v1/check", check_body, keys["send"]))
+    # a batch of events answers each in order: the bad one is an error, the good one counts
+    events = (
+        f'{{"events": [{{"type": "unsubscribe", "email": "ann@example.com", "campaign": "c{bad}"}},'
+        f' {{"type": "unsubscribe", "email": "b{bad}@example.com"}},'
+        f' {{"type": "unsubscribe", "email": "bob@example.com", "topic": "news{bad}"}},'
+        ' {"type": "unsubscribe", "email": "cat@example.com"}]}'
+    )
+    response = raw_json(client, "POST", "/api/v1/events", events, keys["write"])
+    assert response.status_code == 200
+    assert [r["status"] for r in response.json["results"]] == ["error", "error", "error", "accepted"]
+    assert [t["name"] for t in client.get("/api/v1/topics", headers=admin).json["topics"]] == ["News"]
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "9999-12-31T23:59:59-23:59",  # after the year 9999 in UTC
+        "0001-01-01T00:00:00+23:59",  # before the year 1 in UTC
+        "9999-12-31T23:59:59.999999-00:01",
+    ],
+)
+def test_a_time_that_leaves_the_calendar_in_utc_is_a_json_4xx(client, keys, session, moment):
+    make_topic(session, "news")
+    request = client.post(
+        "/api/v1/requests",
+        json={"type": "access", "email": "a@example.com", "received_at": moment},
+        headers=keys["admin"],
+    )
+    assert request.status_code == 422 and "received_at" in request.json["error"]["fields"]
+    events = [
+        {"type": kind, "email": "ann@example.com", "at": moment}
+        for kind in ("unsubscribe", "complaint", "hard_bounce", "resubscribe")
+    ]
+    response = client.post("/api/v1/events", json={"events": events}, headers=keys["write"])
+    assert response.status_code == 200
+    assert {r["error"]["code"] for r in response.json["results"]} == {"validation_failed"}
+    assert session.scalar(select(func.count()).select_from(Event)) == 0
+
+
+def test_the_edges_of_the_calendar_in_utc_are_taken_and_stored_as_utc(client, keys, session):
+    make_topic(session, "news")
+    events = [
+        {"type": "unsubscribe", "email": "ann@example.com", "topic": "news", "at": "0001-01-01T00:00:00Z"},
+        {"type": "unsubscribe", "email": "bob@example.com", "topic": "news", "at": "9999-12-31T23:59:59Z"},
+        {
+            "type": "unsubscribe",
+            "email": "cat@example.com",
+            "topic": "news",
+            "at": "2026-01-01T05:30:00+05:30",
+        },
+    ]
+    response = client.post("/api/v1/events", json={"events": events}, headers=keys["write"])
+    assert [r["status"] for r in response.json["results"]] == ["accepted"] * 3
+    for email, stored in (
+        ("ann@example.com", "0001-01-01T00:00:00Z"),
+        ("bob@example.com", "9999-12-31T23:59:59Z"),
+        ("cat@example.com", "2026-01-01T00:00:00Z"),  # the same instant, in UTC
+    ):
+        export = client.get(f"/api/v1/subscribers/{email}", headers=keys["admin"])
+        assert export.status_code == 200
+        assert export.json["events"][0]["at"] == stored
+
+
+@pytest.mark.parametrize("field", ["campaign", "topic"])
+def test_a_key_with_a_trailing_line_feed_is_refused_per_item(client, keys, session, field):
+    make_topic(session, "news")
+    value = {"campaign": "c" * 64 + "\n", "topic": "news\n"}[field]
+    events = [
+        {"type": "unsubscribe", "email": "ann@example.com", "topic": "news", field: value},
+        {"type": "unsubscribe", "email": "bob@example.com", "topic": "news", "campaign": "c1"},
+    ]
+    response = client.post("/api/v1/events", json={"events": events}, headers=keys["write"])
+    assert response.status_code == 200
+    first, second = response.json["results"]
+    assert first["status"] == "error" and field in first["error"]["fields"]
+    assert second == {"status": "accepted", "changed": True}
+    assert session.scalars(select(Event.campaign)).all() == ["c1"]
+    checked = check(client, keys, "news", ["ann@example.com"], campaign="c1\n")
+    assert checked.status_code == 422 and "campaign" in checked.json["error"]["fields"]
+    listed = client.get("/api/v1/suppressions?topic=news%0A", headers=keys["read"])
+    assert listed.status_code == 422 and "topic" in listed.json["error"]["fields"]
+
+
+def test_the_openapi_document_states_the_key_patterns_as_ecma_anchors(client):
+    schemas = client.get("/api/v1/openapi.json").json["components"]["schemas"]
+    campaign, topic = "^[A-Za-z0-9._~-]{1,64}$", "^[a-z0-9][a-z0-9_-]{0,63}$"
+    assert schemas["CheckRequest"]["properties"]["campaign"]["pattern"] == campaign
+    # each event's fields are documented, though each is loaded (and answered) on its own
+    assert schemas["EventsRequest"]["properties"]["events"]["items"] == {
+        "$ref": "#/components/schemas/EventItem"
+    }
+    assert schemas["EventItem"]["properties"]["campaign"]["pattern"] == campaign
+    assert schemas["EventItem"]["properties"]["topic"]["pattern"] == topic
+
+
+def test_a_resubscribe_the_rules_refuse_is_answered_with_what_keeps_the_address_out(client, keys, session):
+    make_topic(session, "news")
+    events = [
+        {"type": "complaint", "email": "ann@example.com"},
+        {"type": "hard_bounce", "email": "bob@example.com"},
+        {"type": "unsubscribe", "email": "cat@example.com"},
+    ]
+    client.post("/api/v1/events", json={"events": events}, headers=keys["write"])
+    back = [
+        {"type": "resubscribe", "email": "ann@example.com"},
+        {"type": "resubscribe", "email": "ann@example.com", "topic": "news"},
+        {"type": "resubscribe", "email": "bob@example.com"},
+        {"type": "resubscribe", "email": "cat@example.com", "topic": "news"},
+    ]
+    results = client.post("/api/v1/events", json={"events": back}, headers=keys["write"]).json["results"]
+    assert results == [
+        {"status": "accepted", "changed": False, "reason": "complained"},
+        {"status": "accepted", "changed": False, "reason": "complained"},
+        {"status": "accepted", "changed": True},  # a mailer that knows the address works again
+        {"status": "accepted", "changed": True},
+    ]
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "complained"
+    assert ledger.verdict_for(session, "bob@example.com", "news").allowed
+    assert ledger.verdict_for(session, "cat@example.com", "news").allowed

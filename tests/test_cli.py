@@ -174,3 +174,18 @@ def test_smtpd_receives_until_stopped(make_app, monkeypatch):
     assert result.exit_code == 0, result.output
     assert started == {"at": ("127.0.0.1", 2525), "stopped": True}
     assert "receiving unsubscribe mail on 127.0.0.1:2525" in result.output
+
+
+def test_resubscribe_lifts_a_hard_bounce_but_never_a_complaint(runner, session):
+    make_topic(session, "news")
+    ann = ledger.ensure_subscriber(session, "ann@example.com")
+    bob = ledger.ensure_subscriber(session, "bob@example.com")
+    ledger.record_opt_out(session, ann.public_id, None, ledger.Origin("api"), reason="complained")
+    ledger.record_opt_out(session, bob.public_id, None, ledger.Origin("api"), reason="bounced")
+    refused = run(runner, "resubscribe", "ann@example.com")
+    assert refused.exit_code == 0
+    assert "not resubscribed to all marketing: a complaint is lifted only by the person" in refused.output
+    assert run(runner, "check", "ann@example.com", "news").output.strip() == "suppressed complained"
+    lifted = run(runner, "resubscribe", "bob@example.com")
+    assert lifted.output.strip() == "resubscribed to all marketing"
+    assert run(runner, "check", "bob@example.com", "news").output.strip() == "allowed"

@@ -103,6 +103,62 @@ def test_the_csv_export_quotes_what_a_spreadsheet_would_misread(client, session,
     assert [item["since"] for item in page] == since
 
 
+def test_the_spreadsheet_form_guards_every_cell_a_spreadsheet_would_run(client, session, reader):
+    addresses = (
+        "=cmd|calc@attacker.example",
+        "+1-2@example.com",
+        "-x@example.com",
+        'a"b,c@example.com',
+        "plain@example.com",
+    )
+    for person in [make_subscriber(session, a) for a in addresses]:
+        ledger.record_opt_out(session, person.public_id, None, API)
+    csv_accept = {**reader, "Accept": "text/csv"}
+    exact = client.get("/api/v1/suppressions", headers=csv_accept).get_data(as_text=True)
+    # the plain export is for machines: every address comes back exactly as stored
+    assert [row["email"] for row in csv.DictReader(io.StringIO(exact))] == [
+        ledger.find_subscriber(session, a).email for a in addresses
+    ]
+    safe = client.get("/api/v1/suppressions?spreadsheet=1", headers=csv_accept)
+    assert safe.status_code == 200 and safe.mimetype == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(safe.get_data(as_text=True))))
+    assert [row["email"] for row in rows] == [
+        "'=cmd|calc@attacker.example",
+        "'+1-2@example.com",
+        "'-x@example.com",
+        'a"b,c@example.com',
+        "plain@example.com",
+    ]
+    assert [row["reason"] for row in rows] == ["unsubscribed_all"] * 5
+    # no cell of the spreadsheet form begins with what a spreadsheet reads as a formula
+    cells = [cell for row in rows for cell in row.values()]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert client.get("/api/v1/suppressions?spreadsheet=maybe", headers=csv_accept).status_code == 422
+
+
+def test_a_spreadsheet_cell_guard_covers_tab_and_carriage_return():
+    given = ("\tx", "\rx", "@x", "x=1", "")
+    assert [api.spreadsheet_cell(v) for v in given] == ["'\tx", "'\rx", "'@x", "x=1", ""]
+
+
+@pytest.mark.parametrize("position", [2**63, 2**63 + 1, 2**64])
+def test_a_cursor_past_the_largest_stored_id_is_422(client, session, reader, position):
+    make_topic(session, "news")
+    for url in (
+        f"/api/v1/suppressions?cursor={feeds.encode_cursor(position)}",
+        f"/api/v1/suppressions?topic=news&cursor={feeds.encode_cursor(position)}",
+        f"/api/v1/changes?after={feeds.encode_cursor(position, 1)}",
+        f"/api/v1/changes?after={feeds.encode_cursor(1, position)}",
+    ):
+        response = client.get(url, headers=reader)
+        assert response.status_code == 422, (url, response.status_code)
+        assert response.json["error"]["code"] == "validation_failed"
+    largest = feeds.encode_cursor(2**63 - 1)
+    assert client.get(f"/api/v1/suppressions?cursor={largest}", headers=reader).status_code == 200
+    last = feeds.encode_cursor(2**63 - 1, 2**63 - 1)
+    assert client.get(f"/api/v1/changes?after={last}", headers=reader).status_code == 200
+
+
 def test_a_topic_chosen_after_leaving_all_takes_one_off_the_list_on_any_page(
     client, session, reader, monkeypatch
 ):
@@ -308,3 +364,19 @@ def test_concurrent_writers_and_a_reader_see_every_change_once(make_app, databas
             cursor = page.next_cursor
     assert errors == []
     assert sorted(seen) == sorted(f"w{i:03d}@example.com" for i in range(60))
+
+
+def test_a_bounce_lifted_under_a_complaint_is_no_change_in_the_feed(client, session, reader):
+    make_topic(session, "news")
+    [ann] = people(session, 1)
+    ledger.record_opt_out(session, ann.public_id, None, API, "bounced")
+    ledger.record_opt_out(session, ann.public_id, None, API, "complained")
+    cursor = client.get("/api/v1/changes", headers=reader).json["next_cursor"]
+    recorded = ledger.record_resubscribe(session, ann.public_id, None, API)
+    assert (recorded.changed, recorded.kept_out) == (True, "complained")
+    later = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
+    # still out of all marketing for the complaint: nothing to tell a mailer
+    assert later["items"] == []
+    assert [e.action for e, _ in ledger.history(session, ann)][-1] == "bounce-lifted"
+    everything = client.get("/api/v1/suppressions", headers=reader).json["items"]
+    assert [(i["email"], i["reason"]) for i in everything] == [(ann.email, "complained")]

@@ -122,7 +122,7 @@ def test_an_old_choice_does_not_survive_leaving_all(session):
     ledger.record_opt_out(session, ann.public_id, None, PAGE)
     assert verdict(session, "news") == Verdict(False, "unsubscribed_all")
     # choosing the topic again is a change, though the stored choice was already "on"
-    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is True
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE).changed is True
     assert verdict(session, "news").allowed
 
 
@@ -141,10 +141,10 @@ def test_undoing_leaving_all_restores_defaults_and_earlier_choices(session):
     ann = make_subscriber(session)
     ledger.record_opt_out(session, ann.public_id, "promo", PAGE)
     ledger.record_opt_out(session, ann.public_id, None, PAGE)
-    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE) is True
+    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE).changed is True
     assert verdict(session, "news").allowed
     assert verdict(session, "promo") == Verdict(False, "unsubscribed")
-    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE) is False
+    assert ledger.record_resubscribe(session, ann.public_id, None, PAGE).changed is False
 
 
 def test_opt_in_topics_need_a_choice(session):
@@ -232,11 +232,11 @@ def test_choosing_an_opt_out_topic_one_already_receives_records_nothing(session)
     # changed nothing (found by sixteen writers on one subscriber)
     make_topic(session, "news")
     ann = make_subscriber(session)
-    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is False
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE).changed is False
     assert events(session) == []
     assert ledger.record_opt_out(session, ann.public_id, "news", PAGE) is True
-    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is True
-    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE) is False
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE).changed is True
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PAGE).changed is False
     assert [e.action for e in events(session)] == ["unsubscribe", "resubscribe"]
     assert verdict(session, "news").allowed
 
@@ -265,8 +265,88 @@ def test_a_batch_is_recorded_in_lock_order_and_one_subscribers_changes_in_the_or
 
     monkeypatch.setattr(ledger, "_apply", noted)
     # answered in the order given; the later subscriber's repeat changes nothing
-    assert ledger.record_many(session, changes) == [True, True, True, False, True, True]
+    assert [r.changed for r in ledger.record_many(session, changes)] == [True, True, True, False, True, True]
     # rows are locked in public id order (the earlier subscriber's first), each one's changes in turn
     assert applied == [1, 4, 0, 2, 3, 5]
     assert [e[0] for e in trail(session, later)] == ["unsubscribe", "resubscribe", "unsubscribe"]
     assert [e[0] for e in trail(session, earlier)] == ["unsubscribe", "unsubscribe"]
+
+
+# lifting a complaint or a hard bounce
+
+
+PREFERENCES = Origin("preferences", campaign="c-7")
+API = Origin("api", campaign="c-8")
+
+
+def test_a_complaint_is_lifted_only_by_the_preference_center_and_the_lift_is_recorded(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, API, reason="complained")
+    for origin in (PAGE, CLI, API, Origin("import"), Origin("mailto"), Origin("one-click")):
+        for topic in ("news", None):
+            result = ledger.record_resubscribe(session, ann.public_id, topic, origin)
+            assert (result.changed, result.kept_out) == (False, "complained"), (origin.source, topic)
+    assert len(events(session)) == 1
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PREFERENCES).changed is True
+    assert verdict(session, "news").allowed and verdict(session, "promo") == Verdict(False, "complained")
+    lift = events(session)[-1]
+    assert (lift.action, lift.reason, lift.source, lift.campaign) == (
+        "resubscribe",
+        "complained",
+        "preferences",
+        "c-7",
+    )
+
+
+def test_a_hard_bounce_is_lifted_only_by_the_api_or_the_cli(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    for origin in (PAGE, PREFERENCES, Origin("import"), Origin("mailto"), Origin("one-click")):
+        ledger.record_opt_out(session, ann.public_id, None, API, reason="bounced")
+        for topic in ("news", None):
+            result = ledger.record_resubscribe(session, ann.public_id, topic, origin)
+            assert (result.changed, result.kept_out) == (False, "bounced"), (origin.source, topic)
+    for origin in (API, CLI):
+        ledger.record_opt_out(session, ann.public_id, None, API, reason="bounced")
+        assert ledger.record_resubscribe(session, ann.public_id, None, origin).changed is True
+        assert verdict(session, "news").allowed
+        session.expire_all()
+        assert ann.bounced_at is None  # the address works again: no warning on transactional mail
+        lift = events(session)[-1]
+        assert (lift.action, lift.topic_id, lift.reason, lift.source) == (
+            "resubscribe",
+            None,
+            "bounced",
+            origin.source,
+        )
+
+
+def test_leaving_all_again_keeps_the_stronger_reason(session):
+    make_topic(session, "news")
+    make_topic(session, "promo")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, API, reason="complained")
+    ledger.record_resubscribe(session, ann.public_id, "news", PREFERENCES)
+    # a plain unsubscribe from all takes news away again, and the complaint stays the reason
+    assert ledger.record_opt_out(session, ann.public_id, None, PAGE) is True
+    assert verdict(session, "news") == Verdict(False, "complained")
+    assert ledger.record_resubscribe(session, ann.public_id, "promo", API).kept_out == "complained"
+    assert verdict(session, "promo") == Verdict(False, "complained")
+
+
+def test_a_bounce_after_a_lifted_complaint_keeps_the_complaint_and_blocks_the_page(session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    ledger.record_opt_out(session, ann.public_id, None, API, reason="complained")
+    ledger.record_resubscribe(session, ann.public_id, "news", PREFERENCES)
+    ledger.record_opt_out(session, ann.public_id, None, API, reason="bounced")
+    assert verdict(session, "news") == Verdict(False, "complained")
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PREFERENCES).kept_out == "bounced"
+    # the bounce lifted by the API, the complaint stays; then the preference center lifts news
+    result = ledger.record_resubscribe(session, ann.public_id, None, API)
+    assert (result.changed, result.kept_out) == (True, "complained")
+    assert verdict(session, "news") == Verdict(False, "complained")
+    assert ledger.record_resubscribe(session, ann.public_id, "news", PREFERENCES).changed is True
+    assert verdict(session, "news").allowed

@@ -1,6 +1,7 @@
 """The unsubscribe link: RFC 8058 one-click, the page and its undo, bad links, the headers."""
 
 import io
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -168,15 +169,24 @@ def test_unsubscribing_from_one_topic_shows_the_others_still_received(client, se
     assert "Leave these too" in page
 
 
+def undo_form(page):
+    """Return the fields of the page's undo form, as a browser would post them."""
+    found = re.search(
+        r'<form method="post" action="[^"]*" class="actions">\s*((?:<input[^>]*>\s*)+)<button[^>]*>Undo', page
+    )
+    assert found, "no undo form on the page"
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', found.group(1)))
+
+
 def test_undo_resubscribes_and_is_recorded(client, session, ann):
-    token = unsubscribe_token(ann, "news")
-    client.post(f"/u/{token}")
-    page = client.post(f"/u/{token}", data={"action": "undo"}).get_data(as_text=True)
+    token = unsubscribe_token(ann, "news", "c1")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    page = client.post(f"/u/{token}", data=form).get_data(as_text=True)
     assert "You are subscribed to Product news again" in page
     assert allowed(session, ANN, "news")
-    assert [e[:3] for e in events(session, ann)] == [
-        ("unsubscribe", "news", "page"),
-        ("resubscribe", "news", "page"),
+    assert events(session, ann) == [
+        ("unsubscribe", "news", "page", "c1"),
+        ("resubscribe", "news", "page", "c1"),
     ]
 
 
@@ -185,10 +195,221 @@ def test_leaving_all_from_a_topic_link_and_undoing_it(client, session, ann):
     page = client.post(f"/u/{token}", data={"scope": "all"}).get_data(as_text=True)
     assert "You are unsubscribed from all marketing email" in page
     assert not allowed(session, ANN, "promotions") and allowed(session, ANN, "transactional")
-    assert '<input type="hidden" name="scope" value="all">' in page.split("undo", 1)[1]
-    client.post(f"/u/{token}", data={"action": "undo", "scope": "all"})
+    client.post(f"/u/{token}", data=undo_form(page))
     assert allowed(session, ANN, "promotions") and allowed(session, ANN, "news")
     assert [e[:2] for e in events(session, ann)] == [("unsubscribe", None), ("resubscribe", None)]
+
+
+# undo reverts exactly what this click did, while it is the latest change
+
+
+def complained(session, person):
+    ledger.record_many(
+        session, [ledger.Change(person.public_id, None, False, ledger.Origin("api"), "complained")]
+    )
+
+
+@pytest.mark.parametrize("reason", ["complained", "bounced"])
+@pytest.mark.parametrize("scope", ["all", "link"])
+def test_an_undo_the_click_never_earned_lifts_no_complaint_and_no_bounce(client, session, ann, reason, scope):
+    ledger.record_opt_out(session, ann.public_id, None, ledger.Origin("api"), reason=reason)
+    before = events(session, ann)
+    for token in (unsubscribe_token(ann), unsubscribe_token(ann, "news", "c1")):
+        for form in (
+            {"action": "undo", "scope": scope},
+            {"action": "undo", "scope": scope, "undo": "forged.1.x"},
+            {"action": "undo"},
+        ):
+            response = client.post(f"/u/{token}", data=form)
+            assert 400 <= response.status_code < 500, (form, response.status_code)
+            page = response.get_data(as_text=True)
+            # an error page: the request form, and no token in any link
+            assert "could not undo" in page.lower() and 'action="/unsubscribe"' in page
+            assert token not in page
+    assert ledger.verdict_for(session, ANN, "news").reason == reason
+    assert ledger.verdict_for(session, ANN, "promotions").reason == reason
+    assert events(session, ann) == before
+
+
+def test_a_replayed_undo_form_changes_nothing(client, session, ann):
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    assert client.post(f"/u/{token}", data=form).status_code == 200
+    # she unsubscribes again; the first click's undo form must not bring the topic back
+    client.post(f"/u/{token}")
+    replayed = client.post(f"/u/{token}", data=form)
+    assert replayed.status_code == 409 and "could not undo" in replayed.get_data(as_text=True).lower()
+    assert token not in replayed.get_data(as_text=True)
+    assert not allowed(session, ANN, "news")
+    assert [e[0] for e in events(session, ann)] == ["unsubscribe", "resubscribe", "unsubscribe"]
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        lambda s, p: ledger.record_opt_out(s, p.public_id, None, ledger.Origin("api")),
+        lambda s, p: complained(s, p),
+        lambda s, p: ledger.record_opt_out(s, p.public_id, None, ledger.Origin("api"), reason="bounced"),
+        lambda s, p: ledger.record_opt_out(s, p.public_id, None, ledger.Origin("one-click")),
+    ],
+    ids=["unsubscribe-all", "complaint", "bounce", "one-click-all"],
+)
+@pytest.mark.parametrize("scope", ["link", "all"])
+def test_an_undo_after_a_later_change_for_the_subscriber_and_topic_is_refused(
+    client, session, ann, later, scope
+):
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}", data={"scope": scope}).get_data(as_text=True))
+    later(session, ann)
+    before = [ledger.verdict_for(session, ANN, t) for t in ("news", "promotions", "events")]
+    response = client.post(f"/u/{token}", data=form)
+    assert response.status_code == 409
+    assert [ledger.verdict_for(session, ANN, t) for t in ("news", "promotions", "events")] == before
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        lambda s, p: ledger.record_opt_out(s, p.public_id, "promotions", ledger.Origin("api")),
+        # a repeat that changes nothing is still written after the click: the form is stale
+        lambda s, p: ledger.record_opt_out(s, p.public_id, "news", ledger.Origin("mailto")),
+        lambda s, p: ledger.record_resubscribe(s, p.public_id, "promotions", ledger.Origin("cli")),
+    ],
+    ids=["another-topic", "same-opt-out-again", "no-op-resubscribe"],
+)
+def test_any_write_for_the_subscriber_after_the_click_makes_the_undo_stale(client, session, ann, later):
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    later(session, ann)
+    assert client.post(f"/u/{token}", data=form).status_code == 409
+    assert not allowed(session, ANN, "news")
+
+
+def test_an_undo_form_works_only_on_the_link_of_its_own_subscriber(client, session, ann):
+    bob = make_subscriber(session, "bob@example.com")
+    form = undo_form(client.post(f"/u/{unsubscribe_token(ann, 'news')}").get_data(as_text=True))
+    client.post(f"/u/{unsubscribe_token(bob, 'news')}")
+    response = client.post(f"/u/{unsubscribe_token(bob, 'news')}", data=form)
+    assert response.status_code == 400
+    assert not allowed(session, ANN, "news") and not allowed(session, "bob@example.com", "news")
+
+
+def test_an_undo_restores_the_choice_it_replaced_exactly(client, session, ann):
+    # events is opt-in: she chose it in the preference center, from a campaign's link
+    ledger.record_choices(session, ann.public_id, {"events": True}, ledger.Origin("preferences", "c0"))
+    token = unsubscribe_token(ann, "events", "c1")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    assert not allowed(session, ANN, "events")
+    client.post(f"/u/{token}", data=form)
+    assert allowed(session, ANN, "events")
+    [preference] = [p for p in subject_preferences(session) if p["topic"] == "events"]
+    assert (preference["subscribed"], preference["source"]) == (True, "preferences")
+
+
+def subject_preferences(session):
+    from prefs import subjects
+
+    return subjects.export_subject(session, ANN)["preferences"]
+
+
+def test_an_undo_brings_back_a_topic_the_preference_center_lifted_from_a_complaint(client, session, ann):
+    complained(session, ann)
+    ledger.record_choices(session, ann.public_id, {"news": True}, ledger.Origin("preferences"))
+    assert allowed(session, ANN, "news")
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    assert not allowed(session, ANN, "news")
+    assert client.post(f"/u/{token}", data=form).status_code == 200
+    assert allowed(session, ANN, "news")
+    assert ledger.verdict_for(session, ANN, "promotions").reason == "complained"
+
+
+def test_undoing_leaving_all_after_a_lifted_complaint_is_not_offered(client, session, ann):
+    complained(session, ann)
+    ledger.record_choices(session, ann.public_id, {"news": True}, ledger.Origin("preferences"))
+    page = client.post(f"/u/{unsubscribe_token(ann)}").get_data(as_text=True)
+    # the click took news away again; undoing it would have to restore a complaint's state
+    assert not allowed(session, ANN, "news")
+    assert 'value="undo"' not in page
+    assert ledger.verdict_for(session, ANN, "news").reason == "complained"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_an_undo_form_sent_by_get_or_head_changes_nothing(client, session, ann, method):
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    before = events(session, ann)
+    assert client.open(f"/u/{token}", method=method, query_string=form).status_code == 200
+    assert events(session, ann) == before and not allowed(session, ANN, "news")
+
+
+def test_a_one_click_post_carrying_an_undo_form_is_an_opt_out(client, session, ann):
+    token = unsubscribe_token(ann, "news")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    client.post(f"/u/{token}", data={**form, **ONE_CLICK})
+    assert not allowed(session, ANN, "news")
+    assert [e[0] for e in events(session, ann)] == ["unsubscribe"]
+
+
+# who may lift a complaint or a hard bounce
+
+
+def test_a_complaint_is_lifted_only_in_the_preference_center_topic_by_topic(client, session, ann):
+    complained(session, ann)
+    token = unsubscribe_token(ann, "news", "c7")
+    # the preference center, opened from the link: ticking news brings news back, and only news
+    page = client.get(f"/p/{token}").get_data(as_text=True)
+    assert "You have left all marketing email" in page
+    response = client.post(f"/p/{token}", data={"action": "save", "topic": ["news"]})
+    assert response.status_code == 303
+    assert allowed(session, ANN, "news")
+    assert ledger.verdict_for(session, ANN, "promotions").reason == "complained"
+    lift = ledger.history(session, ann)[-1][0]
+    assert (lift.action, lift.source, lift.campaign, lift.reason) == (
+        "resubscribe",
+        "preferences",
+        "c7",
+        "complained",
+    )
+    assert lift.created_at is not None
+    # a complaint again takes it away again
+    complained(session, ann)
+    assert ledger.verdict_for(session, ANN, "news").reason == "complained"
+
+
+def test_a_page_cannot_lift_a_hard_bounce(client, session, ann):
+    ledger.record_opt_out(session, ann.public_id, None, ledger.Origin("api"), reason="bounced")
+    before = events(session, ann)
+    token = unsubscribe_token(ann, "news")
+    page = client.get(f"/p/{token}").get_data(as_text=True)
+    assert "bounced" in page.lower()
+    client.post(f"/p/{token}", data={"action": "save", "topic": ["news", "events"]})
+    assert ledger.verdict_for(session, ANN, "news").reason == "bounced"
+    assert ledger.verdict_for(session, ANN, "events").reason == "bounced"
+    assert events(session, ann) == before
+
+
+def test_a_complaint_on_top_of_a_bounce_needs_both_lifts(client, session, ann):
+    ledger.record_opt_out(session, ann.public_id, None, ledger.Origin("api"), reason="bounced")
+    complained(session, ann)
+    token = unsubscribe_token(ann, "news")
+    client.post(f"/p/{token}", data={"action": "save", "topic": ["news"]})
+    assert ledger.verdict_for(session, ANN, "news").reason == "complained"  # the bounce holds it
+    # a mailer who knows the address works again lifts the bounce; the complaint stays
+    [result] = ledger.record_many(session, [ledger.Change(ann.public_id, None, True, ledger.Origin("api"))])
+    assert (result.changed, result.kept_out) == (True, "complained")
+    assert ledger.verdict_for(session, ANN, "news").reason == "complained"
+    client.post(f"/p/{token}", data={"action": "save", "topic": ["news"]})
+    assert allowed(session, ANN, "news")
+    assert ledger.verdict_for(session, ANN, "promotions").reason == "complained"
+
+
+def test_the_preference_center_opened_from_a_link_records_its_campaign(client, session, ann):
+    token = unsubscribe_token(ann, "news", "spring-sale")
+    page = client.post(f"/u/{token}").get_data(as_text=True)
+    preferences = re.search(r'<a href="(/p/[^"?]+)', page).group(1)
+    assert client.post(preferences, data={"action": "save", "topic": ["events"]}).status_code == 303
+    assert events(session, ann)[-1] == ("resubscribe", "events", "preferences", "spring-sale")
 
 
 def test_no_undo_when_nothing_was_being_sent(client, session, ann):

@@ -1,6 +1,6 @@
 """The 30-day register of data-subject requests."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
@@ -133,3 +133,68 @@ def test_ids_out_of_range_are_unknown_requests(session, request_id):
     # a 31-digit id once reached SQLite and came back as a 500 (found by schemathesis)
     with pytest.raises(UnknownRequest):
         register.get_request(session, request_id)
+
+
+@pytest.mark.parametrize("bad", ["n\ud800", "n\x00"])
+def test_a_note_neither_database_can_store_is_refused(session, bad):
+    with pytest.raises(InvalidValue):
+        register.record_request(session, "access", "ann@example.com", note=bad)
+    item = register.record_request(session, "access", "ann@example.com")
+    with pytest.raises(InvalidValue):
+        register.complete_request(session, item.id, note=bad)
+    assert register.get_request(session, item.id).completed_at is None
+
+
+@pytest.mark.parametrize(
+    "received",
+    [
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(-timedelta(hours=23, minutes=59))),
+        datetime(1, 1, 1, 0, 0, tzinfo=timezone(timedelta(hours=23, minutes=59))),
+    ],
+)
+def test_a_receipt_time_outside_the_calendar_in_utc_is_refused(session, received):
+    with pytest.raises(InvalidValue):
+        register.record_request(session, "access", "ann@example.com", received_at=received)
+
+
+# every written form of one address: as typed, normalized, its domain in Unicode (NFC and
+# NFD) and in punycode, in any case
+ANNA = "Anna@Bücher.Example.com"
+ANNA_FORMS = (
+    "anna@bücher.example.com",
+    "anna@xn--bcher-kva.example.com",
+    "anna@bu\u0308cher.example.com",
+)
+ANNA_NOTE = (
+    "Anna@Bücher.Example.com wrote in; reply to anna@xn--bcher-kva.example.com,"
+    " ANNA@BÜCHER.EXAMPLE.COM or <anna@bu\u0308cher.example.com>"
+)
+
+
+def assert_no_form_of_anna(note):
+    folded = note.casefold()
+    for form in ANNA_FORMS:
+        assert form.casefold() not in folded, note
+    assert "anna" not in folded and "bücher" not in folded
+
+
+@pytest.mark.parametrize("kind", ["access", "rectification", "erasure", "objection"])
+def test_completing_any_request_scrubs_every_form_of_the_address_from_its_note(session, kind):
+    make_topic(session, "news")
+    make_subscriber(session, "anna@xn--bcher-kva.example.com")
+    item = register.record_request(session, kind, ANNA, note=ANNA_NOTE)
+    register.complete_request(session, item.id, note="answered ANNA@bücher.example.com by phone")
+    session.expire_all()
+    note = session.get(Request, item.id).note
+    assert_no_form_of_anna(note)
+    assert note.count("a***@") == 5 and note.endswith("by phone")  # the note still reads
+
+
+def test_an_erasure_scrubs_every_form_from_the_other_requests_of_the_address(session):
+    make_subscriber(session, "anna@xn--bcher-kva.example.com")
+    other = register.record_request(session, "access", ANNA, note=ANNA_NOTE)
+    erasure = register.record_request(session, "erasure", "anna@bücher.example.com")
+    register.complete_request(session, erasure.id)
+    session.expire_all()
+    assert_no_form_of_anna(session.get(Request, other.id).note)
+    assert "bücher" not in database_text(session).casefold()

@@ -45,3 +45,21 @@ def test_resolve_returns_the_category(session):
     make_topic(session, "events", opt_in=True)
     category, topic = topics.resolve(session, "events")
     assert category == Category("events", opt_in=True) and topic.key == "events"
+
+
+@pytest.mark.parametrize("bad", ["N\ud800", "N\udcff", "N\x00"])
+def test_text_neither_database_can_store_is_refused(session, runner, bad):
+    make_topic(session, "news")
+    for call in (
+        lambda: topics.create_topic(session, "other", bad),
+        lambda: topics.create_topic(session, "other", "Other", description=bad),
+        lambda: topics.update_topic(session, "news", name=bad),
+        lambda: topics.update_topic(session, "news", description=bad),
+    ):
+        with pytest.raises(InvalidValue):
+            call()
+    # a command line that is not UTF-8 arrives with surrogates in it: one clear line, no trace
+    result = runner.invoke(args=["topics", "create", "other", "--name", bad])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot be stored" in result.output
+    assert [t.name for t in topics.list_topics(session)] == ["News"]

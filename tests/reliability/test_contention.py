@@ -36,13 +36,12 @@ def writes(
     for n in range(WRITES):
         campaign = f"w{n:04d}"
         link = tokens.unsubscribe(public_id, "news", campaign)
-        kind = rng.choice(("one-click", "page", "page-undo", "preferences", "api"))
+        # the page's undo needs the form its own click returned: test_undo_races covers it
+        kind = rng.choice(("one-click", "page", "preferences", "api"))
         if kind == "one-click":
             subscribe, path, body, headers = False, f"/u/{link}", ONE_CLICK_BODY.encode(), FORM
-        elif kind in ("page", "page-undo"):
-            subscribe = kind == "page-undo"
-            form = {"action": "undo"} if subscribe else {"scope": "link"}
-            path, body, headers = f"/u/{link}", urlencode(form).encode(), FORM
+        elif kind == "page":
+            subscribe, path, body, headers = False, f"/u/{link}", urlencode({"scope": "link"}).encode(), FORM
         elif kind == "preferences":
             subscribe = rng.random() < 0.5
             form = [("action", "save")] + ([("topic", "news")] if subscribe else [])

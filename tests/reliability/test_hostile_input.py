@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import string
 from urllib.parse import quote
 
@@ -188,10 +189,13 @@ def test_every_page_that_shows_an_address_or_a_topic_escapes_it(app, session, cl
     admin = make_key(session, "admin")
     basic = {"Authorization": "Basic " + __import__("base64").b64encode(f"ops:{admin}".encode()).decode()}
     link = unsubscribe_token(ann, "news")
+    unsubscribed = client.post(f"/u/{link}", data={"scope": "link"})
+    undo = re.search(r'name="undo" value="([^"]+)"', unsubscribed.get_data(as_text=True)).group(1)
     pages = {
         "unsubscribe page": client.get(f"/u/{link}"),
-        "unsubscribed page": client.post(f"/u/{link}", data={"scope": "link"}),
-        "resubscribed page": client.post(f"/u/{link}", data={"action": "undo"}),
+        "unsubscribed page": unsubscribed,
+        "resubscribed page": client.post(f"/u/{link}", data={"action": "undo", "undo": undo}),
+        "undo refused page": client.post(f"/u/{link}", data={"action": "undo", "undo": undo}),
         "preference center": client.get(f"/p/{preferences_token(ann)}"),
         "request form, invalid address": client.post("/unsubscribe", data={"email": NASTY}),
         "admin overview": client.get("/admin", headers=basic),

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from werkzeug.datastructures import MultiDict
 
 from prefs import ledger
@@ -32,48 +41,83 @@ SEQUENCES = 200
 FORM = "application/x-www-form-urlencoded"
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 _RANK = {"complained": 3, "bounced": 2}
-_VERDICT = {"unsubscribed": "unsubscribed_all", "complained": "complained"}
+_VERDICT = {"unsubscribed": "unsubscribed_all", "complained": "complained", "bounced": "bounced"}
+# who may bring back someone who left for this reason; anyone, for a plain unsubscribe
+_LIFTED_BY = {"complained": {"preferences"}, "bounced": {"api", "cli"}}
 
 
 @dataclass
 class Person:
-    """What the model knows of one address: the ledger's rule, in a dozen lines."""
+    """What the model knows of one address: the ledger's rule, in a few dozen lines."""
 
     seq: int = 0
+    writes: int = 0  # every write for the address, changed or not: what makes an undo stale
     erased: bool = False
     left: str | None = None
     left_seq: int = 0
-    choices: dict[str, tuple[bool, int]] = field(default_factory=dict)
+    bounced: bool = False  # a hard bounce on file
+    choices: dict[str, tuple[bool, int, str]] = field(default_factory=dict)
+
+    def held(self, source: str) -> bool:
+        """Tell whether a choice from ``source`` may not bring a topic back."""
+        if self.left == "complained" and (source not in _LIFTED_BY["complained"] or self.bounced):
+            return True
+        return self.left == "bounced" and source not in _LIFTED_BY["bounced"]
 
     def verdict(self, topic: str) -> tuple[bool, str | None]:
         if self.erased:
             return False, "erased"
         choice = self.choices.get(topic)
-        if self.left is not None and (choice is None or choice[1] <= self.left_seq):
+        if self.left is not None and (
+            choice is None or choice[1] <= self.left_seq or (choice[0] and self.held(choice[2]))
+        ):
             return False, _VERDICT[self.left]
         if choice is not None:
             return (True, None) if choice[0] else (False, "unsubscribed")
         return (False, "not_subscribed") if topic == "events" else (True, None)
 
-    def choose(self, topic: str, subscribed: bool) -> None:
+    def choose(self, topic: str, subscribed: bool, source: str) -> bool:
         self.seq += 1
+        if subscribed and self.left is not None and self.held(source):
+            return False
         choice = self.choices.get(topic)
         if subscribed:
             current = choice is not None and choice[0] and not (self.left and choice[1] <= self.left_seq)
+            # an opt-out topic is received by default: only a refusal on file is a change
+            if topic != "events" and self.left is None:
+                current = choice is None or choice[0]
         else:
             current = choice is not None and not choice[0]
         if not current:
-            self.choices[topic] = (subscribed, self.seq)
+            self.choices[topic] = (subscribed, self.seq, source)
+        return not current
 
-    def leave_all(self, reason: str = "unsubscribed") -> None:
+    def leave_all(self, reason: str = "unsubscribed") -> bool:
         self.seq += 1
-        chose_since = any(on and seq > self.left_seq for on, seq in self.choices.values())
+        if reason == "bounced":
+            self.bounced = True
+        chose_since = any(on and seq > self.left_seq for on, seq, _ in self.choices.values())
         if self.left is None or _RANK.get(self.left, 1) < _RANK.get(reason, 1) or chose_since:
-            self.left, self.left_seq = reason, self.seq
+            # the stronger reason stays
+            if self.left is None or _RANK.get(self.left, 1) <= _RANK.get(reason, 1):
+                self.left = reason
+            self.left_seq = self.seq
+            return True
+        return False
 
-    def rejoin_all(self) -> None:
+    def rejoin_all(self, source: str) -> None:
         self.seq += 1
-        self.left = None
+        if self.left is None:
+            return
+        lifts_bounce = (self.left == "bounced" or self.bounced) and source in _LIFTED_BY["bounced"]
+        if self.left == "complained":  # never lifted whole: topic by topic, in the preference center
+            self.bounced = self.bounced and not lifts_bounce
+            return
+        if self.left == "bounced" and not lifts_bounce:
+            return
+        self.left, self.left_seq = None, 0
+        if lifts_bounce:
+            self.bounced = False
 
 
 def test_the_service_agrees_with_the_model(make_app):
@@ -87,7 +131,7 @@ def test_the_service_agrees_with_the_model(make_app):
     client = app.test_client()
     signers = {"current": Tokens([CURRENT]), "retired": Tokens([RETIRED]), "removed": Tokens([REMOVED])}
     counter = itertools.count()
-    figures = {"requests": 0, "server_errors": 0, "sequences": 0}
+    figures = {"requests": 0, "server_errors": 0, "sequences": 0, "undone": 0, "stale": 0}
 
     class Surface(RuleBasedStateMachine):
         @initialize()
@@ -98,6 +142,8 @@ def test_the_service_agrees_with_the_model(make_app):
             with app.app_context():
                 self.ids = {a: ledger.ensure_subscriber(db.session(), a).public_id for a in self.people}
             self.last = None
+            # each address's latest undo form: (link, fields, writes when it was given, the restore)
+            self.forms: dict[str, tuple[str, dict[str, str], int, Callable[[], None]]] = {}
 
         def send(self, method, path, **kwargs):
             response = client.open(path, method=method, **kwargs)
@@ -107,10 +153,13 @@ def test_the_service_agrees_with_the_model(make_app):
             assert response.status_code < 500, (method, path, response.status_code)
             return response
 
-        def write(self, method, path, expect, **kwargs):
+        def write(self, method, path, expect, touch=None, **kwargs):
+            """Send a write; ``touch`` counts, in the model, a write that reaches the ledger."""
             response = self.send(method, path, **kwargs)
-            self.last = (method, path, kwargs, response.status_code, response.get_data())
+            self.last = (method, path, kwargs, response.status_code, response.get_data(), touch)
             assert response.status_code == expect, (path, response.status_code, response.get_data()[:300])
+            if touch is not None:
+                touch()
             return response
 
         def link(self, address, topic, signer="current"):
@@ -122,30 +171,95 @@ def test_the_service_agrees_with_the_model(make_app):
         def who(self, name):
             return next(a for a in self.people if a.endswith(f"-{name}@example.com"))
 
+        def touch(self, person, changes=True):
+            """Return the model's count of one write for ``person``, if it reaches the ledger."""
+            if person.erased or not changes:
+                return None
+
+            def count():
+                person.writes += 1
+
+            return count
+
         @rule(name=addresses, topic=topics, signer=st.sampled_from(("current", "retired")))
         def one_click(self, name, topic, signer):
             address = self.who(name)
             person = self.people[address]
             status = 400 if person.erased else 200
             self.write(
-                "POST", f"/u/{self.link(address, topic, signer)}", status, data=ONE_CLICK, content_type=FORM
+                "POST",
+                f"/u/{self.link(address, topic, signer)}",
+                status,
+                self.touch(person),
+                data=ONE_CLICK,
+                content_type=FORM,
             )
             if not person.erased:
-                person.choose(topic, False) if topic else person.leave_all()
+                person.choose(topic, False, "one-click") if topic else person.leave_all()
 
-        @rule(name=addresses, topic=topics, scope=st.sampled_from(("link", "all", "undo")))
+        @rule(name=addresses, topic=topics, scope=st.sampled_from(("link", "all")))
         def unsubscribe_page(self, name, topic, scope):
             address = self.who(name)
             person = self.people[address]
-            form = {"action": "undo"} if scope == "undo" else {"scope": scope}
-            self.write("POST", f"/u/{self.link(address, topic)}", 400 if person.erased else 200, data=form)
+            link = self.link(address, topic)
+            response = self.write(
+                "POST", f"/u/{link}", 400 if person.erased else 200, self.touch(person), data={"scope": scope}
+            )
             if person.erased:
                 return
             target = None if scope == "all" else topic
-            if scope == "undo":
-                person.choose(target, True) if target else person.rejoin_all()
+            if target is None:
+                was_left, before = person.left, (person.left, person.left_seq)
+                changed = person.leave_all()
+                # undone only back to receiving marketing
+                offered = changed and was_left is None
+
+                def restore(person=person, before=before):
+                    person.left, person.left_seq = before
             else:
-                person.choose(target, False) if target else person.leave_all()
+                receiving = person.verdict(target)[0]
+                prior = person.choices.get(target)
+                changed = person.choose(target, False, "page")
+                offered = changed and receiving
+
+                def restore(person=person, target=target, prior=prior):
+                    if prior is None:
+                        del person.choices[target]
+                    else:
+                        person.choices[target] = prior
+
+            found = re.search(r'name="undo" value="([^"]+)"', response.get_data(as_text=True))
+            assert (found is not None) == offered, (scope, topic, offered)
+            if found:
+                fields = {"action": "undo", "undo": found.group(1)}
+                self.forms[address] = (link, fields, person.writes, restore)
+
+        @precondition(lambda self: bool(getattr(self, "forms", None)))
+        @rule(name=addresses, other=st.booleans())
+        def undo(self, name, other):
+            """Post the address's latest undo form, on its own link or on another of the address's."""
+            address = self.who(name)
+            person = self.people[address]
+            if address not in self.forms:
+                return
+            link, fields, writes, restore = self.forms[address]
+            if other:
+                link = self.link(address, "events")
+            fresh = writes == person.writes
+            status = 400 if person.erased else 200 if fresh else 409
+            before = self.snapshot()
+            self.write("POST", f"/u/{link}", status, self.touch(person), data=fields)
+            self.last = None  # replayed below: a second undo is refused, by design
+            figures["undone" if status == 200 else "stale"] += 1
+            if status != 200:
+                assert self.snapshot() == before
+                return
+            restore()
+            # replayed: the undo itself made the form stale
+            after = self.snapshot()
+            self.write("POST", f"/u/{link}", 409, self.touch(person), data=fields)
+            self.last = None
+            assert self.snapshot() == after
 
         @rule(name=addresses, wanted=st.sets(st.sampled_from(TOPICS)), leave=st.booleans())
         def preference_form(self, name, wanted, leave):
@@ -155,34 +269,49 @@ def test_the_service_agrees_with_the_model(make_app):
             form = (
                 [("action", "leave-all")] if leave else [("action", "save"), *(("topic", t) for t in wanted)]
             )
-            self.write("POST", f"/p/{token}", 400 if person.erased else 303, data=MultiDict(form))
+            changes = {t: t in wanted for t in TOPICS if (t in wanted) != person.verdict(t)[0]}
+
+            def touch(person=person, wanted=wanted, leave=leave):
+                # the form saves only what differs from what is sent now; nothing to save, no write
+                if leave or any((t in wanted) != person.verdict(t)[0] for t in TOPICS):
+                    person.writes += 1
+
+            status = 400 if person.erased else 303
+            self.write("POST", f"/p/{token}", status, None if person.erased else touch, data=MultiDict(form))
             if person.erased:
                 return
             if leave:
                 person.leave_all()
                 return
-            changes = {t: t in wanted for t in TOPICS if (t in wanted) != person.verdict(t)[0]}
             for topic, on in changes.items():
-                person.choose(topic, on)
+                person.choose(topic, on, "preferences")
 
-        @rule(name=addresses, kind=st.sampled_from(("unsubscribe", "resubscribe", "complaint")), topic=topics)
+        @rule(
+            name=addresses,
+            kind=st.sampled_from(("unsubscribe", "resubscribe", "complaint", "hard_bounce")),
+            topic=topics,
+        )
         def event(self, name, kind, topic):
             address = self.who(name)
             person = self.people[address]
             item = {"type": kind, "email": address}
-            if topic and kind != "complaint":
+            if topic and kind in ("unsubscribe", "resubscribe"):
                 item["topic"] = topic
-            response = self.write("POST", "/api/v1/events", 200, json={"events": [item]}, headers=key)
+            response = self.write(
+                "POST", "/api/v1/events", 200, self.touch(person), json={"events": [item]}, headers=key
+            )
             result = response.json["results"][0]
             if person.erased:
                 assert result["status"] == ("error" if kind == "resubscribe" else "accepted")
                 return
             if kind == "complaint":
                 person.leave_all("complained")
+            elif kind == "hard_bounce":
+                person.leave_all("bounced")
             elif topic is None:
-                person.rejoin_all() if kind == "resubscribe" else person.leave_all()
+                person.rejoin_all("api") if kind == "resubscribe" else person.leave_all()
             else:
-                person.choose(topic, kind == "resubscribe")
+                person.choose(topic, kind == "resubscribe", "api")
 
         @rule(name=addresses)
         def erase(self, name):
@@ -227,13 +356,15 @@ def test_the_service_agrees_with_the_model(make_app):
         def replay(self):
             if self.last is None:
                 return
-            method, path, kwargs, status, body = self.last
+            method, path, kwargs, status, body, touch = self.last
             before = self.snapshot()
             response = self.send(method, path, **kwargs)
             assert response.status_code == status  # a replay answers as the first call did
             if kwargs.get("data") == ONE_CLICK:
                 assert response.get_data() == body
             assert self.snapshot() == before
+            if touch is not None:
+                touch()  # written again, though nothing changed: an earlier undo form is stale
 
         def snapshot(self):
             with app.app_context():
@@ -270,7 +401,7 @@ def test_the_service_agrees_with_the_model(make_app):
         Surface,
         settings=settings(
             max_examples=SEQUENCES,
-            stateful_step_count=6,
+            stateful_step_count=8,
             deadline=None,
             derandomize=True,
             database=None,
@@ -284,7 +415,9 @@ def test_the_service_agrees_with_the_model(make_app):
         0,
         figures["server_errors"],
         f"state machine: {figures['sequences']} sequences, {figures['requests']} requests, "
-        f"{figures['server_errors']} 5xx, every verdict as the model says",
+        f"{figures['server_errors']} 5xx, {figures['undone']} undos honoured and {figures['stale']} refused"
+        " as stale, every verdict as the model says",
     )
     assert figures["sequences"] >= SEQUENCES
+    assert figures["undone"] >= 5 and figures["stale"] >= 1
     assert json.dumps(figures)
