@@ -235,7 +235,7 @@ def changes() -> Response:
         page = feeds.change_page(session(), params.get("after"), params["limit"])
     except InvalidValue as err:
         raise ValidationError({"after": [str(err)]}) from None
-    return _json({"items": page.items, "next_cursor": page.next_cursor})
+    return _json({"items": page.items, "next_cursor": page.next_cursor, "lag_seconds": page.lag_seconds})
 
 
 _EVENT_ITEM = s.EventItem()

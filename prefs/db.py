@@ -19,6 +19,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 WRITE = "prefs_write"
+# Every write transaction on PostgreSQL says first, before it is given a transaction id, that it
+# may write audit events: the change feed waits for the transactions that hold this lock, and
+# only for them (feeds.py). It conflicts only with what a write to the table meets anyway.
+WRITER_LOCK = "LOCK TABLE events IN ROW EXCLUSIVE MODE"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -134,9 +138,11 @@ def write_transaction(session: Session) -> Iterator[Session]:
 
 @contextmanager
 def _transaction(session: Session) -> Iterator[None]:
-    session.connection(execution_options={WRITE: True})
+    connection = session.connection(execution_options={WRITE: True})
     session.info[WRITE] = True
     try:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(WRITER_LOCK)
         yield
         session.commit()
     except BaseException:
@@ -194,6 +200,8 @@ class DriverTransaction:
             self.cursor = self.connection.cursor()
             if self.engine.dialect.name == "sqlite":
                 self.cursor.execute("BEGIN IMMEDIATE")  # pysqlite is told not to begin itself
+            else:
+                self.cursor.execute(WRITER_LOCK)  # psycopg begins the transaction here
 
     def execute(self, sql: str, params: Any = None) -> Any:
         """Run one statement; return the cursor, to read its rows."""

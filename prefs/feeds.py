@@ -23,10 +23,11 @@ _ANY_TOPIC = Category("*")
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a feed and where the next one starts."""
+    """One page of a feed and where the next one starts; for the change feed, how far behind it is."""
 
     items: list[dict[str, Any]]
     next_cursor: str | None
+    lag_seconds: float = 0.0
 
 
 def encode_cursor(*parts: int) -> str:
@@ -69,11 +70,54 @@ _CHOSEN_AGAIN = (
 _CHANGES = (
     "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
     " JOIN subscribers s ON s.id = e.subscriber_id LEFT JOIN topics t ON t.id = e.topic_id"
-    " WHERE (e.txid, e.id) > ({mark}, {mark}){visible} ORDER BY e.txid, e.id LIMIT {limit}"
+    " WHERE (e.txid, e.id) > ({mark}, {mark}) AND e.txid < {mark} ORDER BY e.txid, e.id LIMIT {limit}"
 )
-# a transaction still open may hold a smaller txid than rows already committed; stopping
-# below the oldest open one means no row can ever appear behind a cursor
-_VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# On PostgreSQL a transaction still open may hold a smaller txid than rows already committed,
+# so the feed reads below a horizon: the oldest id in a snapshot that may belong to a writer
+# of this database's events. Ids are the whole server's, and the snapshot's xmin waits for
+# every transaction in every database; here an id is passed over only if the lock table,
+# read after the snapshot was taken, shows its transaction running without a write lock on
+# ``events``. Every prefs write takes that lock before it is given an id, and keeps it to
+# its end (db.WRITER_LOCK), so a writer the snapshot could not see is shown holding it,
+# missing from the lock table, or has committed: the page, read by a later statement with a
+# later snapshot (READ COMMITTED), sees its rows or stops below it. With no such id the
+# horizon is the snapshot's xmax.
+_HORIZON = """
+WITH snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS taken),
+locks AS MATERIALIZED (
+  SELECT locktype, database, relation, mode, granted, virtualtransaction, transactionid, pid FROM pg_locks
+),
+writers AS (
+  SELECT virtualtransaction FROM locks
+  WHERE locktype = 'relation' AND relation = 'events'::regclass
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+),
+owners AS (
+  SELECT transactionid::text::bigint AS xid, virtualtransaction, pid FROM locks
+  WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted
+),
+oldest AS (
+  -- the lock table's ids are the low 32 bits
+  SELECT x::text::bigint AS txid, x::text::bigint & 4294967295 AS xid, o.pid
+  FROM snapshot, pg_snapshot_xip(taken) AS x LEFT JOIN owners o ON o.xid = x::text::bigint & 4294967295
+  WHERE o.xid IS NULL OR o.virtualtransaction IN (SELECT virtualtransaction FROM writers)
+  ORDER BY 1 LIMIT 1
+)
+SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint),
+  -- how long the oldest write still open has held back changes committed since it began
+  CASE WHEN EXISTS (SELECT FROM events WHERE txid >= oldest.txid) THEN
+    extract(epoch FROM statement_timestamp() - coalesce(
+      (SELECT xact_start FROM pg_stat_activity a
+       WHERE a.pid = oldest.pid AND a.backend_xid::text::bigint = oldest.xid),
+      (SELECT prepared FROM pg_prepared_xacts WHERE transaction::text::bigint = oldest.xid),
+      statement_timestamp()
+    ))::float8
+  END
+FROM snapshot LEFT JOIN oldest ON true
+"""
+# SQLite's writers take turns, so ids follow commit order: every committed row is readable
+_EVERYTHING = 2**63 - 1
 
 
 # each stored time, written by the database as the API writes it (ISO 8601, UTC, "Z", to the
@@ -173,10 +217,16 @@ def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[lis
 
 
 def change_page(session: Session, cursor: str | None, limit: int) -> Page:
-    """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from."""
+    """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from.
+
+    On PostgreSQL the session must be in READ COMMITTED (the default): the page is read
+    with a snapshot taken after the horizon.
+    """
     txid, event_id = decode_cursor(cursor, 2) if cursor else (0, 0)
-    visible = _VISIBLE if session.get_bind().dialect.name == "postgresql" else ""
-    rows = _rows(session, _CHANGES, (txid, event_id), visible=visible, limit=int(limit))
+    horizon, lag = _EVERYTHING, None
+    if session.get_bind().dialect.name == "postgresql":
+        horizon, lag = driver_rows(session, _HORIZON, None)[0]
+    rows = _rows(session, _CHANGES, (txid, event_id, horizon), limit=int(limit))
     items = []
     for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id
@@ -188,4 +238,4 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
             change, why = "suppressed", "unsubscribed"
         items.append({"email": email, "change": change, "scope": key or "all", "reason": why, "at": at})
     # the last page has a cursor too: a mailer resumes from it later
-    return Page(items, encode_cursor(txid, event_id))
+    return Page(items, encode_cursor(txid, event_id), round(max(0.0, lag or 0.0), 3))

@@ -5,15 +5,18 @@ import io
 import json
 import re
 import threading
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from prefs import api, feeds, ledger
 from prefs.errors import InvalidValue
 from prefs.ledger import Origin
+from prefs.models import Subscriber
+from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
 API = Origin("api")
@@ -191,7 +194,7 @@ def test_the_change_feed_lists_every_change_in_order(client, session, reader):
     ]
     cursor = body["next_cursor"]
     empty = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
-    assert empty == {"items": [], "next_cursor": cursor}
+    assert empty == {"items": [], "next_cursor": cursor, "lag_seconds": 0}
     ledger.record_opt_out(session, ann.public_id, None, API)
     later = client.get(f"/api/v1/changes?after={cursor}", headers=reader).json
     assert [(i["email"], i["change"], i["scope"]) for i in later["items"]] == [
@@ -308,3 +311,101 @@ def test_concurrent_writers_and_a_reader_see_every_change_once(make_app, databas
             cursor = page.next_cursor
     assert errors == []
     assert sorted(seen) == sorted(f"w{i:03d}@example.com" for i in range(60))
+
+
+@pytest.fixture
+def foreign_database(database_url):
+    """Return another database on the same PostgreSQL server, for a transaction of someone else's."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no transaction ids: a reader sees every committed change")
+    url = fresh_postgresql_database(SERVER_URL, "prefs_foreign")
+    yield url
+    drop_postgresql_database(url)
+
+
+@contextmanager
+def held_open(database_url):
+    """Hold a transaction with an assigned id open on ``database_url``, as a forgotten psql would."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as idle:
+            idle.execute(text("SELECT pg_current_xact_id()"))
+            yield idle
+            idle.rollback()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["another database", "this database"])
+def test_a_transaction_that_cannot_write_events_does_not_hold_the_feed_back(
+    session, database_url, foreign_database, where
+):
+    make_topic(session, "news")
+    crowd = people(session, 5)
+    cursor = feeds.change_page(session, None, 100).next_cursor
+    session.commit()
+    with held_open(foreign_database if where == "another database" else database_url):
+        for person in crowd:
+            ledger.record_opt_out(session, person.public_id, "news", API)
+            page = feeds.change_page(session, cursor, 100)
+            session.commit()
+            assert [i["email"] for i in page.items] == [person.email]
+            assert page.lag_seconds == 0
+            cursor = page.next_cursor
+
+
+def test_a_prefs_write_held_open_mid_write_is_waited_for_and_its_lag_shown(
+    make_app, database_url, foreign_database
+):
+    """A write that has its transaction id but has not yet written its event commits last."""
+    app = make_app()
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        make_topic(current(), "news")
+        first, locked, later = (p.public_id for p in people(current(), 3))
+        emails = {p.public_id: p.email for p in current().scalars(select(Subscriber))}
+        cursor = feeds.change_page(current(), None, 100).next_cursor
+        current().commit()
+    engine = create_engine(database_url)
+    errors: list[BaseException] = []
+
+    def slow_write() -> None:
+        try:
+            with app.app_context():
+                # the first change changes nothing but is given the transaction id; the second
+                # waits for the row lock held below, before its event is written
+                ledger.record_many(
+                    current(),
+                    [ledger.Change(first, "news", True, API), ledger.Change(locked, "news", False, API)],
+                )
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    with held_open(foreign_database), engine.connect() as locker, app.app_context():
+        locker.execute(text("SELECT id FROM subscribers WHERE public_id = :p FOR UPDATE"), {"p": locked})
+        writer = threading.Thread(target=slow_write)
+        writer.start()
+        try:
+            waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                           " AND datname = current_database()")  # fmt: skip
+            for _ in range(500):
+                if locker.execute(waiting).scalar():
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the slow write never reached the row lock")
+            ledger.record_opt_out(current(), later, "news", API)  # a later transaction id, committed first
+            held = feeds.change_page(current(), cursor, 100)
+            current().commit()
+            assert held.items == [] and held.next_cursor == cursor
+            assert held.lag_seconds > 0
+        finally:
+            locker.rollback()
+            writer.join(10)
+        assert errors == []
+        page = feeds.change_page(current(), cursor, 100)
+        current().commit()
+        assert [i["email"] for i in page.items] == [emails[locked], emails[later]]
+        assert page.lag_seconds == 0
+    engine.dispose()
