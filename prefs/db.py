@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Dialect, Engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
@@ -115,6 +115,27 @@ def _end_read(session: Session) -> None:
     """End the session's read transaction, if any: on SQLite it keeps its snapshot until then."""
     if session.in_transaction():
         session.commit()
+
+
+@contextmanager
+def read_snapshot(session: Session) -> Iterator[Session]:
+    """Run the block's reads in one snapshot, and end it after the block.
+
+    On PostgreSQL a REPEATABLE READ, READ ONLY transaction; on SQLite one read transaction
+    (in WAL mode its snapshot is taken by the first read and kept to its end).
+    """
+    _end_read(session)
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(
+            execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        )
+    try:
+        yield session
+    except BaseException:
+        with contextlib.suppress(SQLAlchemyError):  # a lost connection has nothing left to end
+            session.rollback()
+        raise
+    session.rollback()  # nothing to keep, and the snapshot must not outlive the block
 
 
 @contextmanager

@@ -205,13 +205,16 @@ def suppression_page(session: Session, topic_key: str | None, cursor: str | None
 
 
 def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[list[Suppression]]:
-    """Yield the whole suppression list a batch at a time, one batch in memory."""
+    """Yield the whole suppression list a batch at a time, one batch in memory.
+
+    The batches are as consistent as the caller's transaction: ``db.read_snapshot`` makes
+    them one snapshot.
+    """
     if topic_key is not None:
         get_topic(session, topic_key)
     after: int | None = 0
     while after is not None:
         rows, after = suppressions(session, topic_key, after, STREAM_BATCH)
-        session.commit()  # no snapshot held between batches
         if rows:
             yield rows
 

@@ -40,6 +40,7 @@ class Operation:
     errors: tuple[str, ...] = field(default=("401", "403", "429", "503"))
     extra_types: tuple[str, ...] = ()
     body_required: bool = True
+    headers: tuple[tuple[str, str], ...] = ()  # the OK answer's headers: name, description
 
 
 _BODY_ERRORS = ("400", "401", "403", "413", "415", "422", "429", "503")
@@ -53,9 +54,11 @@ OPERATIONS = (
     ),
     Operation(
         "/suppressions", "get", "read",
-        "Every address that may not receive a topic (or any marketing), by keyset pages or streamed",
+        "Every address that may not receive a topic (or any marketing), by keyset pages or exported whole",
         "200", s.SuppressionPage, query=s.SuppressionQuery, errors=_QUERY_ERRORS,
         extra_types=("text/csv", "application/x-ndjson"),
+        headers=(("X-Total-Count", "With text/csv or application/x-ndjson: how many rows follow (the CSV's"
+                  " header line not counted), all read in one snapshot. A file with fewer was cut short"),),
     ),
     Operation(
         "/changes", "get", "read",
@@ -140,6 +143,11 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
         ok["content"] = {"application/json": {"schema": op.response}}
         for media in op.extra_types:
             ok["content"][media] = {"schema": {"type": "string"}}
+    if op.headers:
+        ok["headers"] = {
+            name: {"description": text, "schema": {"type": "integer", "minimum": 0}}
+            for name, text in op.headers
+        }
     doc["responses"][op.ok] = ok
     for code in sorted(op.errors):
         doc["responses"][code] = {

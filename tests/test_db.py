@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import text
 
-from prefs.db import driver_rows, driver_rows_meanwhile, write_transaction
+from prefs.db import driver_rows, driver_rows_meanwhile, read_snapshot, write_transaction
 from prefs.extensions import db
 
 
@@ -155,3 +155,18 @@ def test_a_pipelined_statement_that_fails_raises_sqlalchemys_error(app, session)
         driver_rows_meanwhile(session, "SELECT * FROM no_such_table", [(), ()], lambda: None)
     assert isinstance(err.value.orig, session.get_bind().dialect.loaded_dbapi.Error)
     assert driver_rows(session, "SELECT 1", ()) == [(1,)]
+
+
+def test_a_read_snapshot_ends_with_its_block_and_leaves_writes_as_they_were(app, session):
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    with read_snapshot(session):
+        if postgresql:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+            assert session.execute(text("SHOW transaction_read_only")).scalar() == "on"
+        session.execute(text("SELECT count(*) FROM subscribers")).scalar()
+    assert not session.in_transaction()
+    # the pooled connection the snapshot used takes writes again, at the usual isolation
+    with write_transaction(session):
+        session.execute(text("UPDATE subscribers SET version = version + 1"))
+        if postgresql:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "read committed"

@@ -1,6 +1,7 @@
 """The suppression list and the change feed: keyset pages, streams, and no skipped change."""
 
 import csv
+import errno
 import io
 import json
 import re
@@ -11,8 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
-from prefs import api, feeds, ledger
+from prefs import exports, feeds, ledger
 from prefs.errors import InvalidValue
 from prefs.ledger import Origin
 from prefs.models import Subscriber
@@ -25,6 +28,18 @@ API = Origin("api")
 @pytest.fixture
 def reader(session):
     return bearer(make_key(session, "read"))
+
+
+@pytest.fixture
+def reader_app_client(make_app):
+    """Return an app that is not kept in context, its test client, and a reader's header."""
+    app = make_app()
+    with app.app_context():
+        from prefs.extensions import session as current
+
+        make_topic(current(), "news")
+        headers = bearer(make_key(current(), "read"))
+    return app, app.test_client(), headers
 
 
 def people(session, n, prefix="p"):
@@ -80,12 +95,16 @@ def test_suppressions_stream_as_csv_and_ndjson(client, session, reader, monkeypa
     crowd = people(session, 10)
     for person in crowd:
         ledger.record_opt_out(session, person.public_id, None, API)
-    response = client.get("/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"})
+    response = client.get(
+        "/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"}, buffered=True
+    )
     assert response.status_code == 200 and response.mimetype == "text/csv"
     rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
     assert [r["email"] for r in rows] == [p.email for p in crowd]
     assert {r["reason"] for r in rows} == {"unsubscribed_all"}
-    nd = client.get("/api/v1/suppressions", headers={**reader, "Accept": "application/x-ndjson"})
+    nd = client.get(
+        "/api/v1/suppressions", headers={**reader, "Accept": "application/x-ndjson"}, buffered=True
+    )
     lines = [json.loads(line) for line in nd.get_data(as_text=True).splitlines()]
     assert [line["email"] for line in lines] == [p.email for p in crowd]
 
@@ -95,7 +114,9 @@ def test_the_csv_export_quotes_what_a_spreadsheet_would_misread(client, session,
     odd = [make_subscriber(session, a) for a in ("=sum@example.com", "+1@example.com", "plain@example.com")]
     for person in odd:
         ledger.record_opt_out(session, person.public_id, None, API)
-    body = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}).get_data(as_text=True)
+    body = client.get(
+        "/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True
+    ).get_data(as_text=True)
     lines = body.splitlines()
     assert lines[1].startswith('"=sum@example.com",') and lines[2].startswith('"+1@example.com",')
     assert lines[3].startswith("plain@example.com,all,unsubscribed_all,")
@@ -121,7 +142,9 @@ def test_a_topic_chosen_after_leaving_all_takes_one_off_the_list_on_any_page(
         if person.email in chose_after:
             ledger.record_resubscribe(session, person.public_id, "news", API)
     expected = [p.email for p in crowd if p.email not in chose_after]
-    body = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}).get_data(as_text=True)
+    body = client.get(
+        "/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True
+    ).get_data(as_text=True)
     assert [row["email"] for row in csv.DictReader(io.StringIO(body))] == expected
     seen, cursor = [], None
     while True:
@@ -146,11 +169,12 @@ _ADDRESS = st.text(alphabet='ab,"=+-@\r\n ', min_size=1, max_size=8)
 def test_csv_lines_of_a_batch_are_the_row_by_row_quoting(batch):
     # the export proves most batches need no quotes from a few scans of the whole text
     row_by_row = "".join(
-        f"{api._csv(email)},{scope},{reason or ''},{since or ''}\r\n" for email, scope, reason, since in batch
+        f"{exports.csv_value(email)},{scope},{reason or ''},{since or ''}\r\n"
+        for email, scope, reason, since in batch
     )
-    assert api._csv_lines(batch) == row_by_row
+    assert exports.csv_lines(batch) == row_by_row
     # and a CSV reader gets every address back, whole
-    parsed = list(csv.reader(io.StringIO(api._csv_lines(batch), newline="")))
+    parsed = list(csv.reader(io.StringIO(exports.csv_lines(batch), newline="")))
     assert [row[0] for row in parsed] == [email for email, *_ in batch]
 
 
@@ -167,13 +191,17 @@ def test_a_time_loaded_by_another_tool_is_still_written_in_utc_with_z(client, se
 
 def test_an_empty_stream_is_still_a_csv_with_its_header(client, session, reader):
     make_topic(session, "news")
-    response = client.get("/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"})
+    response = client.get(
+        "/api/v1/suppressions?topic=news", headers={**reader, "Accept": "text/csv"}, buffered=True
+    )
     assert response.get_data(as_text=True) == "email,scope,reason,since\r\n"
 
 
 def test_bad_suppression_queries(client, session, reader):
     assert client.get("/api/v1/suppressions?topic=nope", headers=reader).status_code == 422
-    stream = client.get("/api/v1/suppressions?topic=nope", headers={**reader, "Accept": "text/csv"})
+    stream = client.get(
+        "/api/v1/suppressions?topic=nope", headers={**reader, "Accept": "text/csv"}, buffered=True
+    )
     assert stream.status_code == 422
     assert client.get("/api/v1/suppressions?cursor=!!!", headers=reader).status_code == 422
     assert client.get("/api/v1/suppressions?limit=10001", headers=reader).status_code == 422
@@ -409,3 +437,111 @@ def test_a_prefs_write_held_open_mid_write_is_waited_for_and_its_lag_shown(
         assert [i["email"] for i in page.items] == [emails[locked], emails[later]]
         assert page.lag_seconds == 0
     engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["text/csv", "application/x-ndjson"])
+def test_an_export_says_how_many_rows_and_bytes_it_sends_before_the_first(client, session, reader, kind):
+    for person in people(session, 7):
+        ledger.record_opt_out(session, person.public_id, None, API)
+    response = client.get("/api/v1/suppressions", headers={**reader, "Accept": kind}, buffered=True)
+    body = response.get_data()
+    lines = body.decode().splitlines()
+    rows = lines[1:] if kind == "text/csv" else lines
+    assert response.status_code == 200
+    assert response.headers["X-Total-Count"] == str(len(rows)) == "7"
+    # a cut connection then shows as a short body, whatever the client
+    assert response.headers["Content-Length"] == str(len(body))
+
+
+def test_an_empty_export_counts_zero(client, session, reader):
+    response = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+    assert response.headers["X-Total-Count"] == "0"
+    assert response.get_data(as_text=True) == "email,scope,reason,since\r\n"
+
+
+@pytest.mark.parametrize("when", ["while it is read", "while it is sent"])
+def test_an_export_is_one_snapshot_while_changes_are_written(reader_app_client, monkeypatch, when):
+    monkeypatch.setattr(feeds, "STREAM_BATCH", 2)  # many batches, and changes between them
+    app, client, headers = reader_app_client
+    with app.app_context():
+        from prefs.extensions import db
+
+        crowd = people(db.session(), 10)
+        for person in crowd[1:9]:
+            ledger.record_opt_out(db.session(), person.public_id, None, API)
+        before = [p.email for p in crowd[1:9]]
+        first, still_in, last_out = crowd[0].public_id, crowd[9].public_id, crowd[8].public_id
+        db.session.remove()
+    batches = feeds.suppressions
+    written = []
+
+    def write_changes() -> None:
+        # before the rows read so far, after them, and one taken off the list
+        with Session(db.engine) as other:
+            ledger.record_opt_out(other, first, None, API)
+            ledger.record_opt_out(other, still_in, None, API)
+            ledger.record_resubscribe(other, last_out, None, API)
+        written.append(True)
+
+    def writes_after_the_first_batch(session, topic_key, after, limit):
+        if after > 0 and not written:
+            write_changes()
+        return batches(session, topic_key, after, limit)
+
+    if when == "while it is read":
+        monkeypatch.setattr(feeds, "suppressions", writes_after_the_first_batch)
+    response = client.get("/api/v1/suppressions", headers={**headers, "Accept": "text/csv"})
+    chunks = iter(response.response)
+    received = next(chunks)  # the header and the first rows are on their way
+    if when == "while it is sent":
+        with app.app_context():
+            write_changes()
+    received += b"".join(chunks)
+    response.close()
+    assert written
+    emails = [row["email"] for row in csv.DictReader(io.StringIO(received.decode()))]
+    assert emails == before
+    assert response.headers["X-Total-Count"] == str(len(before))
+
+
+def test_an_export_that_fails_midway_is_no_200(client, session, reader, monkeypatch):
+    monkeypatch.setattr(feeds, "STREAM_BATCH", 2)
+    for person in people(session, 7):
+        ledger.record_opt_out(session, person.public_id, None, API)
+    batches = feeds.suppressions
+
+    def connection_lost_at_the_third_batch(session, topic_key, after, limit):
+        if after >= 4:
+            raise OperationalError("SELECT", {}, ConnectionResetError("server closed the connection"))
+        return batches(session, topic_key, after, limit)
+
+    monkeypatch.setattr(feeds, "suppressions", connection_lost_at_the_third_batch)
+    response = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "unavailable"
+    assert response.headers["Retry-After"]
+    assert b"@example.com" not in response.get_data()
+
+
+class _FullDisk(io.BytesIO):
+    """A spool file on a disk that fills up after its first 100 bytes."""
+
+    def write(self, data):
+        if self.tell() + len(data) > 100:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_an_export_with_no_room_for_its_file_is_a_503_and_the_next_one_works(
+    client, session, reader, monkeypatch
+):
+    for person in people(session, 7):
+        ledger.record_opt_out(session, person.public_id, None, API)
+    monkeypatch.setattr(exports.tempfile, "TemporaryFile", _FullDisk)
+    response = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.json["error"]["code"] == "unavailable"
+    monkeypatch.undo()
+    # the worker goes on: the next export, and writes, are as before
+    whole = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+    assert whole.status_code == 200 and whole.headers["X-Total-Count"] == "7"
