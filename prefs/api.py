@@ -20,6 +20,7 @@ from . import keys as api_keys
 from . import schemas as s
 from .addresses import normalize
 from .errors import (
+    Busy,
     Conflict,
     DomainError,
     InvalidAddress,
@@ -181,7 +182,7 @@ def suppressions() -> Any:
 def _export(topic: str | None, kind: str) -> Any:
     try:
         export = exports.export_suppressions(session(), topic, kind)
-    except OSError as err:  # no room for the file: nothing is sent rather than part of it
+    except (OSError, Busy) as err:  # no room for the file, or no turn to read: nothing is sent
         log.warning("export not prepared: %s", type(err).__name__)
         error, status = json_error(503, "unavailable", "the export could not be prepared; try again later")
         return error, status, {"Retry-After": "60"}

@@ -111,7 +111,7 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
-def _end_read(session: Session) -> None:
+def end_read(session: Session) -> None:
     """End the session's read transaction, if any: on SQLite it keeps its snapshot until then."""
     if session.in_transaction():
         session.commit()
@@ -124,7 +124,7 @@ def read_snapshot(session: Session) -> Iterator[Session]:
     On PostgreSQL a REPEATABLE READ, READ ONLY transaction; on SQLite one read transaction
     (in WAL mode its snapshot is taken by the first read and kept to its end).
     """
-    _end_read(session)
+    end_read(session)
     if session.get_bind().dialect.name == "postgresql":
         session.connection(
             execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
@@ -147,7 +147,7 @@ def write_transaction(session: Session) -> Iterator[Session]:
     if session.info.get(WRITE):
         yield session
         return
-    _end_read(session)  # the write must begin as a write
+    end_read(session)  # the write must begin as a write
     gate = _gates.get(session.get_bind().engine)
     if gate is None:
         with _transaction(session):
@@ -348,7 +348,7 @@ class GroupCommit(Generic[T, R]):
         if session is not None:
             if session.info.get(WRITE):
                 return self._apply(session, item)  # inside a caller's transaction: theirs commits
-            _end_read(session)
+            end_read(session)
         me: _Waiter[T, R] = _Waiter(item)
         with self._mutex:
             self._queue.append(me)

@@ -47,3 +47,9 @@ class UnknownRequest(DomainError):
     """No data-subject request has this id."""
 
     code = "unknown_request"
+
+
+class Busy(DomainError):
+    """Too much of this is under way at once; the same request may work a little later."""
+
+    code = "unavailable"

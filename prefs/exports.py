@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from . import feeds
-from .db import read_snapshot
+from .db import end_read, read_snapshot
+from .errors import Busy
 
 CSV = "text/csv"
 NDJSON = "application/x-ndjson"
 FORMATS = (CSV, NDJSON)
 CSV_HEADER = "email,scope,reason,since\r\n"
+# how long an export waits for its turn to read before it answers "busy"
+TURN_WAIT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +51,7 @@ def export_suppressions(session: Session, topic_key: str | None, kind: str) -> E
         rows = 0
         if kind == CSV:
             spool.write(CSV_HEADER.encode())
-        with read_snapshot(session):
+        with _turn(session), read_snapshot(session):
             for batch in feeds.stream_suppressions(session, topic_key):
                 spool.write(render(batch).encode())
                 rows += len(batch)
@@ -53,6 +61,30 @@ def export_suppressions(session: Session, topic_key: str | None, kind: str) -> E
         spool.close()
         raise
     return Export(spool, rows, size)
+
+
+# A whole export holds one of the worker's pooled connections for as long as it reads: its
+# snapshot lives in that connection's transaction. At most half the pool is held so at once;
+# other exports wait their turn holding none, and the worker's other requests still find one.
+_turns: weakref.WeakKeyDictionary[Engine, threading.BoundedSemaphore] = weakref.WeakKeyDictionary()
+_turns_lock = threading.Lock()
+
+
+@contextmanager
+def _turn(session: Session) -> Iterator[None]:
+    engine = session.get_bind().engine
+    with _turns_lock:
+        turns = _turns.get(engine)
+        if turns is None:
+            size = engine.pool.size() if hasattr(engine.pool, "size") else 2
+            turns = _turns[engine] = threading.BoundedSemaphore(max(1, size // 2))
+    end_read(session)  # wait without a connection
+    if not turns.acquire(timeout=TURN_WAIT):
+        raise Busy("too many exports are being read at once; try again in a minute")
+    try:
+        yield
+    finally:
+        turns.release()
 
 
 def ndjson_lines(batch: list[feeds.Suppression]) -> str:

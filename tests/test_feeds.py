@@ -6,7 +6,7 @@ import io
 import json
 import re
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from hypothesis import given
@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from prefs import exports, feeds, ledger
-from prefs.errors import InvalidValue
+from prefs.errors import Busy, InvalidValue
 from prefs.ledger import Origin
 from prefs.models import Subscriber
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
@@ -545,3 +545,22 @@ def test_an_export_with_no_room_for_its_file_is_a_503_and_the_next_one_works(
     # the worker goes on: the next export, and writes, are as before
     whole = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
     assert whole.status_code == 200 and whole.headers["X-Total-Count"] == "7"
+
+
+def test_an_export_that_finds_no_turn_to_read_is_a_503(client, session, reader, monkeypatch):
+    monkeypatch.setattr(exports, "TURN_WAIT", 0.05)
+    others = Session(session.get_bind())
+    with ExitStack() as reading:
+        # every turn to read is taken by exports under way
+        for _ in range(50):
+            try:
+                reading.enter_context(exports._turn(others))
+            except Busy:
+                break
+        else:
+            raise AssertionError("exports never ran out of turns")
+        response = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+    others.close()
+    whole = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
+    assert whole.status_code == 200

@@ -310,3 +310,58 @@ def exports_with_connections_cut(service: Service, database_url: str, key: str) 
         engine.dispose()
     assert cut[0] >= 1, "no export's connection was cut"
     return results
+
+
+def test_many_exports_at_once_leave_the_worker_its_connections(service_database, tmp_path):
+    # one worker: 16 threads share its pool of 5 connections (PREFS_DB_POOL_SIZE)
+    key, _, _ = build(service_database, tmp_path, LARGE)
+    service = Service(service_database, tmp_path, PREFS_WORKERS="1", PREFS_THREADS="16").start()
+    api = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    check = json.dumps({"topic": "news", "recipients": ["out000001@example.com", "someone@example.com"]})
+    stop = threading.Event()
+    exports: list[Export] = []
+    checks: list[tuple[int | None, float]] = []
+
+    def exporter(n: int) -> None:
+        while not stop.is_set():
+            exports.append(export(service.base, key, KINDS[n % 2]))
+
+    def checker() -> None:
+        while not stop.wait(0.05):
+            started = time.monotonic()
+            conn = http.client.HTTPConnection(*service.base.rsplit(":", 1), timeout=30)
+            try:
+                conn.request("POST", "/api/v1/check", body=check, headers=api)
+                status = conn.getresponse().status
+            except (OSError, http.client.HTTPException):
+                status = None
+            finally:
+                conn.close()
+            checks.append((status, time.monotonic() - started))
+
+    threads = [threading.Thread(target=exporter, args=(n,)) for n in range(8)]
+    threads += [threading.Thread(target=checker) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(exports) >= 16, 120, "16 exports")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+        service.stop()
+    statuses = [e.status for e in exports] + [status for status, _ in checks]
+    server_errors = sum(1 for s in statuses if s is None or s >= 500)
+    slowest = max(seconds for _, seconds in checks)
+    report(
+        "8 exports at once on one worker, checks beside them",
+        len(exports) + len(checks),
+        sum(1 for s in statuses if s == 200),
+        sum(1 for e in exports if e.status == 200 and not e.whole),
+        server_errors,
+        f"exports at once: {len(exports)} of {LARGE:,} rows, {sum(1 for e in exports if e.whole)} whole;"
+        f" {len(checks)} checks beside them, slowest {slowest:.2f} s; {server_errors} 5xx or no answer",
+    )
+    assert server_errors == 0
+    assert all(e.whole and len(e.rows) == LARGE for e in exports)
+    assert slowest < 2.0  # a check never waited out the pool's timeout
