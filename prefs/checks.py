@@ -263,7 +263,7 @@ def _create(
     # PostgreSQL inserts in its own process while ``meanwhile`` runs in this one. SQLite
     # inserts in this process, and holds its write lock until the commit: after it, then.
     overlap = session.get_bind().dialect.name == "postgresql"
-    with write_transaction(session):
+    with write_transaction(session, events=False):
         inserted = _insert(session, fresh, meanwhile if overlap else _nothing)
     if not overlap:
         meanwhile()

@@ -139,10 +139,12 @@ def read_snapshot(session: Session) -> Iterator[Session]:
 
 
 @contextmanager
-def write_transaction(session: Session) -> Iterator[Session]:
+def write_transaction(session: Session, events: bool = True) -> Iterator[Session]:
     """Run the block in one write transaction and commit it before returning.
 
     Called inside another write transaction, the block joins it: the outer one commits.
+    ``events=False`` promises that the block writes no audit events: it then takes no
+    ``WRITER_LOCK``, so a migration holding ``events`` does not hold it up.
     """
     if session.info.get(WRITE):
         yield session
@@ -150,19 +152,19 @@ def write_transaction(session: Session) -> Iterator[Session]:
     end_read(session)  # the write must begin as a write
     gate = _gates.get(session.get_bind().engine)
     if gate is None:
-        with _transaction(session):
+        with _transaction(session, events):
             yield session
         return
-    with gate.held(), _transaction(session):
+    with gate.held(), _transaction(session, events):
         yield session
 
 
 @contextmanager
-def _transaction(session: Session) -> Iterator[None]:
+def _transaction(session: Session, events: bool = True) -> Iterator[None]:
     connection = session.connection(execution_options={WRITE: True})
     session.info[WRITE] = True
     try:
-        if connection.dialect.name == "postgresql":
+        if events and connection.dialect.name == "postgresql":
             connection.exec_driver_sql(WRITER_LOCK)
         yield
         session.commit()
