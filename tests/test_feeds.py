@@ -352,27 +352,39 @@ def foreign_database(database_url):
 
 
 @contextmanager
-def held_open(database_url):
+def held_open(database_url, statement="SELECT pg_current_xact_id()"):
     """Hold a transaction with an assigned id open on ``database_url``, as a forgotten psql would."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as idle:
-            idle.execute(text("SELECT pg_current_xact_id()"))
+            idle.execute(text(statement))
             yield idle
             idle.rollback()
     finally:
         engine.dispose()
 
 
-@pytest.mark.parametrize("where", ["another database", "this database"])
+@pytest.mark.parametrize(
+    "where", ["another database", "this database", "this database, a subscriber's row held for update"]
+)
 def test_a_transaction_that_cannot_write_events_does_not_hold_the_feed_back(
     session, database_url, foreign_database, where
 ):
     make_topic(session, "news")
     crowd = people(session, 5)
+    make_subscriber(session, "held@example.com")
     cursor = feeds.change_page(session, None, 100).next_cursor
     session.commit()
-    with held_open(foreign_database if where == "another database" else database_url):
+    held = {
+        "another database": (foreign_database, "SELECT pg_current_xact_id()"),
+        "this database": (database_url, "SELECT pg_current_xact_id()"),
+        # the forgotten psql session most likely in prefs's own database
+        "this database, a subscriber's row held for update": (
+            database_url,
+            "SELECT * FROM subscribers WHERE email = 'held@example.com' FOR UPDATE",
+        ),
+    }
+    with held_open(*held[where]):
         for person in crowd:
             ledger.record_opt_out(session, person.public_id, "news", API)
             page = feeds.change_page(session, cursor, 100)

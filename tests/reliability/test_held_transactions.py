@@ -19,10 +19,12 @@ from contextlib import ExitStack, contextmanager
 import pytest
 from sqlalchemy import create_engine, text
 
+from prefs import feeds, ledger
+from prefs.extensions import db
 from prefs.tokens import Tokens
 from tests.conftest import SERVER_URL, TEST_KEYS, drop_postgresql_database, fresh_postgresql_database
 from tests.reliability.figures import report
-from tests.reliability.harness import FORM, ONE_CLICK_BODY, Service, request, seed, timed
+from tests.reliability.harness import FORM, ONE_CLICK_BODY, Cluster, Service, request, seed, timed
 
 pytestmark = pytest.mark.reliability
 
@@ -200,3 +202,77 @@ def test_transactions_held_open_beside_the_service_do_not_stall_the_feed(service
     assert all(lag >= 0 for lag in lags)
     if postgresql:  # the changes written behind the held write waited, and the pages said so
         assert max(lags) > 0
+
+
+def test_prepared_transactions_hold_the_feed_only_when_they_wrote_events(tmp_path):
+    """Two-phase commits left prepared: in another database, in this one, and one that wrote an event.
+
+    On a throwaway cluster of the test's own that allows prepared transactions (the shared
+    server does not), so it runs in the SQLite pass too.
+    """
+    cluster = Cluster(max_prepared_transactions="4")
+    cluster.start()
+    try:
+        url = fresh_postgresql_database(cluster.url, "prefs_2pc")
+        other = fresh_postgresql_database(cluster.url, "other_2pc")
+        app, seeded = seed(url, tmp_path / "instance", [f"p{i}@example.com" for i in range(5)])
+        engines = [create_engine(url), create_engine(other)]
+        shown: list[list[str]] = []
+        lags: list[float] = []
+        with app.app_context():
+            session = db.session()
+            cursor = feeds.change_page(session, None, 100).next_cursor
+            session.commit()
+
+            def write_and_read(public_id: str) -> None:
+                nonlocal cursor
+                ledger.record_opt_out(session, public_id, "news", ledger.Origin("api"))
+                page = feeds.change_page(session, cursor, 100)
+                session.commit()
+                shown.append([item["email"] for item in page.items])
+                lags.append(page.lag_seconds)
+                cursor = page.next_cursor
+
+            this, another = engines
+            with another.connect() as conn:
+                conn.execute(text("CREATE TABLE t (x int)"))
+                conn.execute(text("PREPARE TRANSACTION 'another database'"))
+            with this.connect() as conn:
+                conn.execute(text("CREATE TABLE unrelated (x int)"))
+                conn.execute(text("PREPARE TRANSACTION 'this database, no events'"))
+            write_and_read(seeded.public_ids[0])
+            with this.connect() as conn:
+                conn.execute(text("LOCK TABLE events IN ROW EXCLUSIVE MODE"))  # as a prefs write begins
+                conn.execute(
+                    text(
+                        "INSERT INTO events (txid, subscriber_id, action, source, created_at) SELECT"
+                        " pg_current_xact_id()::text::bigint, id, 'unsubscribe', 'cli', now()"
+                        " FROM subscribers WHERE email = 'p4@example.com'"
+                    )
+                )
+                conn.execute(text("PREPARE TRANSACTION 'this database, an event'"))
+            write_and_read(seeded.public_ids[1])  # behind the prepared event: held back
+            with this.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("COMMIT PREPARED 'this database, an event'"))
+                conn.execute(text("ROLLBACK PREPARED 'this database, no events'"))
+            with another.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("ROLLBACK PREPARED 'another database'"))
+            write_and_read(seeded.public_ids[2])
+            db.session.remove()
+            db.engine.dispose()
+        for engine in engines:
+            engine.dispose()
+    finally:
+        cluster.remove()
+    expected = [["p0@example.com"], [], ["p4@example.com", "p1@example.com", "p2@example.com"]]
+    lost = sum(1 for got, want in zip(shown, expected, strict=True) if got != want)
+    report(
+        "prepared transactions (other database, this one, one with an event)",
+        4,
+        4,
+        lost,
+        0,
+        f"prepared transactions: pages {shown}, lag {lags}",
+    )
+    assert shown == expected
+    assert lags[1] > 0 and lags[0] == lags[2] == 0
