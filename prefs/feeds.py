@@ -106,7 +106,7 @@ oldest AS (
 )
 SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint),
   -- how long the oldest write still open has held back changes committed since it began
-  CASE WHEN EXISTS (SELECT FROM events WHERE txid >= oldest.txid) THEN
+  CASE WHEN waiting.txid IS NOT NULL THEN
     extract(epoch FROM statement_timestamp() - coalesce(
       (SELECT xact_start FROM pg_stat_activity a
        WHERE a.pid = oldest.pid AND a.backend_xid::text::bigint = oldest.xid),
@@ -115,6 +115,10 @@ SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint),
     ))::float8
   END
 FROM snapshot LEFT JOIN oldest ON true
+  -- one probe of the (txid, id) index, none at all without a writer
+  LEFT JOIN LATERAL (
+    SELECT txid FROM events WHERE txid >= oldest.txid ORDER BY txid LIMIT 1
+  ) AS waiting ON true
 """
 # SQLite's writers take turns, so ids follow commit order: every committed row is readable
 _EVERYTHING = 2**63 - 1

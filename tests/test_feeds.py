@@ -576,3 +576,40 @@ def test_an_export_that_finds_no_turn_to_read_is_a_503(client, session, reader, 
     others.close()
     whole = client.get("/api/v1/suppressions", headers={**reader, "Accept": "text/csv"}, buffered=True)
     assert whole.status_code == 200
+
+
+def test_a_caught_up_page_reads_no_events_it_does_not_return(session, database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the count of rows a statement read is PostgreSQL's (pg_stat_xact_user_tables)")
+    make_topic(session, "news")
+    for person in people(session, 3):
+        ledger.record_opt_out(session, person.public_id, "news", API)
+    # a history of 3,000 changes, then a mailer that has read it all
+    session.execute(
+        text(
+            "INSERT INTO events (txid, subscriber_id, topic_id, action, source, created_at)"
+            " SELECT 1, s.id, NULL, 'unsubscribe', 'import', now()"
+            " FROM (SELECT min(id) AS id FROM subscribers) s, generate_series(1, 3000)"
+        )
+    )
+    session.execute(text("ANALYZE events"))
+    session.commit()
+    cursor = None
+    for _ in range(10):
+        page = feeds.change_page(session, cursor, 1000)
+        session.commit()
+        cursor = page.next_cursor
+        if not page.items:
+            break
+    # on a connection of its own: PostgreSQL counts a backend's reads until it reports them
+    engine = create_engine(database_url)
+    with Session(engine) as mailer:
+        page = feeds.change_page(mailer, cursor, 1000)
+        read = mailer.execute(
+            text("SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'events'")
+        ).one()
+    engine.dispose()
+    assert page.items == []
+    seq_read, fetched = read
+    # no scan of the table; a few index probes by the planner (the range's end) at most
+    assert seq_read == 0 and fetched < 10
