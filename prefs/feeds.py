@@ -70,18 +70,21 @@ _CHOSEN_AGAIN = (
 _CHANGES = (
     "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
     " JOIN subscribers s ON s.id = e.subscriber_id LEFT JOIN topics t ON t.id = e.topic_id"
-    " WHERE (e.txid, e.id) > ({mark}, {mark}) AND e.txid < {mark} ORDER BY e.txid, e.id LIMIT {limit}"
+    " WHERE (e.txid, e.id) > ({mark}, {mark}) AND e.txid < {below} ORDER BY e.txid, e.id LIMIT {limit}"
 )
 # On PostgreSQL a transaction still open may hold a smaller txid than rows already committed,
-# so the feed reads below a horizon: the oldest id in a snapshot that may belong to a writer
-# of this database's events. Ids are the whole server's, and the snapshot's xmin waits for
-# every transaction in every database; here an id is passed over only if the lock table,
-# read after the snapshot was taken, shows its transaction running without a write lock on
-# ``events``. Every prefs write takes that lock before it is given an id, and keeps it to
-# its end (db.WRITER_LOCK), so a writer the snapshot could not see is shown holding it,
-# missing from the lock table, or has committed: the page, read by a later statement with a
-# later snapshot (READ COMMITTED), sees its rows or stops below it. With no such id the
-# horizon is the snapshot's xmax.
+# so the feed reads below a horizon: the oldest transaction that may still write this
+# database's events. Ids are the whole server's, and a snapshot's xmin waits for every
+# transaction in every database. Every prefs write takes a write lock on ``events`` before it
+# is given an id and keeps it to its end (db.WRITER_LOCK). So the horizon statement takes a
+# snapshot, then reads the lock table: an id of that snapshot still running counts if its
+# transaction holds that lock, and is passed over if it is shown running without it. An id
+# the lock table does not show (given a moment ago, or ended since the snapshot) counts only
+# if the page's own statement, later and with a later snapshot, still sees it running: a
+# writer that ended before that snapshot is seen there, committed or not. A writer that
+# ended after the lock table was read was shown holding the lock, or missing from it; so
+# the page never reads past a change that commits later. Without such ids the horizon is the
+# horizon statement's snapshot's xmax.
 _HORIZON = """
 WITH snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS taken),
 locks AS MATERIALIZED (
@@ -97,14 +100,19 @@ owners AS (
   SELECT transactionid::text::bigint AS xid, virtualtransaction, pid FROM locks
   WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted
 ),
-oldest AS (
+running AS MATERIALIZED (
   -- the lock table's ids are the low 32 bits
-  SELECT x::text::bigint AS txid, x::text::bigint & 4294967295 AS xid, o.pid
+  SELECT x::text::bigint AS txid, x::text::bigint & 4294967295 AS xid, o.pid, o.xid IS NULL AS unshown,
+    o.virtualtransaction IN (SELECT virtualtransaction FROM writers) AS writing
   FROM snapshot, pg_snapshot_xip(taken) AS x LEFT JOIN owners o ON o.xid = x::text::bigint & 4294967295
-  WHERE o.xid IS NULL OR o.virtualtransaction IN (SELECT virtualtransaction FROM writers)
-  ORDER BY 1 LIMIT 1
+),
+oldest AS (SELECT txid, xid, pid FROM running WHERE writing ORDER BY txid LIMIT 1),
+bound AS (
+  SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint) AS txid
+  FROM snapshot LEFT JOIN oldest ON true
 )
-SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint),
+SELECT bound.txid,
+  ARRAY(SELECT txid FROM running WHERE unshown AND txid < bound.txid ORDER BY txid),
   -- how long the oldest write still open has held back changes committed since it began
   CASE WHEN waiting.txid IS NOT NULL THEN
     extract(epoch FROM statement_timestamp() - coalesce(
@@ -114,13 +122,17 @@ SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint),
       statement_timestamp()
     ))::float8
   END
-FROM snapshot LEFT JOIN oldest ON true
+FROM bound LEFT JOIN oldest ON true
   -- one probe of the (txid, id) index, none at all without a writer
   LEFT JOIN LATERAL (
     SELECT txid FROM events WHERE txid >= oldest.txid ORDER BY txid LIMIT 1
   ) AS waiting ON true
 """
-# SQLite's writers take turns, so ids follow commit order: every committed row is readable
+# the page's statement: below the oldest of the ids still running in its own snapshot, else the bound
+_BELOW = (
+    "coalesce((SELECT min(u) FROM unnest({mark}::bigint[]) AS u"
+    " WHERE NOT pg_visible_in_snapshot(u::text::xid8, pg_current_snapshot())), {mark})"
+)
 _EVERYTHING = 2**63 - 1
 
 
@@ -227,13 +239,22 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
     """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from.
 
     On PostgreSQL the session must be in READ COMMITTED (the default): the page is read
-    with a snapshot taken after the horizon.
+    with a snapshot taken after the horizon's.
     """
     txid, event_id = decode_cursor(cursor, 2) if cursor else (0, 0)
-    horizon, lag = _EVERYTHING, None
+    lag = None
     if session.get_bind().dialect.name == "postgresql":
-        horizon, lag = driver_rows(session, _HORIZON, None)[0]
-    rows = _rows(session, _CHANGES, (txid, event_id, horizon), limit=int(limit))
+        bound, unshown, lag = driver_rows(session, _HORIZON, None)[0]
+        rows = _rows(
+            session,
+            _CHANGES,
+            (txid, event_id, unshown, bound),
+            below=_BELOW.format(mark="%s"),
+            limit=int(limit),
+        )
+    else:
+        # SQLite's writers take turns, so ids follow commit order: every committed row is readable
+        rows = _rows(session, _CHANGES, (txid, event_id, _EVERYTHING), below="?", limit=int(limit))
     items = []
     for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id

@@ -4,6 +4,7 @@ import csv
 import errno
 import io
 import json
+import random
 import re
 import threading
 from contextlib import ExitStack, contextmanager
@@ -613,3 +614,43 @@ def test_a_caught_up_page_reads_no_events_it_does_not_return(session, database_u
     seq_read, fetched = read
     # no scan of the table; a few index probes by the planner (the range's end) at most
     assert seq_read == 0 and fetched < 10
+
+
+def test_transactions_ending_elsewhere_meanwhile_do_not_hold_a_page_back(
+    session, database_url, foreign_database
+):
+    """Short transactions come and go in another database: some end while a page is being read."""
+    make_topic(session, "news")
+    crowd = people(session, 40)
+    cursor = feeds.change_page(session, None, 100).next_cursor
+    session.commit()
+    engine = create_engine(foreign_database, pool_size=4)
+    stop = threading.Event()
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        with engine.connect() as conn:
+            while not stop.is_set():
+                conn.execute(text("SELECT pg_current_xact_id()"))
+                stop.wait(rng.random() * 0.02)
+                conn.commit()
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    held = []
+    try:
+        for person in crowd:
+            ledger.record_opt_out(session, person.public_id, "news", API)
+            page = feeds.change_page(session, cursor, 100)
+            session.commit()
+            cursor = page.next_cursor
+            if [i["email"] for i in page.items] != [person.email]:
+                held.append(person.email)
+                break
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        engine.dispose()
+    assert held == []
