@@ -111,7 +111,7 @@ bound AS (
   SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint) AS txid
   FROM snapshot LEFT JOIN oldest ON true
 )
-SELECT bound.txid,
+SELECT current_setting('transaction_isolation'), bound.txid,
   ARRAY(SELECT txid FROM running WHERE unshown AND txid < bound.txid ORDER BY txid),
   -- how long the oldest write still open has held back changes committed since it began
   CASE WHEN waiting.txid IS NOT NULL THEN
@@ -244,7 +244,9 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
     txid, event_id = decode_cursor(cursor, 2) if cursor else (0, 0)
     lag = None
     if session.get_bind().dialect.name == "postgresql":
-        bound, unshown, lag = driver_rows(session, _HORIZON, None)[0]
+        isolation, bound, unshown, lag = driver_rows(session, _HORIZON, None)[0]
+        if isolation != "read committed":  # the page's statement would not see a later snapshot
+            raise RuntimeError(f"the change feed is read in READ COMMITTED, not {isolation.upper()}")
         rows = _rows(
             session,
             _CHANGES,

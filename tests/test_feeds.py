@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from prefs import exports, feeds, ledger
+from prefs.db import read_snapshot
 from prefs.errors import Busy, InvalidValue
 from prefs.ledger import Origin
 from prefs.models import Subscriber
@@ -654,3 +655,10 @@ def test_transactions_ending_elsewhere_meanwhile_do_not_hold_a_page_back(
             thread.join(10)
         engine.dispose()
     assert held == []
+
+
+def test_the_change_feed_refuses_a_snapshot_held_across_its_statements(session, database_url):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's feed needs no horizon")
+    with read_snapshot(session), pytest.raises(RuntimeError, match="READ COMMITTED"):
+        feeds.change_page(session, None, 10)
