@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import json
+import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, request
 from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
+from werkzeug.wsgi import wrap_file
 
-from . import campaigns, checks, feeds, idempotency, inbound, ledger, metrics, register, subjects, topics
+from . import (
+    campaigns,
+    checks,
+    exports,
+    feeds,
+    idempotency,
+    inbound,
+    ledger,
+    metrics,
+    register,
+    subjects,
+    topics,
+)
 from . import keys as api_keys
 from . import schemas as s
 from .addresses import normalize
 from .errors import (
+    Busy,
     Conflict,
     DomainError,
     IdempotencyKeyInUse,
@@ -37,6 +51,7 @@ from .links import base_url, tokens
 from .web import json_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -169,21 +184,15 @@ def check() -> Response:
 @bp.get("/suppressions")
 @requires("read")
 def suppressions() -> Any:
-    """List, page by page or streamed whole, every address that may not receive a topic."""
+    """List, page by page or exported whole, every address that may not receive a topic."""
     params = query(s.SuppressionQuery())
     topic = params.get("topic")
     try:
         kind = request.accept_mimetypes.best_match(
-            ["application/json", "text/csv", "application/x-ndjson"], default="application/json"
+            ["application/json", *exports.FORMATS], default="application/json"
         )
-        if kind in ("text/csv", "application/x-ndjson"):
-            batches = feeds.stream_suppressions(session(), topic)
-            first = next(batches, None)  # an unknown topic fails here, before the 200
-            if kind == "text/csv" and params["spreadsheet"]:
-                kind = SPREADSHEET
-            return Response(
-                stream_with_context(_stream(kind, first, batches)), mimetype=kind.partition(";")[0]
-            )
+        if kind in exports.FORMATS:
+            return _export(topic, kind, params["spreadsheet"])
         page = feeds.suppression_page(session(), topic, params.get("cursor"), params["limit"])
     except UnknownTopic as err:
         raise ValidationError({"topic": [str(err)]}) from None
@@ -192,71 +201,17 @@ def suppressions() -> Any:
     return _json({"items": page.items, "next_cursor": page.next_cursor})
 
 
-# the CSV export for people: what a spreadsheet would run as a formula is guarded
-SPREADSHEET = "text/csv; spreadsheet"
-
-
-def _stream(
-    kind: str, first: list[feeds.Suppression] | None, batches: Iterator[list[feeds.Suppression]]
-) -> Iterator[str]:
-    if kind != "application/x-ndjson":
-        yield "email,scope,reason,since\r\n"
-    for batch in itertools.chain([first] if first else [], batches):
-        if kind == "text/csv":
-            yield _csv_lines(batch)
-        elif kind == SPREADSHEET:
-            yield _spreadsheet_lines(batch)
-        else:
-            yield "".join([json.dumps(feeds.as_item(row), separators=(",", ":")) + "\n" for row in batch])
-
-
-# what a value needing quotes holds: a comma, quote or line break; or a leading formula sign
-_CSV_SPECIAL = re.compile(r'[,"\r\n]')
-_FORMULA = frozenset("=+-@")
-_LINE_FORMULA = re.compile(r"\n[=+\-@]")
-
-
-def _csv_lines(batch: list[feeds.Suppression]) -> str:
-    """Return a batch as CSV lines; an address that needs quotes or a formula guard gets them."""
-    plain = "".join(
-        [f"{email},{scope},{reason or ''},{since or ''}\r\n" for email, scope, reason, since in batch]
-    )
-    # nearly every batch needs no quoting at all, and a few scans of its text prove it: each
-    # line has its three commas and one line break, no quote, and no line starts a formula
-    rows = len(batch)
-    if (
-        plain.count(",") == 3 * rows
-        and plain.count("\n") == rows
-        and plain.count("\r") == rows
-        and '"' not in plain
-        and plain[:1] not in _FORMULA
-        and not _LINE_FORMULA.search(plain)
-    ):
-        return plain
-    return "".join(
-        [f"{_csv(email)},{scope},{reason or ''},{since or ''}\r\n" for email, scope, reason, since in batch]
-    )
-
-
-def _csv(value: str) -> str:
-    # addresses may hold quotes or commas in a quoted local part; spreadsheet formulas too
-    if value[:1] in _FORMULA or _CSV_SPECIAL.search(value):
-        return '"' + value.replace('"', '""') + '"'
-    return value
-
-
-# what a spreadsheet reads as the start of a formula (OWASP's list)
-_SPREADSHEET_FORMULA = frozenset("=+-@\t\r")
-
-
-def spreadsheet_cell(value: str) -> str:
-    """Return a cell a spreadsheet shows as text: a leading formula sign gets a ``'`` before it."""
-    return "'" + value if value[:1] in _SPREADSHEET_FORMULA else value
-
-
-def _spreadsheet_lines(batch: list[feeds.Suppression]) -> str:
-    """Return a batch as CSV lines in which no cell begins a formula; not exact, so not the default."""
-    return "".join([",".join(_csv(spreadsheet_cell(cell or "")) for cell in row) + "\r\n" for row in batch])
+def _export(topic: str | None, kind: str, spreadsheet: bool) -> Any:
+    try:
+        export = exports.export_suppressions(session(), topic, kind, spreadsheet)
+    except (OSError, Busy) as err:  # no room for the file, or no turn to read: nothing is sent
+        log.warning("export not prepared: %s", type(err).__name__)
+        error, status = json_error(503, "unavailable", "the export could not be prepared; try again later")
+        return error, status, {"Retry-After": "60"}
+    headers = {"X-Total-Count": str(export.rows), "Content-Length": str(export.size)}
+    # the WSGI server sends the file itself (sendfile under gunicorn) and closes it
+    body = wrap_file(request.environ, export.file, buffer_size=1 << 16)
+    return Response(body, mimetype=kind, headers=headers, direct_passthrough=True)
 
 
 @bp.get("/changes")
@@ -268,7 +223,7 @@ def changes() -> Response:
         page = feeds.change_page(session(), params.get("after"), params["limit"])
     except InvalidValue as err:
         raise ValidationError({"after": [str(err)]}) from None
-    return _json({"items": page.items, "next_cursor": page.next_cursor})
+    return _json({"items": page.items, "next_cursor": page.next_cursor, "lag_seconds": page.lag_seconds})
 
 
 _EVENT_ITEM = s.EventItem()

@@ -43,7 +43,7 @@ def count_sent(
         return
     now = now or utcnow()
     params = {"campaign": campaign, "key": lookup_key(topic_key), "allowed": allowed_count, "now": now}
-    with write_transaction(session):
+    with write_transaction(session, events=False):
         counted = _COUNT_SENT.first(session, params)
     if counted is None:
         raise UnknownTopic(f"there is no topic {topic_key!r}")

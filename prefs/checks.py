@@ -272,7 +272,7 @@ def _create(
             meanwhile()
 
     inserted = run_committed(
-        session, lambda: _insert(session, fresh, meanwhile_once if overlap else _nothing)
+        session, lambda: _insert(session, fresh, meanwhile_once if overlap else _nothing), events=False
     )
     if not overlap:
         meanwhile()

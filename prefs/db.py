@@ -15,11 +15,15 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Dialect, Engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 WRITE = "prefs_write"
+# Every write transaction on PostgreSQL says first, before it is given a transaction id, that it
+# may write audit events: the change feed waits for the transactions that hold this lock, and
+# only for them (feeds.py). It conflicts only with what a write to the table meets anyway.
+WRITER_LOCK = "LOCK TABLE events IN ROW EXCLUSIVE MODE"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -123,44 +127,68 @@ def write_gate(engine: Engine) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if gate is None else gate.held()
 
 
-def _end_read(session: Session) -> None:
+def end_read(session: Session) -> None:
     """End the session's read transaction, if any: on SQLite it keeps its snapshot until then."""
     if session.in_transaction():
         session.commit()
 
 
 @contextmanager
-def write_transaction(session: Session) -> Iterator[Session]:
+def read_snapshot(session: Session) -> Iterator[Session]:
+    """Run the block's reads in one snapshot, and end it after the block.
+
+    On PostgreSQL a REPEATABLE READ, READ ONLY transaction; on SQLite one read transaction
+    (in WAL mode its snapshot is taken by the first read and kept to its end).
+    """
+    end_read(session)
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(
+            execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        )
+    try:
+        yield session
+    except BaseException:
+        with contextlib.suppress(SQLAlchemyError):  # a lost connection has nothing left to end
+            session.rollback()
+        raise
+    session.rollback()  # nothing to keep, and the snapshot must not outlive the block
+
+
+@contextmanager
+def write_transaction(session: Session, events: bool = True) -> Iterator[Session]:
     """Run the block in one write transaction and commit it before returning.
 
     Called inside another write transaction, the block joins it: the outer one commits.
+    ``events=False`` promises that the block writes no audit events: it then takes no
+    ``WRITER_LOCK``, so a migration holding ``events`` does not hold it up.
     """
     if session.info.get(WRITE):
         yield session
         return
-    _end_read(session)  # the write must begin as a write
+    end_read(session)  # the write must begin as a write
     gate = _gates.get(session.get_bind().engine)
     if gate is None:
-        with _transaction(session):
+        with _transaction(session, events):
             yield session
         return
-    with gate.held(), _transaction(session):
+    with gate.held(), _transaction(session, events):
         yield session
 
 
-def run_committed(session: Session, work: Callable[[], T]) -> T:
+def run_committed(session: Session, work: Callable[[], T], events: bool = True) -> T:
     """Run ``work`` in one write transaction and commit it; return what it returned.
 
     A deadlock or serialization failure rolls it back and runs it again, a few times with
     a random pause: the other transaction has gone on by then. Called inside another write
-    transaction, ``work`` joins it, and the outer one retries.
+    transaction, ``work`` joins it, and the outer one retries. ``events`` is as for
+    ``write_transaction``.
     """
     if session.info.get(WRITE):
         return work()
     attempt = 1
     while True:
         try:
-            with write_transaction(session):
+            with write_transaction(session, events):
                 return work()
         except DBAPIError as err:
             if attempt >= CONFLICT_TRIES or not conflict(err):
@@ -179,10 +207,12 @@ def back_off(attempt: int) -> None:
 
 
 @contextmanager
-def _transaction(session: Session) -> Iterator[None]:
-    session.connection(execution_options={WRITE: True})
+def _transaction(session: Session, events: bool = True) -> Iterator[None]:
+    connection = session.connection(execution_options={WRITE: True})
     session.info[WRITE] = True
     try:
+        if events and connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(WRITER_LOCK)
         yield
         session.commit()
     except BaseException:
@@ -244,6 +274,8 @@ class DriverTransaction:
             self.cursor = self.connection.cursor()
             if self.engine.dialect.name == "sqlite":
                 self.cursor.execute("BEGIN IMMEDIATE")  # pysqlite is told not to begin itself
+            else:
+                self.cursor.execute(WRITER_LOCK)  # psycopg begins the transaction here
 
     def execute(self, sql: str, params: Any = None) -> Any:
         """Run one statement; return the cursor, to read its rows."""
@@ -406,7 +438,7 @@ class GroupCommit(Generic[T, R]):
         if session is not None:
             if session.info.get(WRITE):
                 return self._apply(session, item)  # inside a caller's transaction: theirs commits
-            _end_read(session)
+            end_read(session)
         if self._held and self._held.get(self._order(item), 0.0) > time.monotonic():
             return self._alone(item, session)  # its row is held elsewhere: no group need wait for it
         me: _Waiter[T, R] = _Waiter(item)

@@ -83,3 +83,9 @@ class IdempotencyKeyInUse(DomainError):
     """A request with this idempotency key is still being answered."""
 
     code = "idempotency_key_in_use"
+
+
+class Busy(DomainError):
+    """Too much of this is under way at once; the same request may work a little later."""
+
+    code = "unavailable"

@@ -23,10 +23,11 @@ _ANY_TOPIC = Category("*")
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a feed and where the next one starts."""
+    """One page of a feed and where the next one starts; for the change feed, how far behind it is."""
 
     items: list[dict[str, Any]]
     next_cursor: str | None
+    lag_seconds: float = 0.0
 
 
 def encode_cursor(*parts: int) -> str:
@@ -72,11 +73,70 @@ _CHOSEN_AGAIN = (
 _CHANGES = (
     "SELECT e.txid, e.id, e.action, e.reason, {iso_e_created_at}, s.email, t.key FROM events e"
     " JOIN subscribers s ON s.id = e.subscriber_id LEFT JOIN topics t ON t.id = e.topic_id"
-    " WHERE (e.txid, e.id) > ({mark}, {mark}){visible} ORDER BY e.txid, e.id LIMIT {limit}"
+    " WHERE (e.txid, e.id) > ({mark}, {mark}) AND e.txid < {below} ORDER BY e.txid, e.id LIMIT {limit}"
 )
-# a transaction still open may hold a smaller txid than rows already committed; stopping
-# below the oldest open one means no row can ever appear behind a cursor
-_VISIBLE = " AND e.txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# On PostgreSQL a transaction still open may hold a smaller txid than rows already committed,
+# so the feed reads below a horizon: the oldest transaction that may still write this
+# database's events. Ids are the whole server's, and a snapshot's xmin waits for every
+# transaction in every database. Every prefs write takes a write lock on ``events`` before it
+# is given an id and keeps it to its end (db.WRITER_LOCK). So the horizon statement takes a
+# snapshot, then reads the lock table: an id of that snapshot still running counts if its
+# transaction holds that lock, and is passed over if it is shown running without it. An id
+# the lock table does not show (given a moment ago, or ended since the snapshot) counts only
+# if the page's own statement, later and with a later snapshot, still sees it running: a
+# writer that ended before that snapshot is seen there, committed or not. A writer that
+# ended after the lock table was read was shown holding the lock, or missing from it; so
+# the page never reads past a change that commits later. Without such ids the horizon is the
+# horizon statement's snapshot's xmax.
+_HORIZON = """
+WITH snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS taken),
+locks AS MATERIALIZED (
+  SELECT locktype, database, relation, mode, granted, virtualtransaction, transactionid, pid FROM pg_locks
+),
+writers AS (
+  SELECT virtualtransaction FROM locks
+  WHERE locktype = 'relation' AND relation = 'events'::regclass
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+),
+owners AS (
+  SELECT transactionid::text::bigint AS xid, virtualtransaction, pid FROM locks
+  WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted
+),
+running AS MATERIALIZED (
+  -- the lock table's ids are the low 32 bits
+  SELECT x::text::bigint AS txid, x::text::bigint & 4294967295 AS xid, o.pid, o.xid IS NULL AS unshown,
+    o.virtualtransaction IN (SELECT virtualtransaction FROM writers) AS writing
+  FROM snapshot, pg_snapshot_xip(taken) AS x LEFT JOIN owners o ON o.xid = x::text::bigint & 4294967295
+),
+oldest AS (SELECT txid, xid, pid FROM running WHERE writing ORDER BY txid LIMIT 1),
+bound AS (
+  SELECT coalesce(oldest.txid, pg_snapshot_xmax(taken)::text::bigint) AS txid
+  FROM snapshot LEFT JOIN oldest ON true
+)
+SELECT current_setting('transaction_isolation'), bound.txid,
+  ARRAY(SELECT txid FROM running WHERE unshown AND txid < bound.txid ORDER BY txid),
+  -- how long the oldest write still open has held back changes committed since it began
+  CASE WHEN waiting.txid IS NOT NULL THEN
+    extract(epoch FROM statement_timestamp() - coalesce(
+      (SELECT xact_start FROM pg_stat_activity a
+       WHERE a.pid = oldest.pid AND a.backend_xid::text::bigint = oldest.xid),
+      (SELECT prepared FROM pg_prepared_xacts WHERE transaction::text::bigint = oldest.xid),
+      statement_timestamp()
+    ))::float8
+  END
+FROM bound LEFT JOIN oldest ON true
+  -- one probe of the (txid, id) index, none at all without a writer
+  LEFT JOIN LATERAL (
+    SELECT txid FROM events WHERE txid >= oldest.txid ORDER BY txid LIMIT 1
+  ) AS waiting ON true
+"""
+# the page's statement: below the oldest of the ids still running in its own snapshot, else the bound
+_BELOW = (
+    "coalesce((SELECT min(u) FROM unnest({mark}::bigint[]) AS u"
+    " WHERE NOT pg_visible_in_snapshot(u::text::xid8, pg_current_snapshot())), {mark})"
+)
+_EVERYTHING = 2**63 - 1
 
 
 # each stored time, written by the database as the API writes it (ISO 8601, UTC, "Z", to the
@@ -178,22 +238,42 @@ def suppression_page(session: Session, topic_key: str | None, cursor: str | None
 
 
 def stream_suppressions(session: Session, topic_key: str | None) -> Iterator[list[Suppression]]:
-    """Yield the whole suppression list a batch at a time, one batch in memory."""
+    """Yield the whole suppression list a batch at a time, one batch in memory.
+
+    The batches are as consistent as the caller's transaction: ``db.read_snapshot`` makes
+    them one snapshot.
+    """
     if topic_key is not None:
         get_topic(session, topic_key)
     after: int | None = 0
     while after is not None:
         rows, after = suppressions(session, topic_key, after, STREAM_BATCH)
-        session.commit()  # no snapshot held between batches
         if rows:
             yield rows
 
 
 def change_page(session: Session, cursor: str | None, limit: int) -> Page:
-    """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from."""
+    """Return the changes after ``cursor``, in commit-safe order, and the cursor to go on from.
+
+    On PostgreSQL the session must be in READ COMMITTED (the default): the page is read
+    with a snapshot taken after the horizon's.
+    """
     txid, event_id = decode_cursor(cursor, 2) if cursor else (0, 0)
-    visible = _VISIBLE if session.get_bind().dialect.name == "postgresql" else ""
-    rows = _rows(session, _CHANGES, (txid, event_id), visible=visible, limit=int(limit))
+    lag = None
+    if session.get_bind().dialect.name == "postgresql":
+        isolation, bound, unshown, lag = driver_rows(session, _HORIZON, None)[0]
+        if isolation != "read committed":  # the page's statement would not see a later snapshot
+            raise RuntimeError(f"the change feed is read in READ COMMITTED, not {isolation.upper()}")
+        rows = _rows(
+            session,
+            _CHANGES,
+            (txid, event_id, unshown, bound),
+            below=_BELOW.format(mark="%s"),
+            limit=int(limit),
+        )
+    else:
+        # SQLite's writers take turns, so ids follow commit order: every committed row is readable
+        rows = _rows(session, _CHANGES, (txid, event_id, _EVERYTHING), below="?", limit=int(limit))
     items = []
     for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id
@@ -207,4 +287,4 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
             change, why = "suppressed", "unsubscribed"
         items.append({"email": email, "change": change, "scope": key or "all", "reason": why, "at": at})
     # the last page has a cursor too: a mailer resumes from it later
-    return Page(items, encode_cursor(txid, event_id))
+    return Page(items, encode_cursor(txid, event_id), round(max(0.0, lag or 0.0), 3))

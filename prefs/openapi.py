@@ -42,6 +42,7 @@ class Operation:
     extra_types: tuple[str, ...] = ()
     body_required: bool = True
     idempotent: bool = False  # takes an Idempotency-Key
+    headers: tuple[tuple[str, str], ...] = ()  # the OK answer's headers: name, description
 
 
 IDEMPOTENCY_KEY = {
@@ -72,9 +73,11 @@ OPERATIONS = (
     ),
     Operation(
         "/suppressions", "get", "read",
-        "Every address that may not receive a topic (or any marketing), by keyset pages or streamed",
+        "Every address that may not receive a topic (or any marketing), by keyset pages or exported whole",
         "200", s.SuppressionPage, query=s.SuppressionQuery, errors=_QUERY_ERRORS,
         extra_types=("text/csv", "application/x-ndjson"),
+        headers=(("X-Total-Count", "With text/csv or application/x-ndjson: how many rows follow (the CSV's"
+                  " header line not counted), all read in one snapshot. A file with fewer was cut short"),),
     ),
     Operation(
         "/changes", "get", "read",
@@ -163,6 +166,11 @@ def _operation(spec: APISpec, op: Operation) -> dict[str, Any]:
             ok["content"][media] = {"schema": {"type": "string"}}
     if op.idempotent:
         ok["headers"] = {"Idempotent-Replayed": REPLAYED}
+    if op.headers:
+        ok["headers"] = {
+            name: {"description": text, "schema": {"type": "integer", "minimum": 0}}
+            for name, text in op.headers
+        }
     doc["responses"][op.ok] = ok
     for code in sorted(op.errors):
         doc["responses"][code] = {

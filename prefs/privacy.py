@@ -37,7 +37,7 @@ def _create_key(session: Session) -> str:
     from .ledger import insert_for
 
     # several hosts may make it at once: the first insert wins, everyone reads that one
-    with write_transaction(session):
+    with write_transaction(session, events=False):
         session.execute(
             insert_for(session)(InstanceSecret)
             .values(name=_KEY_NAME, value=secrets.token_hex(32))

@@ -216,6 +216,14 @@ class ChangeItem(Schema):
 class ChangesPage(Schema):
     items = fields.List(fields.Nested(ChangeItem), required=True)
     next_cursor = fields.String(required=True)
+    lag_seconds = fields.Float(
+        required=True,
+        metadata={
+            "description": "How long changes committed since have waited behind the oldest write still"
+            " open (0 when none waits): the feed shows a change only once every write begun before it"
+            " has ended, so that none is ever skipped"
+        },
+    )
 
 
 EVENT_TYPES = ("unsubscribe", "resubscribe", "complaint", "hard_bounce")

@@ -2,9 +2,10 @@
 
 import threading
 
-from sqlalchemy import func, inspect, select
+import pytest
+from sqlalchemy import create_engine, func, inspect, select, text
 
-from prefs import checks, ledger
+from prefs import campaigns, checks, ledger
 from prefs.addresses import normalize
 from prefs.extensions import db
 from prefs.extensions import session as current
@@ -156,3 +157,21 @@ def test_one_index_on_the_address_answers_the_lookup(app):
         else:
             assert [i["column_names"] for i in on_email] == [list(LOOKUP_COLUMNS)]
             assert ["email"] in unique
+
+
+def test_an_index_being_built_on_the_events_does_not_stop_the_check(make_app, database_url):
+    """A migration's CREATE INDEX on events (a SHARE lock) must not hold checks of new addresses."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no table locks: its writers queue for the database")
+    app = make_app(DB_BUSY_TIMEOUT_MS=300)
+    with app.app_context():
+        make_topic(current(), "news")
+    engine = create_engine(database_url)
+    with engine.connect() as migration:
+        migration.execute(text("LOCK TABLE events IN SHARE MODE"))  # what CREATE INDEX holds
+        answers = run_check(app, "news", ["new1@example.com", "new2@example.com"], campaign="spring")
+        with app.app_context():
+            campaigns.count_sent(current(), "spring", "news", 2)
+        migration.rollback()
+    engine.dispose()
+    assert [a["allowed"] for a in answers] == [True, True]

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from prefs.db import driver_rows, driver_rows_meanwhile, run_committed, write_transaction
+from prefs.db import driver_rows, driver_rows_meanwhile, read_snapshot, run_committed, write_transaction
 from prefs.extensions import db
 
 # the module, not the Flask-SQLAlchemy extension that prefs exports as ``db``
@@ -227,3 +227,18 @@ def test_a_deadlock_is_tried_again_a_few_times_then_raised(app, session, monkeyp
     names = session.execute(text("SELECT name FROM instance_secrets")).scalars()
     # each committed once, the failed tries rolled back
     assert sorted(set(names) & {"40001", "40P01", "40P02", "55P03", "again"}) == ["40001", "40P01"]
+
+
+def test_a_read_snapshot_ends_with_its_block_and_leaves_writes_as_they_were(app, session):
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    with read_snapshot(session):
+        if postgresql:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+            assert session.execute(text("SHOW transaction_read_only")).scalar() == "on"
+        session.execute(text("SELECT count(*) FROM subscribers")).scalar()
+    assert not session.in_transaction()
+    # the pooled connection the snapshot used takes writes again, at the usual isolation
+    with write_transaction(session):
+        session.execute(text("UPDATE subscribers SET version = version + 1"))
+        if postgresql:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "read committed"

@@ -241,7 +241,8 @@ def timed(base: str, method: str, path: str, **kwargs: Any) -> Outcome:
 class Cluster:
     """A throwaway PostgreSQL on a free loopback port, ours to stop and start."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: str) -> None:
+        self.settings = settings  # server settings beyond the defaults below
         self.bin = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]).parent
         self.dir = Path(tempfile.mkdtemp(prefix="prefs-pg-"))
         self.data = self.dir / "data"
@@ -264,7 +265,7 @@ class Cluster:
         """Start the server and wait until it accepts connections."""
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
 
     def stop(self) -> None:
