@@ -409,6 +409,7 @@ def copies_on_disk(database_url: str, tmp_path: Path) -> dict[str, int]:
             "PREFS_DATABASE_URL": database_url,
             "PREFS_SECRET_KEYS": ",".join(TEST_KEYS),
             "PREFS_INSTANCE_PATH": str(tmp_path / "instance"),
+            "PREFS_BASE_URL": "https://prefs.example.com",
             "PATH": "/usr/bin:/bin",
         }
         done = subprocess.run(
