@@ -175,6 +175,19 @@ def write_transaction(session: Session, events: bool = True) -> Iterator[Session
         yield session
 
 
+def bound_lock_waits(session: Session) -> None:
+    """In a write transaction on PostgreSQL: let no statement wait longer than the busy timeout.
+
+    ``lock_timeout`` counts each lock anew, and a second waiter on one row waits for two (the
+    row's place in line, then its holder): a page's change to a held row would answer after
+    twice the busy timeout. A change of one subscriber's is a few small statements.
+    """
+    engine = session.get_bind().engine
+    if engine.dialect.name == "postgresql":
+        busy = int(_busy_timeouts.get(engine, 5000))
+        session.connection().exec_driver_sql(f"SET LOCAL statement_timeout = {busy}")
+
+
 def run_committed(session: Session, work: Callable[[], T], events: bool = True) -> T:
     """Run ``work`` in one write transaction and commit it; return what it returned.
 

@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .db import GroupCommit, Statement, Writer, run_committed, write_transaction
+from .db import GroupCommit, Statement, Writer, bound_lock_waits, run_committed, write_transaction
 from .errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from .models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
 from .privacy import address_fingerprint, fingerprint_key
@@ -214,6 +214,7 @@ def record_choices(
     """Save a preference center's form in one transaction; return the topics that changed."""
 
     def save() -> list[str]:
+        bound_lock_waits(session)
         return [key for key, on in choices.items() if choose(session, public_id, key, on, origin).changed]
 
     return run_committed(session, save)

@@ -18,7 +18,7 @@ from sqlalchemy import Delete, Update, delete, select, update
 from sqlalchemy.orm import Session
 
 from . import ledger
-from .db import write_transaction
+from .db import bound_lock_waits, write_transaction
 from .ledger import RESUBSCRIBE, UNSUBSCRIBE, Origin
 from .models import Event, Preference, Subscriber
 from .rules import Category, State, verdict
@@ -39,6 +39,7 @@ class Click:
 def record_click(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> Click:
     """Record the page's opt-out, committed before it returns; return it with its undo, if any."""
     with write_transaction(session):
+        bound_lock_waits(session)
         subscriber_id, _, left_all_version, left_all_reason, bounced = ledger.lock_subscriber(
             session, public_id
         )
@@ -82,6 +83,7 @@ def _version(session: Session, subscriber_id: int) -> int:
 def undo(session: Session, ref: UndoToken, origin: Origin) -> bool:
     """Revert the click ``ref`` names if nothing came after it; tell whether it was reverted."""
     with write_transaction(session):
+        bound_lock_waits(session)
         # the bump makes the version one more than the click left it, unless something came after
         subscriber_id, version, *_ = ledger.lock_subscriber(session, ref.public_id)
         if version != ref.version + 1:
