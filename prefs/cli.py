@@ -272,7 +272,7 @@ requests_group = AppGroup("requests", help="The register of access, erasure and 
 def requests_overdue() -> None:
     """Print the open requests past their 30-day due date (for a cron mail); none prints nothing."""
     now = utcnow()
-    for item in request_register.list_requests(session(), "overdue", now):
+    for item in request_register.each_request(session(), "overdue", now):
         late = (now - item.due_at).days
         click.echo(
             f"#{item.id}\t{item.type}\t{item.label}\treceived {item.received_at:%Y-%m-%d}"

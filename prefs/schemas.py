@@ -302,8 +302,9 @@ class RequestComplete(Schema):
     note = fields.String(validate=validate.Length(0, 2000))
 
 
-class RequestQuery(Schema):
+class RequestQuery(PageQuery):
     status = fields.String(load_default="open", validate=validate.OneOf(["open", "overdue", "done"]))
+    cursor = fields.String(validate=validate.Length(1, 200))
 
 
 class RequestItem(Schema):
@@ -319,8 +320,11 @@ class RequestItem(Schema):
     export = fields.Nested(Subject, metadata={"description": "an access request's answer, on completion"})
 
 
-class RequestList(Schema):
-    requests = fields.List(fields.Nested(RequestItem), required=True)
+class RequestPage(Schema):
+    items = fields.List(fields.Nested(RequestItem), required=True)
+    next_cursor = fields.String(
+        required=True, allow_none=True, metadata={"description": "the next page's cursor; null on the last"}
+    )
 
 
 def request_body(item: Any) -> dict[str, Any]:
