@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from . import tallies
 from .addresses import normalize_all
 from .db import driver_rows, driver_rows_meanwhile, write_transaction
 from .ledger import new_public_ids
@@ -264,6 +265,7 @@ def _create(
     # inserts in this process, and holds its write lock until the commit: after it, then.
     overlap = session.get_bind().dialect.name == "postgresql"
     with write_transaction(session):
+        tallies.bulk(session)  # hundreds of new subscribers a statement: counted at once
         inserted = _insert(session, fresh, meanwhile if overlap else _nothing)
     if not overlap:
         meanwhile()

@@ -18,6 +18,10 @@ concurrent writers never wait on, or deadlock over, one hot counter row, and a c
 has at most as many rows as transactions ever wrote it at once. SQLite has one writer at a
 time: its shard is always 0, as is the one ``rebuild`` writes.
 
+Row triggers count single changes (the same on both databases); on PostgreSQL a statement
+writing many rows is counted once, over its transition table, in a transaction that says
+it is bulk (``bulk``).
+
 A later change to a trigger or function needs a migration of its own that runs
 ``install`` again (it replaces what is there).
 """
@@ -26,10 +30,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import text
+
 # advisory lock space of the shards ("pref"), and how many shards a count may have
 LOCK_SPACE = 1886545254
 SLOTS = 64
-KINDS = ("stayed_on", "stayed_off", "again_on", "left_on", "left_off")
 
 
 def preference_class(reason: str, left_version: str, subscribed: str, version: str) -> str:
@@ -104,7 +109,84 @@ def _event_deltas(dialect: str, r: str, source: str, sign: int) -> tuple[str, st
     return days, campaigns
 
 
-# --- PostgreSQL: statement triggers over transition tables, set-based for bulk writes ------
+# --- the row triggers, on both databases ----------------------------------------------------
+
+
+def _distinct(dialect: str, a: str, b: str) -> str:
+    return f"{a} IS DISTINCT FROM {b}" if dialect == "postgresql" else f"{a} IS NOT {b}"
+
+
+def _row_triggers(dialect: str, slot: str) -> list[tuple[str, str, str | None, list[str]]]:
+    """Return each row trigger: its name, what it follows, its condition, its statements."""
+    audience = "audience_tallies"
+    of_subscriber = " FROM subscribers s WHERE s.id = {r}.subscriber_id"
+    left_all_delta = (
+        "SELECT 0 AS topic_id, 'left_all' AS kind, CAST(NEW.left_all_reason IS NOT NULL AS integer)"
+        " - CAST(OLD.left_all_reason IS NOT NULL AS integer) AS n"
+    )
+    reclassified = _reclassified(
+        " FROM preferences p",
+        ("OLD.left_all_reason", "OLD.left_all_version"),
+        ("NEW.left_all_reason", "NEW.left_all_version"),
+        "p.subscriber_id = NEW.id",
+    )
+    moved = (
+        f"({_distinct(dialect, 'OLD.left_all_reason', 'NEW.left_all_reason')}"
+        f" OR {_distinct(dialect, 'OLD.left_all_version', 'NEW.left_all_version')})"
+    )
+    new_prefs = _preference_deltas("NEW", of_subscriber.format(r="NEW"), 1)
+    old_prefs = _preference_deltas("OLD", of_subscriber.format(r="OLD"), -1)
+    new_days, new_campaigns = _event_deltas(dialect, "NEW", "", 1)
+    old_days, old_campaigns = _event_deltas(dialect, "OLD", "", -1)
+    # a subscriber's preferences go first, while it is there to classify them (a foreign
+    # key's cascade would delete them after it); PostgreSQL does so in a trigger of its own
+    forget = ["DELETE FROM preferences WHERE subscriber_id = OLD.id"] if dialect == "sqlite" else []
+    return [
+        ("tally_subscribers_insert", "AFTER INSERT ON subscribers", None,
+         [_add(audience, _subscriber_deltas("NEW", "", 1), slot)]),
+        ("tally_subscribers_update", "AFTER UPDATE OF left_all_reason, left_all_version ON subscribers",
+         moved, [_add(audience, f"{left_all_delta} UNION ALL {reclassified}", slot)]),
+        ("tally_subscribers_delete", f"{'BEFORE' if forget else 'AFTER'} DELETE ON subscribers", None,
+         [*forget, _add(audience, _subscriber_deltas("OLD", "", -1), slot)]),
+        ("tally_preferences_insert", "AFTER INSERT ON preferences", None, [_add(audience, new_prefs, slot)]),
+        ("tally_preferences_update",
+         "AFTER UPDATE OF subscriber_id, topic_id, subscribed, version ON preferences",
+         None, [_add(audience, f"{old_prefs} UNION ALL {new_prefs}", slot)]),
+        ("tally_preferences_delete", "AFTER DELETE ON preferences", None, [_add(audience, old_prefs, slot)]),
+        ("tally_events_insert", "AFTER INSERT ON events", "NEW.action = 'unsubscribe'",
+         [_add("opt_out_tallies", new_days, slot), _add("campaign_tallies", new_campaigns, slot)]),
+        ("tally_events_update", "AFTER UPDATE OF action, topic_id, source, campaign, created_at ON events",
+         "(OLD.action = 'unsubscribe' OR NEW.action = 'unsubscribe')",
+         [_add("opt_out_tallies", f"{old_days} UNION ALL {new_days}", slot),
+          _add("campaign_tallies", f"{old_campaigns} UNION ALL {new_campaigns}", slot)]),
+        ("tally_events_delete", "AFTER DELETE ON events", "OLD.action = 'unsubscribe'",
+         [_add("opt_out_tallies", old_days, slot), _add("campaign_tallies", old_campaigns, slot)]),
+    ]  # fmt: skip
+
+
+def _table_of(follows: str) -> str:
+    return follows.rsplit(" ON ", 1)[1]
+
+
+def _sqlite_statements() -> list[str]:
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {name} {follows}{f' WHEN {when}' if when else ''}"
+        f" BEGIN{''.join(f' {statement};' for statement in statements)} END"
+        for name, follows, when, statements in _row_triggers("sqlite", "0")
+    ]
+
+
+# --- PostgreSQL: the row triggers for single changes, statement triggers for bulk writes ----
+
+# A statement writing many rows (an import's batch, a check's new recipients) is counted
+# once over its transition table when its transaction says so (``bulk``); any other is
+# counted row by row, which costs a single change less. Either way each row is counted
+# exactly once: the setting cannot change while a statement runs, and the row triggers'
+# condition is the opposite of the statement triggers'. A bulk writer that does not say
+# so is slower, never wrong.
+BULK_SETTING = "prefs.tally_bulk"
+_BULK = f"current_setting('{BULK_SETTING}', true) = 'on'"
+_NOT_BULK = f"current_setting('{BULK_SETTING}', true) IS DISTINCT FROM 'on'"
 
 _PG_SLOT = f"""
 CREATE OR REPLACE FUNCTION prefs_tally_slot() RETURNS integer LANGUAGE plpgsql AS $$
@@ -122,78 +204,104 @@ END $$
 """
 
 
-def _pg_function(name: str, branches: dict[str, list[str]]) -> str:
-    body = []
-    for index, (operation, statements) in enumerate(branches.items()):
-        keyword = "IF" if index == 0 else "ELSIF"
-        body.append(f"  {keyword} TG_OP = '{operation}' THEN")
-        body.extend(f"    {statement};" for statement in statements)
-    body.append("  END IF;")
-    joined = "\n".join(body)
+# the first shard, when free, without a function call: the common case, and the cheap one
+_TAKE_SLOT = f"CASE WHEN pg_try_advisory_xact_lock({LOCK_SPACE}, 1) THEN 1 ELSE prefs_tally_slot() END"
+
+
+def _pg_function(name: str, body: list[str]) -> str:
+    """Return a trigger function whose statements write the shard in ``slot``."""
+    joined = "".join(f"  {line}\n" for line in body)
     return (
         f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\n"
-        f"BEGIN\n{joined}\n  RETURN NULL;\nEND $$"
+        f"DECLARE slot integer;\nBEGIN\n{joined}  RETURN NULL;\nEND $$"
     )
 
 
-def _pg_statements() -> list[str]:
-    slot = "prefs_tally_slot()"
+def _pg_row_statements() -> list[str]:
+    made = []
+    for name, follows, when, statements in _row_triggers("postgresql", "slot"):
+        # the shard is taken once a call: called from a statement's every row, a function
+        # cost more than the statement's own work
+        body = [f"slot := {_TAKE_SLOT};", *(f"{statement};" for statement in statements)]
+        made += [
+            _pg_function(f"prefs_{name}", body),
+            f"DROP TRIGGER IF EXISTS {name} ON {_table_of(follows)}",
+            f"CREATE TRIGGER {name} {follows} FOR EACH ROW"
+            f" WHEN ({_NOT_BULK}{f' AND {when}' if when else ''}) EXECUTE FUNCTION prefs_{name}()",
+        ]
+    return made
+
+
+# a bulk statement that wrote no row (an upsert's other half, say) takes no shard
+_ANY_ROW = {
+    "INSERT": "SELECT 1 FROM new_rows",
+    "UPDATE": "SELECT 1 FROM new_rows",
+    "DELETE": "SELECT 1 FROM old_rows",
+}
+_ANY_UNSUBSCRIBE = {
+    "INSERT": "SELECT 1 FROM new_rows WHERE action = 'unsubscribe'",
+    "UPDATE": "SELECT 1 FROM old_rows WHERE action = 'unsubscribe'"
+    " UNION ALL SELECT 1 FROM new_rows WHERE action = 'unsubscribe'",
+    "DELETE": "SELECT 1 FROM old_rows WHERE action = 'unsubscribe'",
+}
+
+
+def _pg_bulk_function(name: str, branches: dict[str, list[str]], guards: dict[str, str]) -> str:
+    body = []
+    for index, (operation, statements) in enumerate(branches.items()):
+        body.append(f"{'IF' if index == 0 else 'ELSIF'} TG_OP = '{operation}' THEN")
+        # (a separate IF: a condition is not evaluated left to right, and the other
+        # operations' transition tables do not exist)
+        body.append(f"  IF EXISTS ({guards[operation]}) THEN")
+        body.append(f"    slot := {_TAKE_SLOT};")
+        body.extend(f"    {statement};" for statement in statements)
+        body.append("  END IF;")
+    body.append("END IF;")
+    return _pg_function(name, body)
+
+
+def _pg_bulk_statements() -> list[str]:
+    slot = "slot"
     audience = "audience_tallies"
-    changed = " FROM old_rows o JOIN new_rows n ON n.id = o.id JOIN preferences p ON p.subscriber_id = o.id"
     moved = (
         "o.left_all_reason IS DISTINCT FROM n.left_all_reason"
         " OR o.left_all_version IS DISTINCT FROM n.left_all_version"
     )
+    pairs = " FROM old_rows o JOIN new_rows n ON n.id = o.id"
     left_all_delta = (
         "SELECT 0 AS topic_id, 'left_all' AS kind,"
-        " (n.left_all_reason IS NOT NULL)::int - (o.left_all_reason IS NOT NULL)::int AS n"
-        " FROM old_rows o JOIN new_rows n ON n.id = o.id"
+        f" (n.left_all_reason IS NOT NULL)::int - (o.left_all_reason IS NOT NULL)::int AS n{pairs}"
     )
-    subscribers = _pg_function(
+    reclassified = _reclassified(
+        f"{pairs} JOIN preferences p ON p.subscriber_id = o.id",
+        ("o.left_all_reason", "o.left_all_version"),
+        ("n.left_all_reason", "n.left_all_version"),
+        moved,
+    )
+    subscribers = _pg_bulk_function(
         "prefs_tally_subscribers",
         {
             "INSERT": [_add(audience, _subscriber_deltas("r", " FROM new_rows r", 1), slot)],
-            "UPDATE": [
-                _add(
-                    audience,
-                    left_all_delta
-                    + " UNION ALL "
-                    + _reclassified(
-                        changed,
-                        ("o.left_all_reason", "o.left_all_version"),
-                        ("n.left_all_reason", "n.left_all_version"),
-                        moved,
-                    ),
-                    slot,
-                )
-            ],
+            "UPDATE": [_add(audience, f"{left_all_delta} UNION ALL {reclassified}", slot)],
             "DELETE": [_add(audience, _subscriber_deltas("r", " FROM old_rows r", -1), slot)],
         },
+        {**_ANY_ROW, "UPDATE": f"SELECT 1{pairs} WHERE {moved}"},
     )
     with_subscriber = " FROM {rows} p JOIN subscribers s ON s.id = p.subscriber_id"
-    preferences = _pg_function(
+    new_prefs = _preference_deltas("p", with_subscriber.format(rows="new_rows"), 1)
+    old_prefs = _preference_deltas("p", with_subscriber.format(rows="old_rows"), -1)
+    preferences = _pg_bulk_function(
         "prefs_tally_preferences",
         {
-            "INSERT": [
-                _add(audience, _preference_deltas("p", with_subscriber.format(rows="new_rows"), 1), slot)
-            ],
-            "UPDATE": [
-                _add(
-                    audience,
-                    _preference_deltas("p", with_subscriber.format(rows="old_rows"), -1)
-                    + " UNION ALL "
-                    + _preference_deltas("p", with_subscriber.format(rows="new_rows"), 1),
-                    slot,
-                )
-            ],
-            "DELETE": [
-                _add(audience, _preference_deltas("p", with_subscriber.format(rows="old_rows"), -1), slot)
-            ],
+            "INSERT": [_add(audience, new_prefs, slot)],
+            "UPDATE": [_add(audience, f"{old_prefs} UNION ALL {new_prefs}", slot)],
+            "DELETE": [_add(audience, old_prefs, slot)],
         },
+        _ANY_ROW,
     )
     new_days, new_campaigns = _event_deltas("postgresql", "r", " FROM new_rows r", 1)
     old_days, old_campaigns = _event_deltas("postgresql", "r", " FROM old_rows r", -1)
-    events = _pg_function(
+    events = _pg_bulk_function(
         "prefs_tally_events",
         {
             "INSERT": [
@@ -209,137 +317,41 @@ def _pg_statements() -> list[str]:
                 _add("campaign_tallies", old_campaigns, slot),
             ],
         },
+        _ANY_UNSUBSCRIBE,
     )
-    # a subscriber's preferences go first, while the subscriber is still there to classify
-    # them (a foreign key's cascade would delete them after it)
     forget = (
         "CREATE OR REPLACE FUNCTION prefs_forget_preferences() RETURNS trigger LANGUAGE plpgsql AS $$\n"
         "BEGIN\n  DELETE FROM preferences WHERE subscriber_id = OLD.id;\n  RETURN OLD;\nEND $$"
     )
-    triggers = []
-    for table, function in (
-        ("subscribers", "prefs_tally_subscribers"),
-        ("preferences", "prefs_tally_preferences"),
-        ("events", "prefs_tally_events"),
-    ):
+    triggers = [
+        # a subscriber's preferences go first, while it is there to classify them
+        "DROP TRIGGER IF EXISTS forget_preferences ON subscribers",
+        "CREATE TRIGGER forget_preferences BEFORE DELETE ON subscribers"
+        " FOR EACH ROW EXECUTE FUNCTION prefs_forget_preferences()",
+    ]
+    for table in ("subscribers", "preferences", "events"):
         for operation, transition in (
             ("insert", "REFERENCING NEW TABLE AS new_rows"),
             ("update", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"),
             ("delete", "REFERENCING OLD TABLE AS old_rows"),
         ):
-            name = f"tally_{table}_{operation}"
+            name = f"tally_{table}_{operation}_bulk"
             triggers += [
                 f"DROP TRIGGER IF EXISTS {name} ON {table}",
                 f"CREATE TRIGGER {name} AFTER {operation.upper()} ON {table} {transition}"
-                f" FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                f" FOR EACH STATEMENT WHEN ({_BULK}) EXECUTE FUNCTION prefs_tally_{table}()",
             ]
-    triggers += [
-        "DROP TRIGGER IF EXISTS forget_preferences ON subscribers",
-        "CREATE TRIGGER forget_preferences BEFORE DELETE ON subscribers"
-        " FOR EACH ROW EXECUTE FUNCTION prefs_forget_preferences()",
-    ]
-    return [_PG_SLOT, subscribers, preferences, events, forget, *triggers]
+    return [subscribers, preferences, events, forget, *triggers]
 
 
-# --- SQLite: row triggers ------------------------------------------------------------------
+def _pg_statements() -> list[str]:
+    return [_PG_SLOT, *_pg_row_statements(), *_pg_bulk_statements()]
 
 
-def _sqlite_trigger(name: str, when: str, statements: list[str]) -> str:
-    body = "".join(f" {statement};" for statement in statements)
-    return f"CREATE TRIGGER IF NOT EXISTS {name} {when} BEGIN{body} END"
-
-
-def _sqlite_statements() -> list[str]:
-    audience = "audience_tallies"
-    of_subscriber = " FROM subscribers s WHERE s.id = {r}.subscriber_id"
-    prefs_of = " FROM preferences p"
-    moved = (
-        "p.subscriber_id = NEW.id AND (OLD.left_all_reason IS NOT NEW.left_all_reason"
-        " OR OLD.left_all_version IS NOT NEW.left_all_version)"
-    )
-    left_all_delta = (
-        "SELECT 0 AS topic_id, 'left_all' AS kind,"
-        " (NEW.left_all_reason IS NOT NULL) - (OLD.left_all_reason IS NOT NULL) AS n"
-    )
-    new_days, new_campaigns = _event_deltas("sqlite", "NEW", "", 1)
-    old_days, old_campaigns = _event_deltas("sqlite", "OLD", "", -1)
-    return [
-        _sqlite_trigger(
-            "tally_subscribers_insert",
-            "AFTER INSERT ON subscribers",
-            [_add(audience, _subscriber_deltas("NEW", "", 1), "0")],
-        ),
-        _sqlite_trigger(
-            "tally_subscribers_update",
-            "AFTER UPDATE OF left_all_reason, left_all_version ON subscribers"
-            " WHEN OLD.left_all_reason IS NOT NEW.left_all_reason"
-            " OR OLD.left_all_version IS NOT NEW.left_all_version",
-            [
-                _add(
-                    audience,
-                    left_all_delta
-                    + " UNION ALL "
-                    + _reclassified(
-                        prefs_of,
-                        ("OLD.left_all_reason", "OLD.left_all_version"),
-                        ("NEW.left_all_reason", "NEW.left_all_version"),
-                        moved,
-                    ),
-                    "0",
-                )
-            ],
-        ),
-        # the preferences go first, while the subscriber is there to classify them
-        _sqlite_trigger(
-            "tally_subscribers_delete",
-            "BEFORE DELETE ON subscribers",
-            [
-                "DELETE FROM preferences WHERE subscriber_id = OLD.id",
-                _add(audience, _subscriber_deltas("OLD", "", -1), "0"),
-            ],
-        ),
-        _sqlite_trigger(
-            "tally_preferences_insert",
-            "AFTER INSERT ON preferences",
-            [_add(audience, _preference_deltas("NEW", of_subscriber.format(r="NEW"), 1), "0")],
-        ),
-        _sqlite_trigger(
-            "tally_preferences_update",
-            "AFTER UPDATE OF subscriber_id, topic_id, subscribed, version ON preferences",
-            [
-                _add(
-                    audience,
-                    _preference_deltas("OLD", of_subscriber.format(r="OLD"), -1)
-                    + " UNION ALL "
-                    + _preference_deltas("NEW", of_subscriber.format(r="NEW"), 1),
-                    "0",
-                )
-            ],
-        ),
-        _sqlite_trigger(
-            "tally_preferences_delete",
-            "AFTER DELETE ON preferences",
-            [_add(audience, _preference_deltas("OLD", of_subscriber.format(r="OLD"), -1), "0")],
-        ),
-        _sqlite_trigger(
-            "tally_events_insert",
-            "AFTER INSERT ON events WHEN NEW.action = 'unsubscribe'",
-            [_add("opt_out_tallies", new_days, "0"), _add("campaign_tallies", new_campaigns, "0")],
-        ),
-        _sqlite_trigger(
-            "tally_events_update",
-            "AFTER UPDATE OF action, topic_id, source, campaign, created_at ON events",
-            [
-                _add("opt_out_tallies", f"{old_days} UNION ALL {new_days}", "0"),
-                _add("campaign_tallies", f"{old_campaigns} UNION ALL {new_campaigns}", "0"),
-            ],
-        ),
-        _sqlite_trigger(
-            "tally_events_delete",
-            "AFTER DELETE ON events WHEN OLD.action = 'unsubscribe'",
-            [_add("opt_out_tallies", old_days, "0"), _add("campaign_tallies", old_campaigns, "0")],
-        ),
-    ]
+def bulk(session: Any) -> None:
+    """Within a write transaction: count its statements as sets, not row by row (PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SELECT set_config('{BULK_SETTING}', 'on', true)"))
 
 
 def statements(dialect: str) -> list[str]:
@@ -355,25 +367,18 @@ def install(connection: Any) -> None:
 
 def uninstall(connection: Any) -> None:
     """Remove the triggers and their functions (a downgrade)."""
-    for table in ("subscribers", "preferences", "events"):
-        for operation in ("insert", "update", "delete"):
-            connection.exec_driver_sql(
-                f"DROP TRIGGER IF EXISTS tally_{table}_{operation}"
-                + (f" ON {table}" if connection.dialect.name == "postgresql" else "")
-            )
-    if connection.dialect.name == "postgresql":
+    postgresql = connection.dialect.name == "postgresql"
+    for name, follows, _, _ in _row_triggers(connection.dialect.name, "0"):
+        table = _table_of(follows)
+        connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}" + (f" ON {table}" if postgresql else ""))
+        if postgresql:
+            connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}_bulk ON {table}")
+            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS prefs_{name}()")
+    if postgresql:
         connection.exec_driver_sql("DROP TRIGGER IF EXISTS forget_preferences ON subscribers")
-        for function in _PG_FUNCTIONS:
-            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}()")
-
-
-_PG_FUNCTIONS = (
-    "prefs_tally_subscribers",
-    "prefs_tally_preferences",
-    "prefs_tally_events",
-    "prefs_forget_preferences",
-    "prefs_tally_slot",
-)
+        for function in ("tally_subscribers", "tally_preferences", "tally_events", "forget_preferences"):
+            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS prefs_{function}()")
+        connection.exec_driver_sql("DROP FUNCTION IF EXISTS prefs_tally_slot()")
 
 
 def rebuild(connection: Any) -> None:

@@ -153,3 +153,22 @@ def test_smtpd_receives_until_stopped(runner, session, monkeypatch):
     assert result.exit_code == 0, result.output
     assert started == {"at": ("127.0.0.1", 2525), "stopped": True}
     assert "receiving unsubscribe mail on 127.0.0.1:2525" in result.output
+
+
+def test_recount_puts_counts_written_around_the_triggers_right(runner, session):
+    from sqlalchemy import text
+
+    from prefs import overview
+    from tests.factories import make_subscriber
+
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", ledger.Origin("cli"))
+    # counts that drifted (rows written with the triggers off): ann is there, her choice is not
+    session.execute(text("DELETE FROM audience_tallies"))
+    session.commit()
+    assert [(a.receiving, a.left) for a in overview.audiences(session)] == [(0, 0)]
+    result = run(runner, "recount")
+    assert result.exit_code == 0, result.output
+    session.rollback()
+    assert [(a.receiving, a.left) for a in overview.audiences(session)] == [(0, 1)]
