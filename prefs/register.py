@@ -105,8 +105,8 @@ def request_page(
 ) -> RequestPage:
     """Return a page of the open (overdue first), overdue, or done (newest first) requests.
 
-    Keyset pages: each request on file while the pages are read appears on exactly one
-    of them, whatever is recorded or completed in between.
+    Keyset pages: a request in this status from the first page to the last appears on
+    exactly one of them, and one recorded or completed in between on one at most.
     """
     if status not in STATUSES:
         raise InvalidValue(f"status is one of {', '.join(STATUSES)}, not {status!r}")

@@ -60,15 +60,19 @@ _KEYS = {
 }
 
 
-def _add(table: str, deltas: str, shard: str) -> str:
-    """Return the statement that adds the rows of ``deltas`` (its keys and ``n``) to ``table``."""
+def _add(table: str, deltas: str, shard: str, grouped: bool = True) -> str:
+    """Return the statement that adds the rows of ``deltas`` (its keys and ``n``) to ``table``.
+
+    ``grouped``: the rows may name one count twice (a row's old and new values), so they
+    are added up first; a single row's own deltas each name another count and need not be.
+    """
     keys = ", ".join(_KEYS[table])
     # every part is this module's own constant SQL, never a value. "WHERE true": SQLite's
     # parser needs a WHERE before ON CONFLICT in INSERT ... SELECT
+    total, group = ("sum(n)", f" GROUP BY {keys} HAVING sum(n) <> 0") if grouped else ("n", "")
     return (
-        f"INSERT INTO {table} ({keys}, shard, n) SELECT {keys}, {shard}, sum(n) FROM ({deltas}) AS d"  # noqa: S608
-        f" WHERE true GROUP BY {keys} HAVING sum(n) <> 0"
-        f" ON CONFLICT ({keys}, shard) DO UPDATE SET n = {table}.n + excluded.n"
+        f"INSERT INTO {table} ({keys}, shard, n) SELECT {keys}, {shard}, {total} FROM ({deltas}) AS d"  # noqa: S608
+        f" WHERE true{group} ON CONFLICT ({keys}, shard) DO UPDATE SET n = {table}.n + excluded.n"
     )
 
 
@@ -123,6 +127,7 @@ def _row_triggers(dialect: str, slot: str) -> list[tuple[str, str, str | None, l
     left_all_delta = (
         "SELECT 0 AS topic_id, 'left_all' AS kind, CAST(NEW.left_all_reason IS NOT NULL AS integer)"
         " - CAST(OLD.left_all_reason IS NOT NULL AS integer) AS n"
+        " WHERE (NEW.left_all_reason IS NULL) <> (OLD.left_all_reason IS NULL)"
     )
     reclassified = _reclassified(
         " FROM preferences p",
@@ -143,24 +148,28 @@ def _row_triggers(dialect: str, slot: str) -> list[tuple[str, str, str | None, l
     forget = ["DELETE FROM preferences WHERE subscriber_id = OLD.id"] if dialect == "sqlite" else []
     return [
         ("tally_subscribers_insert", "AFTER INSERT ON subscribers", None,
-         [_add(audience, _subscriber_deltas("NEW", "", 1), slot)]),
+         [_add(audience, _subscriber_deltas("NEW", "", 1), slot, grouped=False)]),
         ("tally_subscribers_update", "AFTER UPDATE OF left_all_reason, left_all_version ON subscribers",
-         moved, [_add(audience, f"{left_all_delta} UNION ALL {reclassified}", slot)]),
+         moved, [_add(audience, left_all_delta, slot, grouped=False), _add(audience, reclassified, slot)]),
         ("tally_subscribers_delete", f"{'BEFORE' if forget else 'AFTER'} DELETE ON subscribers", None,
-         [*forget, _add(audience, _subscriber_deltas("OLD", "", -1), slot)]),
-        ("tally_preferences_insert", "AFTER INSERT ON preferences", None, [_add(audience, new_prefs, slot)]),
+         [*forget, _add(audience, _subscriber_deltas("OLD", "", -1), slot, grouped=False)]),
+        ("tally_preferences_insert", "AFTER INSERT ON preferences", None,
+         [_add(audience, new_prefs, slot, grouped=False)]),
         ("tally_preferences_update",
          "AFTER UPDATE OF subscriber_id, topic_id, subscribed, version ON preferences",
          None, [_add(audience, f"{old_prefs} UNION ALL {new_prefs}", slot)]),
-        ("tally_preferences_delete", "AFTER DELETE ON preferences", None, [_add(audience, old_prefs, slot)]),
+        ("tally_preferences_delete", "AFTER DELETE ON preferences", None,
+         [_add(audience, old_prefs, slot, grouped=False)]),
         ("tally_events_insert", "AFTER INSERT ON events", "NEW.action = 'unsubscribe'",
-         [_add("opt_out_tallies", new_days, slot), _add("campaign_tallies", new_campaigns, slot)]),
+         [_add("opt_out_tallies", new_days, slot, grouped=False),
+          _add("campaign_tallies", new_campaigns, slot, grouped=False)]),
         ("tally_events_update", "AFTER UPDATE OF action, topic_id, source, campaign, created_at ON events",
          "(OLD.action = 'unsubscribe' OR NEW.action = 'unsubscribe')",
          [_add("opt_out_tallies", f"{old_days} UNION ALL {new_days}", slot),
           _add("campaign_tallies", f"{old_campaigns} UNION ALL {new_campaigns}", slot)]),
         ("tally_events_delete", "AFTER DELETE ON events", "OLD.action = 'unsubscribe'",
-         [_add("opt_out_tallies", old_days, slot), _add("campaign_tallies", old_campaigns, slot)]),
+         [_add("opt_out_tallies", old_days, slot, grouped=False),
+          _add("campaign_tallies", old_campaigns, slot, grouped=False)]),
     ]  # fmt: skip
 
 

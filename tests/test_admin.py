@@ -1,5 +1,6 @@
 """The operator's overview: Basic auth with an admin key, charts with their numbers, search, pages."""
 
+import base64
 import html
 import re
 from datetime import timedelta
@@ -198,6 +199,8 @@ def test_campaign_and_topic_pages_walk_each_once(client, session, admin_key):
         "/admin/campaigns?after=WzEsMl0",
         "/admin/topics?after=W10",
         "/admin/topics?after=" + "A" * 5000,
+        # JSON nested deeper than the parser goes
+        "/admin/requests?after=" + base64.urlsafe_b64encode(b"[" * 3000).decode(),
     ],
 )
 def test_a_tampered_page_link_is_a_400_page(client, admin_key, path):

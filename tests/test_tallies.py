@@ -304,6 +304,12 @@ def test_history_rewritten_by_hand_is_counted_too(counting, session):
     session.execute(text("UPDATE preferences SET subscribed = :yes"), {"yes": True})
     session.commit()
     assert counts(session) == recounted(session)
+    # a topic deleted: its choices go with it, its events count for all marketing
+    make_topic(session, "deals")
+    ledger.record_opt_out(session, ann.public_id, "deals", Origin("page"))
+    session.execute(text("DELETE FROM topics WHERE key = 'deals'"))
+    session.commit()
+    assert counts(session) == recounted(session)
     session.execute(text("DELETE FROM events"))
     session.execute(text("DELETE FROM subscribers"))
     session.commit()
