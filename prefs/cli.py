@@ -285,14 +285,14 @@ def requests_overdue() -> None:
 @with_appcontext
 @reports_errors
 def recount() -> None:
-    """Count the overview's figures again from the tables; writers wait meanwhile.
+    """Count the overview's figures again from the tables (writers go on meanwhile).
 
     Needed only after rows were written with the triggers off (``session_replication_role
     = replica``, ``DISABLE TRIGGER``, a TRUNCATE): the counts are otherwise kept as rows change.
     """
     db = session()
     with write_transaction(db):
-        tallies.rebuild(db.connection())
+        tallies.recount(db.connection())
     click.echo("counted the subscribers, preferences and events again")
 
 

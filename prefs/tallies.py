@@ -16,7 +16,7 @@ Each count is split over ``shard`` rows that are added up when read. On PostgreS
 transaction writes only the shards it holds an advisory lock on (the lowest free one), so
 concurrent writers never wait on, or deadlock over, one hot counter row, and a count
 has at most as many rows as transactions ever wrote it at once. SQLite has one writer at a
-time: its shard is always 0, as is the one ``rebuild`` writes.
+time: its shard is always 0, as is the one ``recount`` writes.
 
 Row triggers count single changes (the same on both databases); on PostgreSQL a statement
 writing many rows is counted once, over its transition table, in a transaction that says
@@ -390,31 +390,31 @@ def uninstall(connection: Any) -> None:
         connection.exec_driver_sql("DROP FUNCTION IF EXISTS prefs_tally_slot()")
 
 
-def rebuild(connection: Any) -> None:
-    """Count everything again from the tables, into shard 0; writers wait meanwhile.
+def recount(connection: Any) -> None:
+    """Put the counts right by a full count of the tables, in the caller's transaction.
 
-    The migration that adds the tallies runs it once; an operator may run it after
-    writing the tables with the triggers disabled (``session_replication_role``).
+    Writers go on meanwhile: each table's statement reads the rows and the counts in one
+    snapshot and adds the difference to shard 0, so a change committed while it runs is
+    counted once, by its trigger. Recounts take turns (an advisory lock on shard 0, taken
+    before any snapshot). The migration that adds the counts runs it once.
     """
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        connection.exec_driver_sql("LOCK TABLE subscribers, preferences, events IN SHARE MODE")
-    for table in _KEYS:
-        connection.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOCK_SPACE}, 0)")
     kind = preference_class("s.left_all_reason", "s.left_all_version", "p.subscribed", "p.version")
-    everything = (
-        "SELECT 0 AS topic_id, 'everyone' AS kind, 1 AS n FROM subscribers"  # noqa: S608
-        " UNION ALL SELECT 0, 'left_all', 1 FROM subscribers WHERE left_all_reason IS NOT NULL"
-        f" UNION ALL SELECT p.topic_id, {kind}, 1 FROM preferences p"
-        " JOIN subscribers s ON s.id = p.subscriber_id"
-    )
-    for statement in (
-        _add(
-            "audience_tallies",
-            everything,
-            "0",
+    days, campaigns = _event_deltas(dialect, "r", " FROM events r", 1)
+    rows = {
+        "audience_tallies": (
+            "SELECT 0 AS topic_id, 'everyone' AS kind, 1 AS n FROM subscribers"  # noqa: S608
+            " UNION ALL SELECT 0, 'left_all', 1 FROM subscribers WHERE left_all_reason IS NOT NULL"
+            f" UNION ALL SELECT p.topic_id, {kind}, 1 FROM preferences p"
+            " JOIN subscribers s ON s.id = p.subscriber_id"
         ),
-        _add("opt_out_tallies", _event_deltas(dialect, "r", " FROM events r", 1)[0], "0"),
-        _add("campaign_tallies", _event_deltas(dialect, "r", " FROM events r", 1)[1], "0"),
-    ):
-        connection.exec_driver_sql(statement)
+        "opt_out_tallies": days,
+        "campaign_tallies": campaigns,
+    }
+    for table, counted in rows.items():
+        keys = ", ".join(_KEYS[table])
+        # what the rows say, less what the counts say: the difference
+        difference = f"{counted} UNION ALL SELECT {keys}, -n FROM {table}"  # noqa: S608
+        connection.exec_driver_sql(_add(table, difference, "0"))
