@@ -222,3 +222,138 @@ def one_click_targets(db: Database, count: int, rng: random.Random) -> Iterator[
     pairs = rng.sample(range(db.size * len(topics)), count)
     for n in pairs:
         yield public_id(n // len(topics)), topics[n % len(topics)]
+
+
+# the overview's data set: sources as the service writes them, opt-outs spread over 200 days
+SOURCES = ("one-click", "one-click", "page", "preferences", "api", "import", "mailto")
+CAMPAIGNS = 500
+DAYS = 200
+
+
+def _numbers(db: Database, count: int) -> str:
+    """Return SQL naming the rows 1..count as ``g(i)``."""
+    if db.kind == "postgresql":
+        return f"generate_series(1, {count}) AS g(i)"
+    return f"(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) SELECT i FROM n) AS g"
+
+
+def _pick(values: tuple[str | int, ...], index: str) -> str:
+    """Return SQL choosing one of ``values`` by an integer expression."""
+    cases = " ".join(
+        f"WHEN {i} THEN {value if isinstance(value, int) else repr(value)}" for i, value in enumerate(values)
+    )
+    return f"CASE ({index}) % {len(values)} {cases} END"
+
+
+def _ago(db: Database, days: str, seconds: str = "0") -> str:
+    """Return SQL for the time ``days`` and ``seconds`` ago, stored as the service stores times."""
+    if db.kind == "postgresql":
+        return f"CURRENT_TIMESTAMP - make_interval(days => {days}, secs => {seconds})"
+    # SQLAlchemy's text on SQLite, to the microsecond: the register's pages compare it as text
+    return (
+        f"strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+d days', -({days})),"
+        f" printf('%+d seconds', -({seconds}))) || '000'"
+    )
+
+
+def _secondary_indexes(db: Database, conn: Any, table: str) -> list[tuple[str, str]]:
+    """Return the name and the CREATE statement of each index on ``table`` that no constraint owns."""
+    if db.kind == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %(t)s AND indexname NOT IN"
+            " (SELECT conname FROM pg_constraint)",
+            {"t": table},
+        )
+    else:
+        rows = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+            (table,),
+        )
+    return [(name, definition) for name, definition in rows]
+
+
+def overview_data(db: Database, subscribers: int, events: int, open_requests: int) -> dict[str, float]:
+    """Fill a fresh database for the overview figure with statements that generate the rows.
+
+    The tables are written with the counting triggers out of the way and counted once at
+    the end, as the migration that adds the counts does; both steps are timed.
+    """
+    from sqlalchemy import create_engine
+
+    from prefs import tallies
+
+    engine = create_engine(db.url)
+    timings: dict[str, float] = {}
+    topics = [db.topic_ids[key] for key in TOPICS]
+    now = _ago(db, "0")
+    pid = "'b' || lpad(CAST(i AS text), 15, '0')" if db.kind == "postgresql" else "printf('b%015d', i)"
+    reason = _pick(("unsubscribed", "complained", "bounced"), "i")
+    statements = {
+        "subscribers": (
+            "INSERT INTO subscribers (id, public_id, email, created_at, version, left_all_reason,"
+            " left_all_version, left_all_at)"
+            f" SELECT i, {pid}, 'user' || i || '@example' || (i % 97) || '.com', {now}, 2,"
+            f" CASE WHEN i % 100 < 3 THEN {reason} END, CASE WHEN i % 100 < 3 THEN 2 END,"
+            f" CASE WHEN i % 100 < 3 THEN {now} END FROM {_numbers(db, subscribers)}"
+        ),
+        # one in ten left the first topic; one in seventeen chose the second (after leaving all, for some)
+        "preferences": (
+            "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
+            f" SELECT i, {topics[0]}, false, 1, 'page', {now} FROM {_numbers(db, subscribers)} WHERE i % 10 = 0"
+            f" UNION ALL SELECT i, {topics[1]}, true, 3, 'preferences', {now} FROM {_numbers(db, subscribers)}"
+            " WHERE i % 17 = 0"
+        ),
+        "events": (
+            "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, campaign, created_at)"
+            f" SELECT 1, 1 + (CAST(i AS BIGINT) * 7919) % {subscribers},"
+            f" CASE WHEN i % 6 = 5 THEN NULL ELSE {_pick(tuple(topics), 'i')} END,"
+            " CASE WHEN i % 10 = 9 THEN 'resubscribe' ELSE 'unsubscribe' END,"
+            " CASE WHEN i % 6 = 5 THEN 'unsubscribed' END,"
+            f" {_pick(SOURCES, 'i / 7')},"
+            f" CASE WHEN i % 10 < 3 THEN 'camp' || ((i / 10) % {CAMPAIGNS}) END,"
+            f" {_ago(db, f'i % {DAYS}', 'i % 86400')} FROM {_numbers(db, events)}"
+        ),
+        "campaign_sends": (
+            "INSERT INTO campaign_sends (campaign, topic_id, allowed, first_at, last_at)"
+            f" SELECT 'camp' || (i - 1), {topics[0]}, 20000 + i, {_ago(db, f'i % {DAYS}')},"
+            f" {_ago(db, f'i % {DAYS}')} FROM {_numbers(db, CAMPAIGNS)}"
+        ),
+        # open ones received over the last 60 days (half of them overdue), and as many done
+        "requests": (
+            "INSERT INTO requests (type, email, fingerprint, label, received_at, due_at, completed_at, outcome, note)"
+            f" SELECT {_pick(('access', 'erasure', 'objection', 'rectification'), 'i')},"
+            " CASE WHEN i % 2 = 0 THEN 'user' || i || '@example.com' END, 'fp' || i, 'u***@example.com',"
+            f" {_ago(db, 'i % 60', 'i % 86400')}, {_ago(db, 'i % 60 - 30', 'i % 86400')},"
+            f" CASE WHEN i % 2 = 1 THEN {now} END, CASE WHEN i % 2 = 1 THEN 'done' END, ''"
+            f" FROM {_numbers(db, 2 * open_requests)}"
+        ),
+    }
+    with engine.begin() as conn:
+        tallies.uninstall(conn)
+        # the events' indexes are built once after the rows, not grown row by row
+        indexes = _secondary_indexes(db, conn, "events")
+        for name, _ in indexes:
+            conn.exec_driver_sql(f"DROP INDEX {name}")
+    for name, statement in statements.items():
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            if db.kind == "postgresql":
+                # no foreign-key check a row: the generated rows refer to rows just made
+                conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+                # psycopg reads % as a placeholder once any parameters are passed
+                statement = statement.replace("%", "%%")
+            conn.exec_driver_sql(statement)
+            if name == "events":
+                for _, definition in indexes:
+                    conn.exec_driver_sql(definition)
+        timings[name] = time.perf_counter() - started
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        tallies.install(conn)
+        tallies.recount(conn)
+    timings["count"] = time.perf_counter() - started
+    with db.connect() as conn:
+        conn.execute("VACUUM ANALYZE" if db.kind == "postgresql" else "ANALYZE")
+    engine.dispose()
+    db.size = subscribers
+    return timings

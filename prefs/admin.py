@@ -1,24 +1,25 @@
 """The operator's overview at ``/admin``: HTTP Basic with an ``admin`` key as the password.
 
 No cookies and no state-changing forms: the one form (search) only reads, and sends
-the address in a POST body so that it never lands in a URL or an access log.
+the address in a POST body so that it never lands in a URL or an access log. Every
+table is paged by an opaque keyset cursor (``after``), which holds no address.
 """
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 from flask import Blueprint, Response, render_template, request
 from flask.typing import ResponseReturnValue
 
 from . import campaigns, keys, ledger, overview, register, topics
 from .addresses import normalize
-from .errors import InvalidAddress
+from .errors import InvalidAddress, InvalidValue
 from .extensions import session
 from .models import utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 DAYS = 90
+# rows a table shows at a time: the page weighs the same whatever the register holds
+PAGE = 50
 REALM = 'Basic realm="prefs admin", charset="UTF-8"'
 HEADERS = {
     "Cache-Control": "no-store",
@@ -58,9 +59,15 @@ def headers(response: Response) -> Response:
     return response
 
 
+@bp.errorhandler(InvalidValue)
+def invalid_page(err: InvalidValue) -> ResponseReturnValue:
+    """Answer a page link that names no page (a cursor or status not given out here)."""
+    return render_template("admin/message.html", title="No such page", message=str(err)), 400
+
+
 @bp.get("")
 def index() -> ResponseReturnValue:
-    """Show the overview: charts, campaigns, topics and the open requests."""
+    """Show the overview: charts, and the first page of the requests, campaigns and topics."""
     db = session()
     now = utcnow()
     days, series = overview.opt_outs_per_day(db, DAYS, now)
@@ -70,11 +77,34 @@ def index() -> ResponseReturnValue:
         series=series,
         active_days=[i for i, _ in enumerate(days) if any(values[i] for values in series.values())],
         sources=overview.opt_outs_by_source(db, DAYS, now),
-        campaigns=campaigns.ranked(db, now - timedelta(days=DAYS)),
-        audiences=overview.audiences(db),
-        requests=register.list_requests(db, "open", now),
+        campaigns=campaigns.page(db, None, PAGE),
+        topics=overview.audience_page(db, None, PAGE),
+        requests=register.request_page(db, "open", None, PAGE, now),
         now=now,
     )
+
+
+@bp.get("/requests")
+def request_list() -> ResponseReturnValue:
+    """Show a page of the register: open (overdue first), overdue, or done (newest first)."""
+    now = utcnow()
+    status = request.args.get("status", "open")
+    page = register.request_page(session(), status, request.args.get("after") or None, PAGE, now)
+    return render_template("admin/requests.html", requests=page, status=status, now=now)
+
+
+@bp.get("/campaigns")
+def campaign_list() -> ResponseReturnValue:
+    """Show a page of campaigns, newest first."""
+    page = campaigns.page(session(), request.args.get("after") or None, PAGE)
+    return render_template("admin/campaigns.html", campaigns=page)
+
+
+@bp.get("/topics")
+def topic_list() -> ResponseReturnValue:
+    """Show a page of topics and the subscribers each reaches."""
+    page = overview.audience_page(session(), request.args.get("after") or None, PAGE)
+    return render_template("admin/topics.html", topics=page)
 
 
 @bp.get("/charts/opt-outs.svg")

@@ -435,10 +435,13 @@ def request_create() -> Response:
 @bp.get("/requests")
 @requires("admin")
 def request_list() -> Response:
-    """List the open (overdue first), overdue or done requests."""
+    """List the open (overdue first), overdue or done requests, a keyset page at a time."""
     params = query(s.RequestQuery())
-    items = register.list_requests(session(), params["status"])
-    return _json({"requests": [s.request_body(item) for item in items]})
+    try:
+        page = register.request_page(session(), params["status"], params.get("cursor"), params["limit"])
+    except InvalidValue as err:
+        raise ValidationError({"cursor": [str(err)]}) from None
+    return _json({"items": [s.request_body(item) for item in page.items], "next_cursor": page.next_cursor})
 
 
 @bp.post("/requests/<int:request_id>/complete")

@@ -1,17 +1,17 @@
-"""Campaigns: how many recipients each was allowed, and its unsubscribe rate."""
+"""Campaigns: how many recipients each was allowed, and its unsubscribe rate, a page at a time."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Float, cast, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
+from . import cursors
 from .db import Statement, write_transaction
 from .errors import UnknownTopic
-from .ledger import UNSUBSCRIBE
-from .models import CampaignSend, Event, Topic, utcnow
+from .models import CampaignSend, CampaignTally, Topic, utcnow
 from .rules import TRANSACTIONAL
 from .topics import lookup_key
 
@@ -59,42 +59,71 @@ _COUNT_SENT = Statement(
 )
 
 
-def ranked(session: Session, since: datetime, limit: int = 50) -> list[CampaignRate]:
-    """Return the campaigns sent since ``since``, highest unsubscribe rate first."""
-    sends = (
-        select(
-            CampaignSend.campaign,
-            func.sum(CampaignSend.allowed).label("allowed"),
-            func.min(CampaignSend.first_at).label("first_at"),
-            func.count().label("topic_count"),
-            func.min(Topic.key).label("topic"),
+@dataclass(frozen=True, slots=True)
+class CampaignPage:
+    """Campaigns, newest first, and the cursor of the next page (None on the last)."""
+
+    items: list[CampaignRate]
+    next_cursor: str | None
+
+
+def page(session: Session, cursor: str | None = None, limit: int = 50) -> CampaignPage:
+    """Return a page of campaigns, newest first (by first check), with their unsubscribe rates.
+
+    A page reads its own campaigns' rows and counts only, by index: whatever the number of
+    campaigns and events, a page costs the same.
+    """
+    other = aliased(CampaignSend)
+    # one row a campaign, its first (campaign, topic) row: the others of a campaign are skipped
+    query = select(CampaignSend.campaign, CampaignSend.first_at).where(
+        ~exists().where(
+            other.campaign == CampaignSend.campaign,
+            or_(
+                other.first_at < CampaignSend.first_at,
+                and_(other.first_at == CampaignSend.first_at, other.topic_id < CampaignSend.topic_id),
+            ),
         )
-        .join(Topic, Topic.id == CampaignSend.topic_id)
-        .group_by(CampaignSend.campaign)
-        .having(func.max(CampaignSend.last_at) >= since)
-        .subquery()
     )
-    opt_outs = (
-        select(Event.campaign, func.count().label("opt_outs"))
-        .where(Event.action == UNSUBSCRIBE, Event.campaign.in_(select(sends.c.campaign)))
-        .group_by(Event.campaign)
-        .subquery()
-    )
-    count = func.coalesce(opt_outs.c.opt_outs, 0)
-    rate = cast(count, Float) / sends.c.allowed
+    if cursor:
+        at, name = cursors.decode(cursor, datetime, str)
+        query = query.where(
+            or_(CampaignSend.first_at < at, and_(CampaignSend.first_at == at, CampaignSend.campaign < name))
+        )
     rows = session.execute(
-        select(sends, count.label("opt_outs"))
-        .outerjoin(opt_outs, opt_outs.c.campaign == sends.c.campaign)
-        .order_by(rate.desc(), sends.c.campaign)
-        .limit(limit)
-    )
-    return [
-        CampaignRate(
-            campaign=row.campaign,
-            topics=row.topic if row.topic_count == 1 else f"{row.topic} +{row.topic_count - 1}",
-            allowed=int(row.allowed),
-            opt_outs=int(row.opt_outs),
-            first_at=row.first_at,
+        query.order_by(CampaignSend.first_at.desc(), CampaignSend.campaign.desc()).limit(limit + 1)
+    ).all()
+    names = [row.campaign for row in rows[:limit]]
+    sends = {
+        row.campaign: row
+        for row in session.execute(
+            select(
+                CampaignSend.campaign,
+                func.sum(CampaignSend.allowed).label("allowed"),
+                func.min(CampaignSend.first_at).label("first_at"),
+                func.count().label("topic_count"),
+                func.min(Topic.key).label("topic"),
+            )
+            .join(Topic, Topic.id == CampaignSend.topic_id)
+            .where(CampaignSend.campaign.in_(names))
+            .group_by(CampaignSend.campaign)
         )
-        for row in rows
+    }
+    opt_outs = dict(
+        session.execute(
+            select(CampaignTally.campaign, func.sum(CampaignTally.n))
+            .where(CampaignTally.campaign.in_(names))
+            .group_by(CampaignTally.campaign)
+        ).all()
+    )
+    items = [
+        CampaignRate(
+            campaign=name,
+            topics=(s.topic if s.topic_count == 1 else f"{s.topic} +{s.topic_count - 1}"),
+            allowed=int(s.allowed),
+            opt_outs=int(opt_outs.get(name) or 0),
+            first_at=s.first_at,
+        )
+        for name, s in ((name, sends[name]) for name in names)
     ]
+    last = rows[limit - 1] if len(rows) > limit else None
+    return CampaignPage(items, None if last is None else cursors.encode(last.first_at, last.campaign))

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from . import tallies
 from .addresses import normalize_all
 from .db import driver_rows, driver_rows_meanwhile, run_committed
 from .ledger import new_public_ids
@@ -271,9 +272,11 @@ def _create(
             judged.append(True)
             meanwhile()
 
-    inserted = run_committed(
-        session, lambda: _insert(session, fresh, meanwhile_once if overlap else _nothing), events=False
-    )
+    def insert() -> list[tuple[str, str]]:
+        tallies.bulk(session)  # hundreds of new subscribers a statement: counted at once
+        return _insert(session, fresh, meanwhile_once if overlap else _nothing)
+
+    inserted = run_committed(session, insert, events=False)
     if not overlap:
         meanwhile()
     # a stranger until now: no choices, never left, never bounced

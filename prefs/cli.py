@@ -11,10 +11,11 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo, pass_script_info, with_appcontext
 from werkzeug.serving import run_simple
 
-from . import config, imports, ledger, links, purge, topics
+from . import config, imports, ledger, links, purge, tallies, topics
 from . import keys as api_keys
 from . import register as request_register
 from .addresses import normalize
+from .db import write_transaction
 from .errors import DomainError, UnknownSubscriber
 from .extensions import db, migrations, session
 from .import_formats import FORMATS
@@ -304,7 +305,7 @@ requests_group = AppGroup("requests", help="The register of access, erasure and 
 def requests_overdue() -> None:
     """Print the open requests past their 30-day due date (for a cron mail); none prints nothing."""
     now = utcnow()
-    for item in request_register.list_requests(session(), "overdue", now):
+    for item in request_register.each_request(session(), "overdue", now):
         late = (now - item.due_at).days
         click.echo(
             f"#{item.id}\t{item.type}\t{item.label}\treceived {item.received_at:%Y-%m-%d}"
@@ -327,6 +328,21 @@ def erasures_purge(full: bool) -> None:
         click.echo(done)
 
 
+@click.command("recount")
+@with_appcontext
+@reports_errors
+def recount() -> None:
+    """Count the overview's figures again from the tables (writers go on meanwhile).
+
+    Needed only after rows were written with the triggers off (``session_replication_role
+    = replica``, ``DISABLE TRIGGER``, a TRUNCATE): the counts are otherwise kept as rows change.
+    """
+    db = session()
+    with write_transaction(db):
+        tallies.recount(db.connection())
+    click.echo("counted the subscribers, preferences and events again")
+
+
 def register(app: Flask) -> None:
     """Add the commands to ``flask --app prefs``."""
     for command in (
@@ -340,5 +356,6 @@ def register(app: Flask) -> None:
         import_command,
         requests_group,
         erasures_group,
+        recount,
     ):
         app.cli.add_command(command)

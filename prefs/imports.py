@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
 
-from . import metrics
+from . import metrics, tallies
 from .addresses import normalize_or_none
 from .db import run_committed
 from .import_formats import RANK, Row, read_rows
@@ -194,6 +194,7 @@ def _apply(
     if session.get_bind().dialect.name == "sqlite":
         # a million random keys into the address index thrash SQLite's 2 MB default page cache
         session.execute(text(f"PRAGMA cache_size={-SQLITE_CACHE_KIB}"))
+    tallies.bulk(session)  # thousands of rows a statement: counted a statement at a time
     session.execute(CreateTable(staging, if_not_exists=True))
     session.execute(delete(staging))
     _stage(session, staged)

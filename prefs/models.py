@@ -4,11 +4,13 @@ and the answers kept under idempotency keys.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -17,10 +19,12 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
+from . import tallies
 from .extensions import Base, only_on
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY
@@ -195,7 +199,10 @@ class CampaignSend(Base):
     )
     allowed: Mapped[int] = mapped_column(BigInteger, default=0)
     first_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    last_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    # the overview pages the campaigns newest first
+    __table_args__ = (Index("ix_campaign_sends_first", "first_at", "campaign"),)
 
 
 class Request(Base):
@@ -214,10 +221,29 @@ class Request(Base):
     # the masked address for the register's lists; "erased" once the subject is erased
     label: Mapped[str] = mapped_column(String(330))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    due_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     outcome: Mapped[str | None] = mapped_column(String(32))
     note: Mapped[str] = mapped_column(Text, default="")
+
+    # the register's pages: the open ones by due date, the done ones newest first; each
+    # index holds only its own rows, so a page never steps over the other kind
+    __table_args__ = (
+        Index(
+            "ix_requests_open",
+            "due_at",
+            "id",
+            sqlite_where=completed_at.is_(None),
+            postgresql_where=completed_at.is_(None),
+        ),
+        Index(
+            "ix_requests_done",
+            "completed_at",
+            "id",
+            sqlite_where=completed_at.is_not(None),
+            postgresql_where=completed_at.is_not(None),
+        ),
+    )
 
 
 class IdempotencyKey(Base):
@@ -236,3 +262,45 @@ class IdempotencyKey(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     answer: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AudienceTally(Base):
+    """Part of a running count of preferences by topic and class, or of subscribers (topic 0).
+
+    Kept by triggers (``prefs.tallies``); a count is the sum of its shards.
+    """
+
+    __tablename__ = "audience_tallies"
+
+    topic_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class OptOutTally(Base):
+    """Part of a running count of unsubscribe events on one UTC day, by topic (0: all) and source."""
+
+    __tablename__ = "opt_out_tallies"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    topic_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CampaignTally(Base):
+    """Part of a running count of the unsubscribe events a campaign's links brought."""
+
+    __tablename__ = "campaign_tallies"
+
+    campaign: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@event.listens_for(Base.metadata, "after_create")
+def _install_tallies(target: Any, connection: Any, **kw: Any) -> None:
+    # create_all (the tests, a demo) gets the triggers the migrations install
+    tallies.install(connection)

@@ -110,8 +110,9 @@ OPERATIONS = (
         "201", s.RequestItem, s.RequestCreate, errors=_BODY_ERRORS,
     ),
     Operation(
-        "/requests", "get", "admin", "List the open (overdue first), overdue or done requests",
-        "200", s.RequestList, query=s.RequestQuery, errors=_QUERY_ERRORS,
+        "/requests", "get", "admin",
+        "The open (overdue first), overdue or done requests, by keyset pages: pass next_cursor as cursor",
+        "200", s.RequestPage, query=s.RequestQuery, errors=_QUERY_ERRORS,
     ),
     Operation(
         "/requests/{request_id}/complete", "post", "admin",

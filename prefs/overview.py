@@ -1,16 +1,20 @@
-"""The operator's figures, each one set-based query: opt-outs per day, sources, audiences."""
+"""The operator's figures, read from the running counts (``prefs.tallies``): a few small reads.
+
+Opt-outs per day and per source, and each topic's audience, whatever the size of the
+tables: the counts are kept as the rows change, so nothing here aggregates a whole table.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Date, and_, case, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .ledger import UNSUBSCRIBE
-from .models import Event, Preference, Subscriber, Topic, utcnow
+from . import cursors
+from .models import AudienceTally, OptOutTally, Topic, utcnow
 
 ALL_MARKETING = "All marketing"
 
@@ -19,6 +23,7 @@ ALL_MARKETING = "All marketing"
 class Audience:
     """How many subscribers a topic reaches now, and how many chose it or left it explicitly."""
 
+    id: int
     key: str
     name: str
     opt_in: bool
@@ -28,89 +33,98 @@ class Audience:
     left: int
 
 
-def _day(session: Session, column: Any) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return cast(func.timezone("UTC", column), Date)
-    return func.date(column)
-
-
 def days(now: datetime, count: int) -> list[date]:
     """Return the last ``count`` days up to today (UTC), oldest first."""
     today = now.date()
     return [today - timedelta(days=count - 1 - i) for i in range(count)]
 
 
+def _as_date(value: date | str) -> date:
+    # SQLite hands a DATE back as text when it comes out of an aggregate
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
 def opt_outs_per_day(
     session: Session, count: int = 90, now: datetime | None = None
 ) -> tuple[list[date], dict[str, list[int]]]:
     """Return the days, and for each topic (and all marketing) its opt-outs on each day."""
-    now = now or utcnow()
-    span = days(now, count)
-    start = datetime.combine(span[0], datetime.min.time(), tzinfo=now.tzinfo)
-    day = _day(session, Event.created_at).label("day")
+    span = days(now or utcnow(), count)
     rows = session.execute(
-        select(day, func.coalesce(Topic.name, ALL_MARKETING), func.count())
-        .select_from(Event)
-        .outerjoin(Topic, Topic.id == Event.topic_id)
-        .where(Event.action == UNSUBSCRIBE, Event.created_at >= start)
-        .group_by(day, Topic.name)
-    )
+        select(OptOutTally.day, OptOutTally.topic_id, func.sum(OptOutTally.n))
+        .where(OptOutTally.day >= span[0])
+        .group_by(OptOutTally.day, OptOutTally.topic_id)
+    ).all()
+    ids = {topic_id for _, topic_id, _ in rows if topic_id}
+    names = dict(session.execute(select(Topic.id, Topic.name).where(Topic.id.in_(ids))).all())
     index = {d: i for i, d in enumerate(span)}
     series: dict[str, list[int]] = {}
-    for value, name, number in rows:
-        when = value if isinstance(value, date) else date.fromisoformat(str(value))
-        if when in index:
-            series.setdefault(name, [0] * count)[index[when]] += number
+    for day, topic_id, number in rows:
+        when = _as_date(day)
+        if when in index and number:
+            name = names.get(topic_id, ALL_MARKETING) if topic_id else ALL_MARKETING
+            series.setdefault(name, [0] * count)[index[when]] += int(number)
     return span, dict(sorted(series.items(), key=lambda item: (item[0] != ALL_MARKETING, item[0])))
 
 
 def opt_outs_by_source(session: Session, count: int = 90, now: datetime | None = None) -> dict[str, int]:
     """Return the opt-outs of the last ``count`` days per source, largest first."""
-    start = (now or utcnow()) - timedelta(days=count)
+    first = days(now or utcnow(), count)[0]
+    total = func.sum(OptOutTally.n)
     rows = session.execute(
-        select(Event.source, func.count())
-        .where(Event.action == UNSUBSCRIBE, Event.created_at >= start)
-        .group_by(Event.source)
-        .order_by(func.count().desc(), Event.source)
+        select(OptOutTally.source, total)
+        .where(OptOutTally.day >= first)
+        .group_by(OptOutTally.source)
+        .having(total != 0)
+        .order_by(total.desc(), OptOutTally.source)
     )
-    return {source: number for source, number in rows}
+    return {source: int(number) for source, number in rows}
 
 
-def audiences(session: Session) -> list[Audience]:
-    """Return every topic with the number of subscribers it reaches now.
+@dataclass(frozen=True, slots=True)
+class AudiencePage:
+    """Topics in the order they were created, and the cursor of the next page (None on the last)."""
 
-    Mirrors ``rules.verdict`` over sets (a test checks the two agree): someone who
-    left all marketing counts only for topics chosen again since; otherwise the
-    explicit choice counts, and without one the topic's default.
+    items: list[Audience]
+    next_cursor: str | None
+
+
+def audience_page(session: Session, cursor: str | None = None, limit: int = 50) -> AudiencePage:
+    """Return a page of topics with their audiences."""
+    after = cursors.decode(cursor, int)[0] if cursor else 0
+    items = audiences(session, after, limit + 1)
+    if len(items) <= limit:
+        return AudiencePage(items, None)
+    return AudiencePage(items[:limit], cursors.encode(items[limit - 1].id))
+
+
+def audiences(session: Session, after: int = 0, limit: int | None = None) -> list[Audience]:
+    """Return the topics after id ``after`` (at most ``limit``), each with the subscribers it reaches now.
+
+    Mirrors ``rules.verdict`` over the counted classes (a test checks the two agree):
+    someone who left all marketing counts only for topics chosen again since
+    (``again_on``); otherwise the explicit choice counts, and without one the topic's default.
     """
-    everyone, left_all = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(case((Subscriber.left_all_reason.is_not(None), 1), else_=0)), 0),
-        )
-    ).one()
-    stayed = Subscriber.left_all_reason.is_(None)
-    chose_again = and_(
-        Subscriber.left_all_reason.is_not(None),
-        Preference.version > func.coalesce(Subscriber.left_all_version, 0),
-    )
-    rows = session.execute(
-        select(
-            Preference.topic_id,
-            func.sum(case((and_(stayed, Preference.subscribed), 1), else_=0)),
-            func.sum(case((stayed, 1), else_=0)),
-            func.sum(case((and_(chose_again, Preference.subscribed), 1), else_=0)),
-            func.sum(case((Preference.subscribed, 1), else_=0)),
-            func.sum(case((Preference.subscribed, 0), else_=1)),
-        )
-        .join(Subscriber, Subscriber.id == Preference.subscriber_id)
-        .group_by(Preference.topic_id)
-    )
-    counts = {row[0]: [int(n or 0) for n in row[1:]] for row in rows}
+    query = select(Topic).where(Topic.id > after).order_by(Topic.id)
+    topics = list(session.scalars(query if limit is None else query.limit(limit)))
+    if not topics:
+        return []
+    counts: dict[tuple[int, str], int] = defaultdict(int)
+    for topic_id, kind, number in session.execute(
+        select(AudienceTally.topic_id, AudienceTally.kind, func.sum(AudienceTally.n))
+        .where(AudienceTally.topic_id.in_([0, *(t.id for t in topics)]))
+        .group_by(AudienceTally.topic_id, AudienceTally.kind)
+    ):
+        counts[topic_id, kind] = int(number)
+    stayed = counts[0, "everyone"] - counts[0, "left_all"]
     result = []
-    for topic in session.scalars(select(Topic).order_by(Topic.id)):
-        on_stayed, with_choice_stayed, on_again, chose, left = counts.get(topic.id, [0, 0, 0, 0, 0])
-        without_choice = int(everyone) - int(left_all) - with_choice_stayed
-        receiving = on_stayed + on_again + (0 if topic.opt_in else without_choice)
-        result.append(Audience(topic.key, topic.name, topic.opt_in, topic.archived, receiving, chose, left))
+    for topic in topics:
+        on, off, again, before = (
+            counts[topic.id, k] for k in ("stayed_on", "stayed_off", "again_on", "left_on")
+        )
+        without_choice = stayed - on - off
+        receiving = on + again + (0 if topic.opt_in else without_choice)
+        chose, left = on + again + before, off + counts[topic.id, "left_off"]
+        result.append(
+            Audience(topic.id, topic.key, topic.name, topic.opt_in, topic.archived, receiving, chose, left)
+        )
     return result

@@ -7,14 +7,15 @@ proves what was asked and when it was answered.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from . import purge, subjects
+from . import cursors, purge, subjects
 from .addresses import mask, normalize, scrub
 from .db import write_transaction
 from .errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
@@ -96,21 +97,61 @@ def get_request(session: Session, request_id: int) -> Request:
     return item
 
 
-def list_requests(session: Session, status: str = "open", now: datetime | None = None) -> list[Request]:
-    """Return the open (overdue first), overdue, or done (newest first) requests."""
+@dataclass(frozen=True, slots=True)
+class RequestPage:
+    """One page of the register, and the cursor of the next (None on the last)."""
+
+    items: list[Request]
+    next_cursor: str | None
+
+
+def request_page(
+    session: Session,
+    status: str = "open",
+    cursor: str | None = None,
+    limit: int = 1000,
+    now: datetime | None = None,
+) -> RequestPage:
+    """Return a page of the open (overdue first), overdue, or done (newest first) requests.
+
+    Keyset pages: a request in this status from the first page to the last appears on
+    exactly one of them, and one recorded or completed in between on one at most.
+    """
     if status not in STATUSES:
         raise InvalidValue(f"status is one of {', '.join(STATUSES)}, not {status!r}")
-    now = now or utcnow()
+    position = cursors.decode(cursor, datetime, int) if cursor else None
     query = select(Request)
     if status == "done":
-        query = query.where(Request.completed_at.is_not(None)).order_by(
-            Request.completed_at.desc(), Request.id.desc()
-        )
+        key = (Request.completed_at, Request.id)
+        query = query.where(Request.completed_at.is_not(None)).order_by(*(k.desc() for k in key))
+        if position is not None:
+            query = query.where(tuple_(*key) < position)
     else:
-        query = query.where(Request.completed_at.is_(None)).order_by(Request.due_at, Request.id)
+        key = (Request.due_at, Request.id)
+        query = query.where(Request.completed_at.is_(None)).order_by(*key)
         if status == "overdue":
-            query = query.where(Request.due_at < now)
-    return list(session.scalars(query))
+            query = query.where(Request.due_at < (now or utcnow()))
+        if position is not None:
+            query = query.where(tuple_(*key) > position)
+    items = list(session.scalars(query.limit(limit + 1)))
+    if len(items) <= limit:
+        return RequestPage(items, None)
+    last = items[limit - 1]
+    moment = last.completed_at if status == "done" else last.due_at
+    assert moment is not None
+    return RequestPage(items[:limit], cursors.encode(moment, last.id))
+
+
+def each_request(session: Session, status: str = "open", now: datetime | None = None) -> Iterator[Request]:
+    """Yield every request of a status, a page at a time."""
+    now = now or utcnow()
+    cursor: str | None = None
+    while True:
+        page = request_page(session, status, cursor, 1000, now)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 def count_requests(session: Session, now: datetime | None = None) -> tuple[int, int]:

@@ -361,8 +361,9 @@ class RequestComplete(Schema):
     note = Text(validate=validate.Length(0, 2000))
 
 
-class RequestQuery(Schema):
+class RequestQuery(PageQuery):
     status = Text(load_default="open", validate=validate.OneOf(["open", "overdue", "done"]))
+    cursor = Text(validate=validate.Length(1, 200))
 
 
 class RequestItem(Schema):
@@ -378,8 +379,11 @@ class RequestItem(Schema):
     export = fields.Nested(Subject, metadata={"description": "an access request's answer, on completion"})
 
 
-class RequestList(Schema):
-    requests = fields.List(fields.Nested(RequestItem), required=True)
+class RequestPage(Schema):
+    items = fields.List(fields.Nested(RequestItem), required=True)
+    next_cursor = fields.String(
+        required=True, allow_none=True, metadata={"description": "the next page's cursor; null on the last"}
+    )
 
 
 def request_body(item: Any) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """The mailer API: authentication, the error shape, check, events, topics, subjects."""
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import func, select
 
 from prefs import ledger
 from prefs.ledger import Origin
-from prefs.models import Event, Subscriber
+from prefs.models import Event, Subscriber, utcnow
 from prefs.schemas import CheckResult
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
@@ -467,10 +469,11 @@ def test_the_request_register_over_the_api(client, keys, session):
         headers=keys["admin"],
     ).json
     assert late["overdue"] is True and late["due_at"].startswith("2026-10-31")
-    listing = client.get("/api/v1/requests?status=open", headers=keys["admin"]).json["requests"]
-    assert [r["id"] for r in listing] == [late["id"], body["id"]]  # overdue first
+    listing = client.get("/api/v1/requests?status=open", headers=keys["admin"]).json
+    assert [r["id"] for r in listing["items"]] == [late["id"], body["id"]]  # overdue first
+    assert listing["next_cursor"] is None
     assert [
-        r["id"] for r in client.get("/api/v1/requests?status=overdue", headers=keys["admin"]).json["requests"]
+        r["id"] for r in client.get("/api/v1/requests?status=overdue", headers=keys["admin"]).json["items"]
     ] == [late["id"]]
     done = client.post(f"/api/v1/requests/{body['id']}/complete", headers=keys["admin"])
     assert done.status_code == 200
@@ -651,3 +654,67 @@ def test_a_resubscribe_the_rules_refuse_is_answered_with_what_keeps_the_address_
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "complained"
     assert ledger.verdict_for(session, "bob@example.com", "news").allowed
     assert ledger.verdict_for(session, "cat@example.com", "news").allowed
+
+
+def test_request_pages_walk_the_register_exactly_once(client, keys, session):
+    def record(email, days_ago):
+        received = (utcnow() - timedelta(days=days_ago)).isoformat()
+        body = {"type": "erasure", "email": email, "received_at": received}
+        response = client.post("/api/v1/requests", json=body, headers=keys["admin"])
+        assert response.status_code == 201
+        return response.json["id"]
+
+    on_file = [record(f"p{i}@example.com", days) for i, days in enumerate([40, 31, 20, 20, 5, 0] * 4)]
+    made, seen, cursor = [], [], None
+    for number in range(50):
+        path = "/api/v1/requests?status=open&limit=4" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(path, headers=keys["admin"])
+        assert page.status_code == 200
+        assert len(page.json["items"]) <= 4
+        seen += [r["id"] for r in page.json["items"]]
+        # recorded between pages: due before, among and after the pages read so far
+        made += [record(f"new{number}-{d}@example.com", d) for d in (45, 20, 1)]
+        cursor = page.json["next_cursor"]
+        if cursor is None:
+            break
+    assert cursor is None
+    assert len(seen) == len(set(seen))
+    assert set(on_file) <= set(seen) <= set(on_file) | set(made)
+    assert "@" not in "".join(str(x) for x in seen) + str(cursor)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=10001",
+        "limit=99999999999999999999999",
+        "limit=ten",
+        "limit=1.5",
+        "limit=",
+        "status=late",
+        "cursor=",
+        "cursor=%00",
+        "cursor=not-a-cursor",
+        "cursor=WyJhIiwxXQ",  # ["a",1]
+        "cursor=Wy0xLDFd",  # [-1,1]
+        "cursor=Wzk5OTk5OTk5OTk5OTk5OTk5OTksMV0",  # a time beyond year 9999
+        "cursor=W1tdXQ",  # [[]]
+        "cursor=" + "W" * 300,
+    ],
+)
+def test_request_pages_refuse_bad_limits_and_cursors_with_422(client, keys, query):
+    response = client.get(f"/api/v1/requests?{query}", headers=keys["admin"])
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.json["error"]["code"] == "validation_failed"
+
+
+def test_a_well_formed_cursor_is_only_a_position(client, keys, session):
+    make_subscriber(session, "ann@example.com")
+    client.post(
+        "/api/v1/requests", json={"type": "access", "email": "ann@example.com"}, headers=keys["admin"]
+    )
+    # [1, 2]: one microsecond after the year 1, request 2: everything due after it
+    response = client.get("/api/v1/requests?cursor=WzEsMl0", headers=keys["admin"])
+    assert response.status_code == 200 and len(response.json["items"]) == 1

@@ -94,6 +94,9 @@ ADMIN = {
     ("GET", "/admin"),
     ("GET", "/admin/charts/opt-outs.svg"),
     ("GET", "/admin/charts/sources.svg"),
+    ("GET", "/admin/requests"),
+    ("GET", "/admin/campaigns"),
+    ("GET", "/admin/topics"),
     ("POST", "/admin/search"),
 }
 METRICS = {("GET", "/metrics")}

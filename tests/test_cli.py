@@ -189,3 +189,22 @@ def test_resubscribe_lifts_a_hard_bounce_but_never_a_complaint(runner, session):
     lifted = run(runner, "resubscribe", "bob@example.com")
     assert lifted.output.strip() == "resubscribed to all marketing"
     assert run(runner, "check", "bob@example.com", "news").output.strip() == "allowed"
+
+
+def test_recount_puts_counts_written_around_the_triggers_right(runner, session):
+    from sqlalchemy import text
+
+    from prefs import overview
+    from tests.factories import make_subscriber
+
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    ledger.record_opt_out(session, ann.public_id, "news", ledger.Origin("cli"))
+    # counts that drifted (rows written with the triggers off): ann is there, her choice is not
+    session.execute(text("DELETE FROM audience_tallies"))
+    session.commit()
+    assert [(a.receiving, a.left) for a in overview.audiences(session)] == [(0, 0)]
+    result = run(runner, "recount")
+    assert result.exit_code == 0, result.output
+    session.rollback()
+    assert [(a.receiving, a.left) for a in overview.audiences(session)] == [(0, 1)]

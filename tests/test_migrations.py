@@ -5,8 +5,8 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from flask_migrate import upgrade
-from sqlalchemy import create_engine, inspect
+from flask_migrate import downgrade, upgrade
+from sqlalchemy import create_engine, inspect, text
 
 from prefs import create_app
 from prefs.extensions import Base, db, migrations, schema_objects
@@ -65,3 +65,79 @@ def test_serving_never_loads_alembic():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+# news: a left it, b left all (complained) after choosing it, c by default; tips (opt-in):
+# b chose it after leaving all
+ON_FILE = (
+    "INSERT INTO topics (id, key, name, description, opt_in, archived, created_at)"
+    " VALUES (1, 'news', 'News', '', false, false, :now), (2, 'tips', 'Tips', '', true, false, :now)",
+    "INSERT INTO subscribers (id, public_id, email, created_at, version, left_all_reason, left_all_version)"
+    " VALUES (1, 'a', 'a@example.com', :now, 3, NULL, NULL),"
+    " (2, 'b', 'b@example.com', :now, 5, 'complained', 4),"
+    " (3, 'c', 'c@example.com', :now, 1, NULL, NULL)",
+    "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
+    " VALUES (1, 1, false, 2, 'page', :now), (2, 2, true, 5, 'page', :now), (2, 1, true, 3, 'page', :now)",
+    "INSERT INTO events (txid, subscriber_id, topic_id, action, source, campaign, created_at)"
+    " VALUES (0, 1, 1, 'unsubscribe', 'page', 'c1', :now), (0, 2, NULL, 'unsubscribe', 'api', NULL, :now),"
+    " (0, 2, 2, 'resubscribe', 'page', 'c1', :now)",
+)
+
+
+def _triggers(engine):
+    """Return the trigger and function definitions the database holds."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            return sorted(
+                conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")).all()
+            )
+        triggers = conn.execute(
+            text(
+                "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+                " WHERE NOT tgisinternal"
+                " AND tgrelid::regclass::text IN ('subscribers', 'preferences', 'events')"
+            )
+        ).all()
+        functions = conn.execute(
+            text("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'prefs\\_%'")
+        ).all()
+        return sorted(triggers) + sorted(functions)
+
+
+def test_the_running_counts_migration_counts_what_is_on_file(tmp_path):
+    if SERVER_URL:
+        url = fresh_postgresql_database(SERVER_URL, "prefs_migrations")
+        built = fresh_postgresql_database(SERVER_URL, "prefs_migrations")
+    else:
+        url = f"sqlite:///{tmp_path / 'counted.sqlite3'}"
+        built = f"sqlite:///{tmp_path / 'built.sqlite3'}"
+    try:
+        app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url, "BASE_URL": "https://prefs.example.com"})
+        migrations(app)
+        with app.app_context():
+            upgrade(directory=str(MIGRATIONS), revision="1d3a907e4c21")
+            engine = db.engine
+            with engine.begin() as conn:
+                for statement in ON_FILE:
+                    conn.execute(text(statement), {"now": "2026-11-20 10:00:00+00:00"})
+            upgrade(directory=str(MIGRATIONS))
+            from prefs import overview
+            from tests.test_tallies import counts, recounted
+
+            session = db.session()
+            assert counts(session) == recounted(session) != {}
+            figures = {a.key: (a.receiving, a.chose, a.left) for a in overview.audiences(session)}
+            assert figures == {"news": (1, 1, 1), "tips": (1, 1, 0)}
+            session.close()
+            migrated = _triggers(engine)
+            downgrade(directory=str(MIGRATIONS), revision="1d3a907e4c21")
+            assert _triggers(engine) == []
+            db.engine.dispose()
+        built_engine = create_engine(built)
+        Base.metadata.create_all(built_engine)
+        assert _triggers(built_engine) == migrated
+        built_engine.dispose()
+    finally:
+        if SERVER_URL:
+            drop_postgresql_database(url)
+            drop_postgresql_database(built)

@@ -48,13 +48,84 @@ def test_lists_by_status_overdue_first(session):
     fresh = register.record_request(session, "access", "c@example.com", received_at=now)
     done = register.record_request(session, "rectification", "d@example.com", received_at=now)
     register.complete_request(session, done.id, note="changed the name")
-    ids = lambda items: [i.id for i in items]  # noqa: E731
-    assert ids(register.list_requests(session, "open")) == [late.id, soon.id, fresh.id]
-    assert ids(register.list_requests(session, "overdue")) == [late.id]
-    assert ids(register.list_requests(session, "done")) == [done.id]
+    ids = lambda status: [i.id for i in register.request_page(session, status).items]  # noqa: E731
+    assert ids("open") == [late.id, soon.id, fresh.id]
+    assert ids("overdue") == [late.id]
+    assert ids("done") == [done.id]
     assert register.count_requests(session) == (3, 1)
     with pytest.raises(InvalidValue):
-        register.list_requests(session, "late")
+        register.request_page(session, "late")
+
+
+def walk(session, status, limit, between=lambda page: None):
+    """Return the ids each page of a status holds, calling ``between`` after each page."""
+    pages, cursor = [], None
+    for _ in range(1000):
+        page = register.request_page(session, status, cursor, limit)
+        pages.append([item.id for item in page.items])
+        between(len(pages))
+        if page.next_cursor is None:
+            return pages
+        cursor = page.next_cursor
+    raise AssertionError("the pages never ended")
+
+
+@pytest.mark.parametrize("status", ["open", "done"])
+def test_pages_hold_every_request_once_whatever_is_recorded_meanwhile(session, status):
+    now = utcnow()
+    # many share a due date (received at the same moment): the id breaks the tie
+    moments = [now - timedelta(days=d, seconds=s) for d in (45, 31, 10, 0) for s in (0, 0, 0, 7)]
+    on_file = []
+    for i, moment in enumerate(moments * 3):
+        item = register.record_request(session, "access", f"p{i}@example.com", received_at=moment)
+        if status == "done":
+            register.complete_request(session, item.id, now=moment + timedelta(days=1))
+        on_file.append(item.id)
+    made = []
+
+    def meanwhile(number):
+        # recorded before, after and among the pages already read; one of those on file completed
+        for days in (60, 0, 20):
+            made.append(
+                register.record_request(
+                    session,
+                    "objection",
+                    f"new{number}-{days}@example.com",
+                    received_at=now - timedelta(days=days),
+                ).id
+            )
+        if status == "done":
+            register.complete_request(session, made[-1], now=now - timedelta(days=3))
+
+    pages = walk(session, status, 5, meanwhile)
+    seen = [i for page in pages for i in page]
+    assert len(seen) == len(set(seen)), "a request appeared on two pages"
+    assert set(on_file) <= set(seen)
+    assert all(len(page) <= 5 for page in pages)
+    assert set(seen) <= set(on_file) | set(made)
+
+
+def test_overdue_pages_and_a_cursor_from_elsewhere(session):
+    now = utcnow()
+    for i in range(7):
+        register.record_request(
+            session, "access", f"p{i}@example.com", received_at=now - timedelta(days=31 + i)
+        )
+    register.record_request(session, "access", "fresh@example.com", received_at=now)
+    pages = walk(session, "overdue", 3)
+    assert [len(p) for p in pages] == [3, 3, 1]
+    # not base64, not JSON, a name for a time, a negative time, beyond 2**63, too few parts, a float
+    for tampered in (
+        "x",
+        "bm9wZQ",
+        "WyJhIiwxXQ",
+        "Wy0xLDFd",
+        "WzEwMDAwMDAwMDAwMDAwMDAwMDAwLDFd",
+        "W10",
+        "WzEuNSwxXQ",
+    ):
+        with pytest.raises(InvalidValue):
+            register.request_page(session, "open", tampered)
 
 
 def test_completing_access_attaches_the_export_and_forgets_the_address(session):
