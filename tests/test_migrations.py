@@ -112,7 +112,9 @@ def test_the_running_counts_migration_counts_what_is_on_file(tmp_path):
         url = f"sqlite:///{tmp_path / 'counted.sqlite3'}"
         built = f"sqlite:///{tmp_path / 'built.sqlite3'}"
     try:
-        app = create_app({"SECRET_KEYS": "k" * 20, "DATABASE_URL": url, "BASE_URL": "https://prefs.example.com"})
+        app = create_app(
+            {"SECRET_KEYS": "k" * 20, "DATABASE_URL": url, "BASE_URL": "https://prefs.example.com"}
+        )
         migrations(app)
         with app.app_context():
             upgrade(directory=str(MIGRATIONS), revision="1d3a907e4c21")
