@@ -124,7 +124,7 @@ def test_the_running_counts_migration_counts_what_is_on_file(tmp_path):
                     conn.execute(text(statement), {"now": "2026-11-20 10:00:00+00:00"})
             upgrade(directory=str(MIGRATIONS))
             from prefs import overview
-            from tests.test_tallies import counts, recounted
+            from tests.tables import counts, recounted
 
             session = db.session()
             assert counts(session) == recounted(session) != {}

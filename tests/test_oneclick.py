@@ -14,7 +14,7 @@ from prefs.extensions import limiter
 from prefs.extensions import session as db_session
 from prefs.models import Event, Subscriber
 from tests.factories import allowed, events, make_subscriber, make_topic, unsubscribe_token
-from tests.test_public import ONE_CLICK, assert_public_headers
+from tests.pages import ONE_CLICK, assert_public_headers
 
 
 @pytest.fixture

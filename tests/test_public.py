@@ -11,8 +11,8 @@ from sqlalchemy import create_engine, select
 from prefs import ledger, topics
 from prefs.models import Event, Subscriber
 from tests.factories import allowed, events, make_subscriber, make_topic, preferences_token, unsubscribe_token
+from tests.pages import ONE_CLICK, assert_public_headers
 
-ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 ANN = "ann@example.com"
 
 
@@ -22,16 +22,6 @@ def ann(session):
     make_topic(session, "promotions", name="Offers")
     make_topic(session, "events", opt_in=True, name="Events")
     return make_subscriber(session, ANN)
-
-
-def assert_public_headers(response):
-    csp = response.headers["Content-Security-Policy"]
-    assert "frame-ancestors 'none'" in csp and "style-src 'self'" in csp
-    assert "script-src" not in csp and "default-src 'none'" in csp  # so no script at all
-    assert response.headers["Referrer-Policy"] == "no-referrer"
-    assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["X-Robots-Tag"] == "noindex"
-    assert "Set-Cookie" not in response.headers
 
 
 # one-click (RFC 8058)

@@ -9,7 +9,7 @@ from prefs import ledger, register
 from prefs.errors import Conflict, InvalidAddress, InvalidValue, UnknownRequest
 from prefs.models import Event, Request, Subscriber, utcnow
 from tests.factories import make_subscriber, make_topic
-from tests.test_subjects import database_text
+from tests.tables import database_text
 
 
 def test_a_request_is_due_thirty_days_after_receipt(session):

@@ -8,18 +8,10 @@ from sqlalchemy import create_engine, text
 
 from prefs import imports, ledger, subjects
 from prefs.errors import UnknownSubscriber
-from prefs.extensions import Base, db
+from prefs.extensions import db
 from prefs.ledger import Origin
 from tests.factories import make_subscriber, make_topic
-
-
-def database_text(session):
-    """Return every value of every table, as one text, to search for what must be gone."""
-    parts = []
-    for table in Base.metadata.sorted_tables:
-        for row in session.execute(text(f'SELECT * FROM "{table.name}"')):
-            parts.append(" ".join(str(v) for v in row))
-    return "\n".join(parts)
+from tests.tables import database_text
 
 
 def test_export_holds_the_subscriber_preferences_and_events(session):

@@ -6,7 +6,6 @@ import io
 import random
 import threading
 import time
-from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -18,10 +17,7 @@ from prefs.extensions import db
 from prefs.extensions import session as db_session
 from prefs.ledger import Change, Origin
 from prefs.models import (
-    AudienceTally,
-    CampaignTally,
     Event,
-    OptOutTally,
     Preference,
     Subscriber,
     Topic,
@@ -35,37 +31,10 @@ from tests.factories import (
     preferences_token,
     unsubscribe_token,
 )
-from tests.test_public import ONE_CLICK
+from tests.pages import ONE_CLICK
+from tests.tables import counts, recounted
 
 KEYS = ("news", "events", "deals")
-
-
-def counts(session: Session) -> dict[tuple[object, ...], int]:
-    """Return every running count, its shards added up, leaving out the zeros."""
-    found: dict[tuple[object, ...], int] = defaultdict(int)
-    for table, keys in (
-        (AudienceTally, ("topic_id", "kind")),
-        (OptOutTally, ("day", "topic_id", "source")),
-        (CampaignTally, ("campaign",)),
-    ):
-        columns = [getattr(table, k) for k in keys]
-        for *key, number in session.execute(select(*columns, func.sum(table.n)).group_by(*columns)):
-            key = [date.fromisoformat(k) if isinstance(k, str) and k[:2] == "20" else k for k in key]
-            if number:
-                found[(table.__tablename__, *key)] += int(number)
-    return dict(found)
-
-
-def recounted(session: Session) -> dict[tuple[object, ...], int]:
-    """Return the counts a full count of the tables makes (``recount``); the tallies stay as they were."""
-    session.rollback()
-    connection = session.connection()
-    nested = connection.begin_nested()
-    tallies.recount(connection)
-    fresh = counts(session)
-    nested.rollback()
-    session.rollback()
-    return fresh
 
 
 # the overview's figures as the whole tables say them: the queries the overview ran before the counts
