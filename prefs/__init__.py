@@ -63,4 +63,5 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     cli.register(app)
+    oneclick.ready(app)
     return app

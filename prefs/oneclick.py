@@ -1,175 +1,204 @@
-"""RFC 8058 one-click POSTs, answered beneath Flask's request machinery.
+"""RFC 8058 one-click: one answerer for ``POST /u/<token>``, and a WSGI layer that calls it early.
 
 After a campaign, mailbox providers post ``List-Unsubscribe=One-Click`` to its links in
-bursts. For that request Flask's request and app contexts, its hooks, the request's
-session and Flask-Limiter's per-request resolution of the route's limits cost as much as
-the opt-out itself: in process 1.2 ms of CPU a request through the view, 0.6 ms here
-(benchmarks/ measures the one-click figure over HTTP). This layer answers exactly that
-request, ``POST /u/<token>`` with no query and the form body RFC 8058 prescribes, with
-the steps the view takes, and with no app context: it keeps the app's engine and
-fingerprint key once it has looked them up, and the group commit writes on a connection
-of its own.
+bursts. ``OneClick.answer`` answers that request whole: it reads the link, counts it against
+the link's rate limit, records the opt-out (committed before the 200, through the ledger's
+group commit on a connection of its own) and returns the page. Its pages say the same to
+everyone, so they are rendered for every language when the app is made.
 
-- it answers only for a host the view answers for (``hosts.py``);
-- it verifies the link (``Tokens.read_unsubscribe``);
-- it counts the link against the view's rate limit, in Flask-Limiter's own storage under
-  the key the view's limit uses, so both count the same link together;
-- it records the opt-out with ``ledger.record_opt_out``, committed before the 200;
-- it answers the page the view rendered for that language, with the view's headers, and
-  logs and times the request as every other is.
+Two callers, one answer:
 
-Every other request, and any one-click it does not answer with a 200 (a link that does
-not verify, a limit reached, a language whose page the view has not rendered yet, any
-error at all), goes on to Flask as it came, its body included: the view then answers it,
-pages and errors alike. A database fault (what the app answers 503) goes with it, and the
-view answers that without writing again: the write has waited out its busy timeout, or
-found the database away, once already. After any other error the view writes again;
-recording an opt-out a second time changes nothing.
+- ``FastPath`` sits beneath Flask and answers a plain one-click (the exact form RFC 8058
+  prescribes, no query, a host the app serves) without Flask's request machinery, whose
+  contexts, hooks and session cost as much as the opt-out itself;
+- the view (``public.unsubscribe``) answers every other one-click, one with a query or a
+  ``charset`` in its form for instance, by calling the same ``answer``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flask import current_app, has_app_context
+from flask import Flask, current_app, render_template
+from flask_babel import force_locale
 from limits import RateLimitItem, parse_many
+from limits.strategies import FixedWindowRateLimiter
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from . import hosts, i18n, ledger, monitoring, privacy, ratelimit
-from .errors import InvalidToken
-from .extensions import RATELIMIT_KEY_PREFIX, db, limiter, session
+from .errors import InvalidToken, UnknownSubscriber, UnknownTopic
+from .extensions import db, limiter, session
+from .i18n import LANGUAGES
+from .ledger import Origin
 from .logs import request_id
-from .public import (
-    ONE_CLICK,
-    ONE_CLICK_FAULT,
-    ONE_CLICK_PAGES,
-    ONE_CLICK_ROUTE,
-    ONE_CLICK_SCOPE,
-    SECURITY_HEADERS,
-    client_origin,
-)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-    from flask import Flask
     from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
-ROUTE = ONE_CLICK_ROUTE
+ROUTE = "/u/<token>"
 PREFIX = ROUTE.partition("<")[0]
-ENDPOINT = "public.unsubscribe"
-# the view's limit counts under endpoint:scope (Flask-Limiter's layout)
-LIMIT_SCOPE = f"{ENDPOINT}:{ONE_CLICK_SCOPE}"
+ONE_CLICK = "One-Click"
 BODY = f"List-Unsubscribe={ONE_CLICK}".encode()
 FORM = "application/x-www-form-urlencoded"
-# the view's headers (public.security_headers): a test holds the two answers equal
-HEADERS = [
-    ("Content-Type", "text/html; charset=utf-8"),
-    *SECURITY_HEADERS.items(),
-    ("Cache-Control", "no-store"),
-]
+# the rate limit's own namespace in the limiter's storage, beside Flask-Limiter's
+NAMESPACE = ("prefs", "one-click")
+EXTENSION = "prefs.one_click"
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Robots-Tag": "noindex",
+}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+UNAVAILABLE_RETRY_AFTER = "5"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A one-click's whole answer: status, headers and page."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 class OneClick:
-    """WSGI middleware: answer plain one-click POSTs, hand everything else to ``wsgi_app``."""
+    """The app's one-click answerer: its pages, its limit, its engine and fingerprint key."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.tokens = app.extensions["prefs.tokens"]
+        self.limits: list[RateLimitItem] = sorted(parse_many(app.config["RATELIMIT_ONE_CLICK"]))
+        self.pages = {(status, lang): _render(app, status, lang) for status in REASONS for lang in LANGUAGES}
+        self._database: tuple[Engine, bytes] | None = None
+
+    def answer(self, token: str, ip: str | None, user_agent: str | None, lang: str) -> Answer:
+        """Answer a one-click POST to the link ``token``: record its opt-out, or say why not."""
+        try:
+            link = self.tokens.read_unsubscribe(token)
+        except InvalidToken:
+            return self.page(400, lang)
+        try:
+            engine, key = self.database()
+            retry_after = self.limited(token, key)
+            if retry_after is not None:
+                return self.page(429, lang, [("Retry-After", str(retry_after))])
+            origin = Origin("one-click", link.campaign, privacy.client_fingerprint(key, ip, user_agent))
+            ledger.record_opt_out(engine, link.public_id, link.topic, origin)
+        except (UnknownSubscriber, UnknownTopic):
+            return self.page(400, lang)
+        except (OperationalError, PoolTimeout) as err:
+            # a lost or locked database is a passing condition: the provider retries
+            log.warning("database unavailable: %s", type(err).__name__)
+            return self.page(503, lang, [("Retry-After", UNAVAILABLE_RETRY_AFTER)])
+        return self.page(200, lang)
+
+    def limited(self, token: str, key: bytes | None = None) -> int | None:
+        """Count one request to the link ``token``; return the seconds to wait when over its limit.
+
+        A limit storage that fails turns nobody away: the request is let through, and said so.
+        """
+        if not limiter.enabled:
+            return None
+        identity = (*NAMESPACE, ratelimit.token_key(key or self.database()[1], token))
+        try:
+            strategy = FixedWindowRateLimiter(limiter.storage)
+            for item in self.limits:
+                if not strategy.hit(item, *identity):
+                    reset = strategy.get_window_stats(item, *identity).reset_time
+                    return max(1, int(reset - time.time()))
+        except Exception:
+            log.warning("rate limit storage unreachable: one-click let through")
+        return None
+
+    def page(self, status: int, lang: str, extra: Iterable[tuple[str, str]] = ()) -> Answer:
+        """Return the page for ``status`` in ``lang`` (the default language when it has none)."""
+        body = self.pages.get((status, lang)) or self.pages[(status, i18n.DEFAULT)]
+        headers = [
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            *SECURITY_HEADERS.items(),
+            ("Cache-Control", "no-store"),
+            *extra,
+        ]
+        return Answer(status, headers, body)
+
+    def database(self) -> tuple[Engine, bytes]:
+        """Return the app's engine and fingerprint key: looked up on first use, then kept.
+
+        Neither changes while the app runs (the key is made once per database); with both at
+        hand a one-click needs no app context, no session and no teardown.
+        """
+        if self._database is None:
+            with self.app.app_context():
+                self._database = (db.engine, privacy.fingerprint_key(session()))
+        return self._database
+
+
+def _render(app: Flask, status: int, lang: str) -> bytes:
+    """Render a one-click page: the same for every link, so it carries no token and no switch."""
+    with app.test_request_context(base_url=app.config["BASE_URL"]), force_locale(lang):
+        plain: dict[str, Any] = {"languages": [], "chosen_lang": None}
+        if status == 200:
+            return render_template("one_click.html", **plain).encode()
+        if status == 400:
+            return render_template("invalid_link.html", **plain).encode()
+        title, message = i18n.error_text(status) or (REASONS[status], "")
+        return render_template("error.html", status=status, title=title, message=message, **plain).encode()
+
+
+def answerer() -> OneClick:
+    """Return the current app's one-click answerer."""
+    one_click: OneClick = current_app.extensions[EXTENSION]
+    return one_click
+
+
+class FastPath:
+    """WSGI middleware: answer plain one-click POSTs with ``OneClick``, hand the rest to Flask."""
 
     def __init__(self, app: Flask, wsgi_app: WSGIApplication) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
-        self._found: tuple[Engine, bytes] | None = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         token = _one_click_token(environ)
-        if token is not None:
-            started = time.perf_counter()
-            body = environ["wsgi.input"].read(len(BODY))
-            environ["wsgi.input"] = io.BytesIO(body)  # whoever answers reads it again
-            if body == BODY:
-                answer = self._answer(environ, token, started)
-                if answer is not None:
-                    headers, page = answer
-                    start_response("200 OK", headers)
-                    return [page]
-        return self.wsgi_app(environ, start_response)
-
-    def _answer(
-        self, environ: WSGIEnvironment, token: str, started: float
-    ) -> tuple[list[tuple[str, str]], bytes] | None:
-        """Record the opt-out and return the headers and page, or None to hand it on."""
-        if not hosts.serves(environ, self.app.config["ALLOWED_HOSTS"]):
-            return None  # the view refuses it
-        pages: dict[str, str] = self.app.extensions.get(ONE_CLICK_PAGES, {})
-        page = pages.get(i18n.accepted_language(environ.get("HTTP_ACCEPT_LANGUAGE")))
-        if page is None:
-            return None  # the view renders and keeps it
+        if token is None or not hosts.serves(environ, self.app.config["ALLOWED_HOSTS"]):
+            return self.wsgi_app(environ, start_response)
+        one_click: OneClick = self.app.extensions[EXTENSION]
+        started = time.perf_counter()
+        body = environ["wsgi.input"].read(len(BODY))
+        if body != BODY:
+            environ["wsgi.input"] = io.BytesIO(body)  # the view reads it again
+            return self.wsgi_app(environ, start_response)
+        lang = i18n.accepted_language(environ.get("HTTP_ACCEPT_LANGUAGE"))
         try:
-            link = self.app.extensions["prefs.tokens"].read_unsubscribe(token)
-        except InvalidToken:
-            return None
-        try:
-            engine, key = self._database()
-            if not self._within_limit(key, token):
-                return None
-            origin = client_origin(
-                key, "one-click", link.campaign, environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT")
-            )
-            ledger.record_opt_out(engine, link.public_id, link.topic, origin)
-        except (OperationalError, PoolTimeout) as err:
-            log.info("one-click handed to the view after %s", type(err).__name__)
-            environ[ONE_CLICK_FAULT] = err
-            return None
-        except Exception as err:  # the view meets the same fault and answers it
-            log.info("one-click handed to the view after %s", type(err).__name__)
-            return None
+            answer = one_click.answer(token, environ.get("REMOTE_ADDR"), environ.get("HTTP_USER_AGENT"), lang)
+        except Exception:
+            log.exception("unexpected error on POST %s", ROUTE)
+            answer = one_click.page(500, lang)
         rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
-        monitoring.observe(ROUTE, "POST", 200, time.perf_counter() - started, rid)
-        environ[monitoring.LOGGED] = True
-        data = page.encode()
-        return [*HEADERS, ("Content-Length", str(len(data))), ("X-Request-ID", rid)], data
-
-    def _database(self) -> tuple[Engine, bytes]:
-        """Return the app's engine and fingerprint key: looked up once, then kept.
-
-        Neither changes while the app runs (the key is made once per database), and with
-        both at hand a one-click needs no app context, no session and no teardown.
-        """
-        if self._found is None:
-            with self._app_context():
-                self._found = (db.engine, privacy.fingerprint_key(session()))
-        return self._found
-
-    def _app_context(self) -> contextlib.AbstractContextManager[Any]:
-        # as Flask's request does: join this app's context when one is pushed already
-        if has_app_context() and current_app._get_current_object() is self.app:  # type: ignore[attr-defined]
-            return contextlib.nullcontext()
-        return self.app.app_context()
-
-    def _within_limit(self, fingerprint_key: bytes, token: str) -> bool:
-        """Count this link against the view's one-click limit; tell whether it is within it."""
-        if not limiter.enabled:
-            return True
-        # the key the view's limit uses: Flask-Limiter's prefix, the link's key, the scope
-        key = (RATELIMIT_KEY_PREFIX, ratelimit.token_key(fingerprint_key, token), LIMIT_SCOPE)
-        try:
-            # each limit in turn, stopping at the first reached, as Flask-Limiter does
-            limits = _limits(self.app.config["RATELIMIT_ONE_CLICK"])
-            return all(limiter.limiter.hit(item, *key) for item in limits)
-        except Exception:  # as the limiter's swallow_errors: a storage outage turns nobody away
-            log.warning("rate limit storage unreachable: one-click let through")
-            return True
-
-
-@functools.lru_cache(maxsize=8)
-def _limits(spec: str) -> list[RateLimitItem]:
-    return sorted(parse_many(spec))
+        monitoring.observe(ROUTE, "POST", answer.status, time.perf_counter() - started, rid)
+        start_response(f"{answer.status} {REASONS[answer.status]}", [*answer.headers, ("X-Request-ID", rid)])
+        return [answer.body]
 
 
 def _one_click_token(environ: WSGIEnvironment) -> str | None:
@@ -188,5 +217,10 @@ def _one_click_token(environ: WSGIEnvironment) -> str | None:
 
 
 def install(app: Flask) -> None:
-    """Put the one-click layer beneath the app's WSGI callable (inside any proxy fix)."""
-    app.wsgi_app = OneClick(app, app.wsgi_app)  # type: ignore[method-assign]
+    """Put the fast path beneath the app's WSGI callable, inside any proxy fix added after it."""
+    app.wsgi_app = FastPath(app, app.wsgi_app)  # type: ignore[method-assign]
+
+
+def ready(app: Flask) -> None:
+    """Make the app's one-click answerer, once its templates, tokens and limits are in place."""
+    app.extensions[EXTENSION] = OneClick(app)

@@ -18,7 +18,7 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
-from . import i18n, ledger, link_requests, links, privacy, ratelimit, topics, undo
+from . import i18n, ledger, link_requests, links, oneclick, privacy, ratelimit, topics, undo
 from .addresses import mask, normalize, normalize_or_none
 from .errors import DomainError, InvalidAddress, InvalidToken, NotRecorded, UnknownSubscriber, UnknownTopic
 from .extensions import limiter, session
@@ -31,23 +31,7 @@ from .web import API_PREFIX, page_error
 bp = Blueprint("public", __name__)
 log = logging.getLogger(__name__)
 
-ONE_CLICK = "One-Click"
-ONE_CLICK_ROUTE = "/u/<token>"  # the unsubscribe link, which prefs/oneclick.py also answers
-ONE_CLICK_SCOPE = "u"  # the link's rate limit (prefs/oneclick.py counts in it too)
-ONE_CLICK_PAGES = "prefs.one_click_pages"
-# the database fault a one-click met beneath the view (prefs/oneclick.py), for the view to answer
-ONE_CLICK_FAULT = "prefs.one_click_fault"
 STYLESHEET = "static/pages.css"
-CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-    "base-uri 'none'; frame-ancestors 'none'"
-)
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CSP,
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Robots-Tag": "noindex",
-}
 
 
 def register(app: Flask) -> None:
@@ -57,11 +41,6 @@ def register(app: Flask) -> None:
 
 def _config(name: str) -> Any:
     return current_app.config[name]
-
-
-def _token_key() -> str:
-    token = (request.view_args or {}).get("token", "")
-    return ratelimit.token_key(privacy.fingerprint_key(session()), token)
 
 
 def _requested_address() -> str | None:
@@ -92,6 +71,10 @@ def _origin(source: str, campaign: str | None = None) -> Origin:
     return client_origin(key, source, campaign, request.remote_addr, request.user_agent.string)
 
 
+def _lang() -> str:
+    return i18n.current_language()
+
+
 def _receives(subscriber: Subscriber, topic: Topic) -> bool:
     """Tell whether this topic is sent to the subscriber now, as the one rule says."""
     category = topics.category_of(topic)
@@ -102,39 +85,22 @@ def _topic_rows(subscriber: Subscriber) -> list[tuple[Topic, bool]]:
     return [(t, _receives(subscriber, t)) for t in topics.list_topics(session(), include_archived=False)]
 
 
-def _one_click_page() -> str:
-    """Return the one-click answer: the same for everyone, so rendered once per language."""
-    lang = i18n.current_language()
-    pages: dict[str, str] = current_app.extensions.setdefault(ONE_CLICK_PAGES, {})
-    page = pages.get(lang)
-    if page is None:
-        # no language switch: its links would carry this request's token into a shared page
-        page = pages[lang] = current_app.jinja_env.get_template("one_click.html").render(
-            brand_name=_config("BRAND_NAME"),
-            stylesheet_url=url_for("public.stylesheet", v=_stylesheet()[1]),
-            lang=lang,
-            chosen_lang=None,
-            languages=[],
-        )
-    return page
-
-
-@bp.route(ONE_CLICK_ROUTE, methods=["GET", "POST"])
-@limiter.limit(
-    lambda: _config("RATELIMIT_ONE_CLICK"), key_func=_token_key, methods=["POST"], scope=ONE_CLICK_SCOPE
-)
+@bp.route(oneclick.ROUTE, methods=["GET", "POST"])
 def unsubscribe(token: str) -> ResponseReturnValue:
     """Ask before unsubscribing (GET), or record the opt-out the link names (POST)."""
+    if request.method == "POST":
+        one_click = oneclick.answerer()
+        if request.form.get("List-Unsubscribe") == oneclick.ONE_CLICK:
+            # RFC 8058: the mailbox provider's server posts with no context; answered as the
+            # fast path answers it
+            answer = one_click.answer(token, request.remote_addr, request.user_agent.string, _lang())
+            return Response(answer.body, answer.status, answer.headers)
+        # the page's own forms count against the link's limit too
+        retry_after = one_click.limited(token)
+        if retry_after is not None:
+            answer = one_click.page(429, _lang(), [("Retry-After", str(retry_after))])
+            return Response(answer.body, answer.status, answer.headers)
     link = links.tokens().read_unsubscribe(token)
-    if request.method == "POST" and request.form.get("List-Unsubscribe") == ONE_CLICK:
-        fault = request.environ.pop(ONE_CLICK_FAULT, None)
-        if fault is not None:
-            # waited out beneath the view already (a held lock, the busy timeout, an outage):
-            # answered now, not waited out a second time
-            raise fault
-        # RFC 8058: the mailbox provider's server posts with no context; committed before the 200
-        ledger.record_opt_out(session(), link.public_id, link.topic, _origin("one-click", link.campaign))
-        return _one_click_page()
     subscriber = ledger.subscriber_by_public_id(session(), link.public_id)
     topic = topics.get_topic(session(), link.topic) if link.topic else None
     page: dict[str, Any] = {
@@ -325,7 +291,7 @@ def security_headers(response: Response) -> Response:
     """Set the privacy headers on every page; tokens in URLs must not leak or be cached."""
     if request.path.startswith(API_PREFIX):
         return response
-    for name, value in SECURITY_HEADERS.items():
+    for name, value in oneclick.SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if request.endpoint != "public.stylesheet":
         response.headers["Cache-Control"] = "no-store"

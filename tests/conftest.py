@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, has_app_context
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.orm import Session
@@ -22,6 +22,25 @@ from prefs import create_app, privacy
 from prefs.extensions import Base, db
 
 TEST_KEYS = ["test-signing-key-0123456789abcdef"]
+
+
+class Client(FlaskClient):
+    """A test client whose requests come from outside the test's own database session.
+
+    A one-click commits on a connection of its own, as it does in production; a test that
+    shares an app context with the request then ends its read after each request (unless it
+    has changes of its own pending), as another process's reader would, and sees that commit.
+    """
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().open(*args, **kwargs)
+        if has_app_context():
+            session = db.session()
+            if not (session.new or session.dirty or session.deleted):
+                session.rollback()
+        return response
+
+
 SERVER_URL = os.environ.get("PREFS_TEST_DATABASE_URL")
 
 
@@ -92,6 +111,7 @@ def make_app(database_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]
         }
         config.update(settings)
         app = create_app(config)
+        app.test_client_class = Client
         with app.app_context():
             db.create_all()
         made.append(app)
