@@ -3,7 +3,7 @@
 Every value can be overridden on the command line (``-b``, ``-w``...) or in
 ``GUNICORN_CMD_ARGS``; the ``PREFS_*`` variables below are the usual knobs.
 
-- Workers: ``prefs.serving.ThreadWorker``, gthread (a few processes with a pool of
+- Workers: ``prefs.ops.gunicorn_worker.ThreadWorker``, gthread (a few processes with a pool of
   threads each) that stops accepting while all its threads are busy, so the kernel hands
   new connections to a worker with a thread free. Idle keep-alive connections wait in
   the worker's selector, not in a thread; a client that trickles its body in holds one
@@ -57,7 +57,7 @@ def _int_env(*names: str, default: int) -> int:
 bind = [os.environ.get("PREFS_BIND", "127.0.0.1:8000")]
 workers = _int_env("PREFS_WORKERS", "WEB_CONCURRENCY", default=multiprocessing.cpu_count() * 2 + 1)
 # gthread, but a worker whose threads are all busy leaves new connections to the others
-worker_class = "prefs.serving.ThreadWorker"
+worker_class = "prefs.ops.gunicorn_worker.ThreadWorker"
 # each slow client holds one thread while it trickles its request in: workers x threads
 # (80 on two CPUs) is how many one host absorbs with no buffering proxy in front
 threads = _int_env("PREFS_THREADS", default=16)
@@ -93,7 +93,7 @@ class JsonLogger(Logger):  # type: ignore[misc]
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        from prefs import logs
+        from prefs.ops import logs
 
         logs.configure(cfg.loglevel)  # in the master too: its own lines, and the settings' warnings
         for log in (self.error_log, self.access_log):
@@ -105,7 +105,7 @@ class JsonLogger(Logger):  # type: ignore[misc]
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         """Log a request the app did not log itself: its method, status and time, no path."""
-        from prefs import logs, monitoring
+        from prefs.ops import logs, monitoring
 
         if not self.access_log_enabled or environ.get(monitoring.LOGGED):
             return
@@ -124,7 +124,8 @@ logger_class = JsonLogger
 
 def on_starting(server: Any) -> None:
     """Check the settings before any worker starts; start from an empty metrics folder."""
-    from prefs import config, ratelimit
+    from prefs import config
+    from prefs.web import ratelimit
 
     # a bad setting stops the master here with one line (ConfigError), before any worker runs
     settings = config.service_settings()

@@ -151,7 +151,7 @@ def measure_check(
 def mint_tokens(db: Database, count: int, rng: random.Random) -> list[str]:
     """Return distinct one-click tokens, each a real opt-out."""
     sys.path.insert(0, str(service.ROOT))
-    from prefs.tokens import Tokens
+    from prefs.domain.tokens import Tokens
 
     tokens = Tokens([service.SECRET])
     return [

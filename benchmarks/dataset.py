@@ -280,7 +280,7 @@ def overview_data(db: Database, subscribers: int, events: int, open_requests: in
     """
     from sqlalchemy import create_engine
 
-    from prefs import tallies
+    from prefs.store import tallies
 
     engine = create_engine(db.url)
     timings: dict[str, float] = {}

@@ -6,7 +6,7 @@ from logging.config import fileConfig
 from alembic import context
 from flask import current_app
 
-from prefs.extensions import schema_objects
+from prefs.models import schema_objects
 
 config = context.config
 # the app has configured logging (JSON lines, scrubbed) unless under a bare alembic: keep it

@@ -7,11 +7,13 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config, hosts, i18n, logs, oneclick, ratelimit
-from .db import configure_engine
+from . import config
+from .domain.tokens import Tokens
 from .extensions import MigrationCommands, babel, db, limiter
-from .mail import Mailer
-from .tokens import Tokens
+from .mail.outbound import Mailer
+from .ops import logs
+from .store import configure_engine
+from .web import i18n, oneclick, ratelimit
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -50,18 +52,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["RATELIMIT_STORAGE_OPTIONS"] = ratelimit.storage_options(app.config["RATELIMIT_TIMEOUT_MS"])
     limiter.init_app(app)
 
-    from . import admin, api, cli, health, monitoring, public, web
+    from . import cli, web
 
     web.register(app)
-    monitoring.register(app)
-    # after monitoring's timer starts (a refused host is logged and counted), before anything else
-    app.before_request(hosts.refuse_unknown)
-    # before any view (or the admin's login) reads the database
-    app.before_request(web.read_body_first)
-    public.register(app)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(admin.bp)
     cli.register(app)
     oneclick.ready(app)
     return app

@@ -11,17 +11,20 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo, pass_script_info, with_appcontext
 from werkzeug.serving import run_simple
 
-from . import config, imports, ledger, links, purge, tallies, topics
-from . import keys as api_keys
-from . import register as request_register
-from .addresses import normalize
-from .db import write_transaction
+from . import config
+from .domain import imports, ledger, topics
+from .domain import keys as api_keys
+from .domain.addresses import normalize
+from .domain.compliance import purge
+from .domain.compliance import requests as request_register
+from .domain.import_formats import FORMATS
+from .domain.ledger import Origin
+from .domain.rules import TRANSACTIONAL
 from .errors import DomainError, UnknownSubscriber
 from .extensions import db, migrations, session
-from .import_formats import FORMATS
-from .ledger import Origin
 from .models import utcnow
-from .rules import TRANSACTIONAL
+from .store import tallies, write_transaction
+from .web import links
 
 TRANSACTIONAL_DESCRIPTION = "Account and service email: receipts, password resets, security notices"
 
@@ -238,7 +241,7 @@ def smtpd(listen: str) -> None:
     import signal
     import threading
 
-    from . import receiver
+    from .mail import smtpd as receiver
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():

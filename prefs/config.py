@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 from flask import Config
 from limits import parse_many
 
-from . import hosts
-from .mail import check_sender, parse_smtp_url
+from .mail.outbound import check_sender, parse_smtp_url
+from .web import hosts
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def _allowed_hosts(base_url: str, trusted: Any, demo: bool) -> frozenset[str]:
 def _mailto(value: Any) -> str | None:
     if value in (None, ""):
         return None
-    from .addresses import normalize_or_none
+    from .domain.addresses import normalize_or_none
 
     address = normalize_or_none(str(value))
     if address is None or "?" in address or address.startswith('"'):

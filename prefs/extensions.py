@@ -1,8 +1,7 @@
 """Create the Flask extensions; ``create_app`` binds them with ``init_app``."""
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from flask import Flask
@@ -10,42 +9,11 @@ from flask.cli import ScriptInfo
 from flask_babel import Babel
 from flask_limiter import Limiter
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Constraint, Index, MetaData
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import Session
 
-# stable constraint names keep alembic migrations identical on SQLite and PostgreSQL
-NAMING = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-SchemaItemT = TypeVar("SchemaItemT", Index, Constraint)
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
-
+from .models import Base
 
 db = SQLAlchemy(model_class=Base)
-
-
-def only_on(dialect: str, item: SchemaItemT) -> SchemaItemT:
-    """Mark an index or constraint as one dialect's: created, and compared, only there."""
-    item.info["dialect"] = dialect
-    return item.ddl_if(dialect=dialect)
-
-
-def schema_objects(dialect: str) -> Callable[..., bool]:
-    """Return Alembic's ``include_object``: leave out another dialect's indexes and constraints."""
-
-    def include_object(item: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-        return reflected or item.info.get("dialect", dialect) == dialect
-
-    return include_object
 
 
 MIGRATIONS = {
@@ -90,7 +58,7 @@ RATELIMIT_KEY_PREFIX = "prefs"
 
 def _client_key() -> str:
     # a keyed hash of the client's address: the limiter's storage never holds a raw IP
-    from .ratelimit import client_key  # ratelimit needs the models, which need this module
+    from .web.ratelimit import client_key  # ratelimit needs the models, which need this module
 
     return client_key()
 

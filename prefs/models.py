@@ -4,17 +4,20 @@ and the answers kept under idempotency keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Constraint,
     Date,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     Text,
     TypeDecorator,
@@ -22,10 +25,41 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from . import tallies
-from .extensions import Base, only_on
+from .store import tallies
+
+# stable constraint names keep alembic migrations identical on SQLite and PostgreSQL
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+SchemaItemT = TypeVar("SchemaItemT", Index, Constraint)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def only_on(dialect: str, item: SchemaItemT) -> SchemaItemT:
+    """Mark an index or constraint as one dialect's: created, and compared, only there."""
+    item.info["dialect"] = dialect
+    return item.ddl_if(dialect=dialect)
+
+
+def schema_objects(dialect: str) -> Callable[..., bool]:
+    """Return Alembic's ``include_object``: leave out another dialect's indexes and constraints."""
+
+    def include_object(item: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        return reflected or item.info.get("dialect", dialect) == dialect
+
+    return include_object
+
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -205,7 +239,7 @@ class CampaignSend(Base):
     __table_args__ = (Index("ix_campaign_sends_first", "first_at", "campaign"),)
 
 
-class Request(Base):
+class DataRequest(Base):
     """A data-subject request (access, rectification, erasure, objection) due within 30 days.
 
     The raw address is kept only while the request is open, to act on it; the keyed

@@ -18,8 +18,10 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.orm import Session
 
-from prefs import create_app, privacy
-from prefs.extensions import Base, db
+from prefs import create_app
+from prefs.domain import privacy
+from prefs.extensions import db
+from prefs.models import Base
 
 TEST_KEYS = ["test-signing-key-0123456789abcdef"]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from prefs import ledger, links, topics
+from prefs.domain import ledger, topics
 from prefs.models import Subscriber, Topic
+from prefs.web import links
 
 
 def make_topic(session: Session, key: str = "news", opt_in: bool = False, name: str = "") -> Topic:
@@ -20,7 +21,7 @@ def make_subscriber(session: Session, email: str = "ann@example.com") -> Subscri
 
 def make_key(session: Session, *scopes: str, name: str = "") -> str:
     """Create an API key with these scopes and return its secret."""
-    from prefs import keys
+    from prefs.domain import keys
 
     _, secret = keys.create_key(session, name or "key-" + "-".join(scopes or ("none",)), list(scopes))
     return secret

@@ -8,9 +8,8 @@ from datetime import date
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from prefs import tallies
-from prefs.extensions import Base
-from prefs.models import AudienceTally, CampaignTally, OptOutTally
+from prefs.models import AudienceTally, Base, CampaignTally, OptOutTally
+from prefs.store import tallies
 
 
 def counts(session: Session) -> dict[tuple[object, ...], int]:

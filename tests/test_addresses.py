@@ -5,7 +5,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from prefs.addresses import _validated, mailbox, mask, normalize, normalize_all
+from prefs.domain.addresses import _validated, mailbox, mask, normalize, normalize_all
 from prefs.errors import InvalidAddress
 
 

@@ -7,8 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from prefs import campaigns, keys, ledger, register, subjects
-from prefs.ledger import Origin
+from prefs.domain import campaigns, keys, ledger
+from prefs.domain.compliance import requests as register
+from prefs.domain.compliance import subjects
+from prefs.domain.ledger import Origin
 from prefs.models import utcnow
 from tests.factories import make_subscriber, make_topic
 
@@ -102,7 +104,7 @@ def test_search_is_post_only(client, admin_key):
 def test_loading_the_charts_leaves_failed_imports_silent():
     import importlib
 
-    import prefs.charts  # noqa: F401
+    import prefs.web.admin.charts  # noqa: F401
 
     with pytest.raises(ImportError):
         importlib.import_module("surely_no_such_module_here")

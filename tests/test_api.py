@@ -5,10 +5,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from prefs import ledger
-from prefs.ledger import Origin
+from prefs.domain import ledger
+from prefs.domain.ledger import Origin
 from prefs.models import Event, Subscriber, utcnow
-from prefs.schemas import CheckResult
+from prefs.web.api.schemas import CheckResult
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
 
@@ -26,7 +26,7 @@ def check(client, keys, topic, recipients, **extra):
 
 
 def test_no_key_unknown_key_and_revoked_key_are_401(client, session):
-    from prefs.keys import revoke_key
+    from prefs.domain.keys import revoke_key
 
     secret = make_key(session, "send", name="old")
     revoke_key(session, "old")
@@ -226,7 +226,7 @@ def test_new_recipients_become_subscribers_once(client, keys, session):
 def test_the_check_uses_a_bounded_number_of_statements(app, client, keys, session, monkeypatch):
     from sqlalchemy import event
 
-    from prefs import checks
+    from prefs.domain import checks
     from prefs.extensions import db
 
     make_topic(session, "news")

@@ -5,8 +5,8 @@ import base64
 import pytest
 from sqlalchemy import inspect, text
 
+from prefs.domain.keys import SCOPES, revoke_key
 from prefs.extensions import db
-from prefs.keys import SCOPES, revoke_key
 from tests.factories import bearer, make_key
 
 # every endpoint and the scope it needs; a new endpoint fails the coverage test until listed

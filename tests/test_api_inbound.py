@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from prefs import ledger
+from prefs.domain import ledger
 from tests.factories import bearer, make_key, make_topic
 
 OURS = "mx.prefs.example"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from prefs import authresults
+from prefs.domain import authresults
 
 # RFC 8601 Appendix B, each as the top field of a message received by its authserv-id
 RFC_EXAMPLES = [

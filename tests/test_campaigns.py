@@ -5,9 +5,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from prefs import campaigns, ledger
+from prefs.domain import campaigns, ledger
+from prefs.domain.ledger import Origin
 from prefs.errors import InvalidValue, UnknownTopic
-from prefs.ledger import Origin
 from prefs.models import CampaignSend, utcnow
 from tests.factories import make_subscriber, make_topic
 

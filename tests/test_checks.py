@@ -5,11 +5,11 @@ import threading
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
-from prefs import campaigns, checks, ledger
-from prefs.addresses import normalize
+from prefs.domain import campaigns, checks, ledger
+from prefs.domain.addresses import normalize
+from prefs.domain.ledger import Origin
 from prefs.extensions import db
 from prefs.extensions import session as current
-from prefs.ledger import Origin
 from prefs.models import LOOKUP_COLUMNS, Subscriber
 from tests.factories import make_subscriber, make_topic
 
@@ -70,18 +70,18 @@ def test_the_verdict_comes_from_the_rule_for_each_recipient(app, session):
 
 
 def test_public_ids_create_new_subscribers_and_skip_erased_ones(app, session):
-    from prefs.subjects import erase_subject
+    from prefs.domain.compliance.subjects import erase_subject
 
     make_subscriber(session, "gone@example.com")
     erase_subject(session, "gone@example.com")
-    ids = checks.public_ids(session, {"gone@example.com", "new@example.com"})
+    ids = checks.ensure_public_ids(session, {"gone@example.com", "new@example.com"})
     assert ids["gone@example.com"] is None
     assert ids["new@example.com"] and len(ids["new@example.com"]) == 16
 
 
 def test_the_fingerprint_key_is_made_once_under_concurrency(make_app):
     # two hosts making the key at once once failed with a unique violation
-    from prefs import privacy
+    from prefs.domain import privacy
 
     app = make_app()
     keys, errors = [], []
@@ -106,9 +106,9 @@ def test_addresses_beyond_ascii_are_found_again_not_made_twice(app, session):
     make_topic(session, "news")
     given = ["ünï@exämple.de", "jörg@bücher.example", "zoë+news@example.com"]
     stored = [normalize(a) for a in given]  # Unicode local parts, A-label domains
-    first = checks.public_ids(session, set(stored))
+    first = checks.ensure_public_ids(session, set(stored))
     ledger.record_opt_out(session, first[stored[1]], "news", Origin("page"))
-    assert checks.public_ids(session, set(stored)) == first
+    assert checks.ensure_public_ids(session, set(stored)) == first
     assert session.scalar(select(func.count()).select_from(Subscriber)) == 3
     results = {r["email"]: r for r in run_check(app, "news", given)}
     assert results["jörg@bücher.example"]["reason"] == "unsubscribed"
@@ -120,7 +120,7 @@ def test_a_large_check_reads_the_same_with_its_lookups_split(app, session, monke
     # on PostgreSQL a helper reads every other chunk on its own connection
     make_topic(session, "news")
     people = [f"p{i:03d}@example.com" for i in range(60)]
-    ids = checks.public_ids(session, set(people))
+    ids = checks.ensure_public_ids(session, set(people))
     for address in people[::3]:
         ledger.record_opt_out(session, ids[address], "news", Origin("page"))
     inline = run_check(app, "news", people)

@@ -4,9 +4,9 @@ from click.testing import CliRunner
 from flask.cli import FlaskGroup
 from sqlalchemy import select
 
-from prefs import ledger
+from prefs.domain import ledger
+from prefs.domain.privacy import secret_hash
 from prefs.models import ApiKey, Event
-from prefs.privacy import secret_hash
 from tests.factories import make_topic
 
 
@@ -152,7 +152,7 @@ def test_smtpd_refuses_a_listen_address_without_a_port(runner, session):
 def test_smtpd_receives_until_stopped(make_app, monkeypatch):
     import threading
 
-    from prefs import receiver
+    from prefs.mail import smtpd as receiver
 
     started = {}
 
@@ -194,7 +194,7 @@ def test_resubscribe_lifts_a_hard_bounce_but_never_a_complaint(runner, session):
 def test_recount_puts_counts_written_around_the_triggers_right(runner, session):
     from sqlalchemy import text
 
-    from prefs import overview
+    from prefs.domain import overview
     from tests.factories import make_subscriber
 
     make_topic(session, "news")

@@ -54,7 +54,7 @@ def test_a_service_without_a_base_url_stops_at_start_with_one_line_naming_it(mon
 def test_the_tests_make_do_without_a_base_url_and_never_use_the_host(make_app):
     app = make_app(BASE_URL=None)
     with app.test_request_context("/", headers={"Host": "attacker.example"}):
-        from prefs import links
+        from prefs.web import links
 
         assert "attacker" not in links.preferences_url("t")
 

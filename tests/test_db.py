@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from prefs.db import driver_rows, driver_rows_meanwhile, read_snapshot, run_committed, write_transaction
 from prefs.extensions import db
+from prefs.store import driver_rows, driver_rows_meanwhile, read_snapshot, run_committed, write_transaction
 
 # the module, not the Flask-SQLAlchemy extension that prefs exports as ``db``
-db_module = importlib.import_module("prefs.db")
+db_module = importlib.import_module("prefs.store")
 
 
 def test_sqlite_pragmas_are_set_on_every_connection(app, session):
@@ -86,7 +86,7 @@ def test_a_nested_write_transaction_joins_the_outer_one(app, session):
 
 
 def test_the_fingerprint_key_can_be_made_inside_a_write_transaction(app, session):
-    from prefs import privacy
+    from prefs.domain import privacy
 
     with write_transaction(session):
         key = privacy.fingerprint_key(session)
@@ -96,7 +96,7 @@ def test_the_fingerprint_key_can_be_made_inside_a_write_transaction(app, session
 def test_driver_errors_in_bulk_reads_become_sqlalchemy_errors(app, session):
     from sqlalchemy.exc import DBAPIError
 
-    from prefs.db import driver_rows
+    from prefs.store import driver_rows
 
     with pytest.raises(DBAPIError) as err:
         driver_rows(session, "SELECT * FROM no_such_table", ())
@@ -111,7 +111,7 @@ def test_a_bulk_read_error_keeps_its_addresses_out_of_the_message(app, session):
     # truncation of the long list cut "[email]" masking short, leaving "...@example9.com"
     from sqlalchemy.exc import DBAPIError
 
-    from prefs.db import driver_rows
+    from prefs.store import driver_rows
 
     mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
     addresses = [f"person{i}@example{i}.com" for i in range(300)]
@@ -168,7 +168,7 @@ def test_a_pipelined_statement_that_fails_raises_sqlalchemys_error(app, session)
 def test_a_write_lock_that_cannot_be_made_is_the_database_being_unavailable(tmp_path):
     from sqlalchemy.exc import OperationalError
 
-    from prefs.db import WriteGate
+    from prefs.store import WriteGate
 
     gate = WriteGate(str(tmp_path / "no such folder" / "prefs.sqlite3"), timeout=1)
     with pytest.raises(OperationalError), gate.held():  # answered 503, as any outage, never 500
@@ -176,7 +176,7 @@ def test_a_write_lock_that_cannot_be_made_is_the_database_being_unavailable(tmp_
 
 
 def test_a_uri_filename_shares_its_write_lock_with_the_plain_path(make_app, tmp_path):
-    from prefs.db import _gates
+    from prefs.store import _gates
 
     path = tmp_path / "uri.sqlite3"
     plain = make_app(DATABASE_URL=f"sqlite:///{path}")

@@ -16,11 +16,11 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from prefs import exports, feeds, ledger
-from prefs.db import read_snapshot
+from prefs.domain import exports, feeds, ledger
+from prefs.domain.ledger import Origin
 from prefs.errors import Busy, InvalidValue
-from prefs.ledger import Origin
 from prefs.models import Subscriber
+from prefs.store import read_snapshot
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 

@@ -9,11 +9,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from prefs import ledger
-from prefs.db import GroupCommit, Statement, write_transaction
+from prefs.domain import ledger
+from prefs.domain.ledger import Origin
 from prefs.errors import DomainError, UnknownSubscriber
 from prefs.extensions import db
-from prefs.ledger import Origin
+from prefs.store import GroupCommit, Statement, write_transaction
 from tests.factories import make_subscriber, make_topic
 
 INSERT = Statement("INSERT INTO instance_secrets (name, value) VALUES (:name, 'v')")

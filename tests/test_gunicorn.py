@@ -19,7 +19,8 @@ import pytest
 from gunicorn.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefs import create_app, ledger
+from prefs import create_app
+from prefs.domain import ledger
 from prefs.extensions import db
 from tests.conftest import TEST_KEYS
 
@@ -185,7 +186,7 @@ def test_the_config_reads_its_settings_from_the_environment(monkeypatch, tmp_pat
     assert (settings["workers"], settings["threads"], settings["worker_class"]) == (
         3,
         7,
-        "prefs.serving.ThreadWorker",
+        "prefs.ops.gunicorn_worker.ThreadWorker",
     )
     assert settings["preload_app"] is False
 

@@ -8,7 +8,7 @@ import pytest
 from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
-from prefs import i18n
+from prefs.web import i18n
 from tests.disks import fill, small_disk
 from tests.factories import make_subscriber, make_topic, preferences_token, unsubscribe_token
 

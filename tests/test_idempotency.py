@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
-from prefs import idempotency
+from prefs.domain import idempotency
 from prefs.errors import IdempotencyKeyInUse, IdempotencyKeyReused
 from prefs.extensions import db
 from prefs.models import Event, IdempotencyKey, utcnow

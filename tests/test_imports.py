@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import func, select, text
 
-from prefs import imports, ledger, subjects
-from prefs.import_formats import detect, parse_time, read_rows
-from prefs.ledger import Origin
+from prefs.domain import imports, ledger
+from prefs.domain.compliance import subjects
+from prefs.domain.import_formats import detect, parse_time, read_rows
+from prefs.domain.ledger import Origin
+from prefs.domain.privacy import address_fingerprint, address_fingerprinter
 from prefs.models import Event, Preference, Subscriber
-from prefs.privacy import address_fingerprint, address_fingerprinter
 from tests.factories import make_subscriber, make_topic
 
 SENDGRID = """\
@@ -279,7 +280,8 @@ MILLION = 1_000_000
 CHILD = textwrap.dedent(
     """
     import sys
-    from prefs import create_app, imports
+    from prefs import create_app
+    from prefs.domain import imports
     from prefs.extensions import db
     app = create_app({"TESTING": True, "DATABASE_URL": sys.argv[1], "SECRET_KEYS": ["k" * 20]})
     with app.app_context():

@@ -5,8 +5,9 @@ import socket
 
 import pytest
 
-from prefs import inbound, ledger, receiver
-from prefs.tokens import Tokens
+from prefs.domain import inbound, ledger
+from prefs.domain.tokens import Tokens
+from prefs.mail import smtpd as receiver
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
 

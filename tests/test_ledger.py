@@ -5,11 +5,11 @@ import re
 import pytest
 from sqlalchemy import func, select
 
-from prefs import ledger
+from prefs.domain import ledger
+from prefs.domain.ledger import Origin
+from prefs.domain.rules import Verdict
 from prefs.errors import InvalidValue, UnknownSubscriber, UnknownTopic
-from prefs.ledger import Origin
 from prefs.models import Event, Subscriber
-from prefs.rules import Verdict
 from tests.factories import events as trail
 from tests.factories import make_subscriber, make_topic
 

@@ -4,10 +4,10 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from prefs import link_requests, privacy
+from prefs.domain import link_requests, privacy
+from prefs.domain.ledger import find_subscriber
 from prefs.errors import NotRecorded, UnknownSubscriber
 from prefs.extensions import db
-from prefs.ledger import find_subscriber
 from prefs.models import ErasedAddress
 from tests.factories import make_subscriber
 

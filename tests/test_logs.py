@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-from prefs import keys, ledger, links, logs
-from prefs.ledger import Origin
+from prefs.domain import keys, ledger
+from prefs.domain.ledger import Origin
+from prefs.ops import logs
+from prefs.web import links
 from tests.factories import make_subscriber, make_topic
 
 
@@ -207,7 +209,7 @@ def test_scrub_masks_encoded_and_lookalike_at_signs(text):
     ],
 )
 def test_scrub_leaves_no_whole_token_whatever_its_surroundings(app, text):
-    from prefs import links
+    from prefs.web import links
 
     token = links.tokens().unsubscribe("AAAAAAAAAAAAAAAAAAAAAA", "news", "spring-2026")
     scrubbed = logs.scrub(text.format(token=token))

@@ -6,8 +6,8 @@ import ssl
 
 import pytest
 
-from prefs import mail
-from prefs.mail import Mailer, MailError, SmtpServer, compose, parse_smtp_url
+from prefs.mail import outbound as mail
+from prefs.mail.outbound import Mailer, MailError, SmtpServer, compose, parse_smtp_url
 from tests.smtp import PASSWORD, USER, LoopbackSMTP, free_port, self_signed_certificate
 
 TOKEN = "Ab3dEf6hIj9kLm2nOp.news.c1.aw5y2Q.kkITaLuds3Mlu7qaxyI7D7Dr5sM"
@@ -64,7 +64,7 @@ def test_the_message_is_text_with_an_html_alternative():
 
 
 def test_without_a_server_the_log_says_a_message_was_written_and_shows_no_address_or_token(caplog):
-    caplog.set_level(logging.DEBUG, logger="prefs.mail")
+    caplog.set_level(logging.DEBUG, logger="prefs.mail.outbound")
     Mailer(None).send(message())
     assert "a***@example.com" in caplog.text
     assert "ann@example.com" not in caplog.text

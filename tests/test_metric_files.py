@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import values
 
 from prefs import metrics  # noqa: F401 - installs the file class, as every worker does
-from prefs.metric_files import FIRST_SIZE, AllocatedFile, entry_size
+from prefs.ops.metric_files import FIRST_SIZE, AllocatedFile, entry_size
 from tests.disks import fill, small_disk
 
 
@@ -36,7 +36,7 @@ def test_a_new_file_on_a_full_disk_is_an_error_and_leaves_nothing_half_made(disk
     fill(disk)
     child = in_a_child(
         f"""
-        from prefs.metric_files import AllocatedFile
+        from prefs.ops.metric_files import AllocatedFile
         try:
             AllocatedFile({str(disk / "counter_1.db")!r})
         except OSError as err:
@@ -52,7 +52,7 @@ def test_a_file_that_must_grow_on_a_full_disk_refuses_the_new_figure_and_keeps_t
     child = in_a_child(
         f"""
         import os
-        from prefs.metric_files import AllocatedFile
+        from prefs.ops.metric_files import AllocatedFile
         from tests.disks import fill
         path = {str(disk / "counter_2.db")!r}
         figures = AllocatedFile(path)

@@ -6,9 +6,11 @@ from datetime import timedelta
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefs import ledger, metrics, register
-from prefs.ledger import Origin
+from prefs.domain import ledger
+from prefs.domain.compliance import requests as register
+from prefs.domain.ledger import Origin
 from prefs.models import utcnow
+from prefs.ops import metrics
 from tests.factories import make_subscriber, make_topic
 
 TOKEN = "metrics-token-0123456789"
@@ -209,7 +211,7 @@ def test_a_figure_with_no_room_is_dropped_counted_and_logged_once(client, sessio
     monkeypatch.undo()
     after = scrape(client)
     assert value(after, "prefs_metrics_dropped_total") - value(before, "prefs_metrics_dropped_total") == 3
-    lines = [r for r in caplog.records if r.name == "prefs.metrics"]
+    lines = [r for r in caplog.records if r.name == "prefs.ops.metrics"]
     assert len(lines) == 1 and "no room" in lines[0].getMessage()
     assert not ledger.verdict_for(session, "ann@example.com", "news").allowed  # the change itself stands
 

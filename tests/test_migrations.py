@@ -9,7 +9,8 @@ from flask_migrate import downgrade, upgrade
 from sqlalchemy import create_engine, inspect, text
 
 from prefs import create_app
-from prefs.extensions import Base, db, migrations, schema_objects
+from prefs.extensions import db, migrations
+from prefs.models import Base, schema_objects
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -123,7 +124,7 @@ def test_the_running_counts_migration_counts_what_is_on_file(tmp_path):
                 for statement in ON_FILE:
                     conn.execute(text(statement), {"now": "2026-11-20 10:00:00+00:00"})
             upgrade(directory=str(MIGRATIONS))
-            from prefs import overview
+            from prefs.domain import overview
             from tests.tables import counts, recounted
 
             session = db.session()

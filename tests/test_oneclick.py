@@ -8,7 +8,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from prefs import ledger
+from prefs.domain import ledger
 from prefs.extensions import limiter
 from prefs.extensions import session as db_session
 from prefs.models import Event, Subscriber

@@ -5,8 +5,8 @@ from datetime import timedelta
 
 from sqlalchemy import event, update
 
-from prefs import ledger, overview, topics
-from prefs.ledger import Origin
+from prefs.domain import ledger, overview, topics
+from prefs.domain.ledger import Origin
 from prefs.models import Event, utcnow
 from tests.factories import make_subscriber, make_topic
 
@@ -76,7 +76,7 @@ def test_topic_pages_hold_each_topic_once(session):
 
 
 def test_the_overview_reads_counts_and_pages_never_whole_tables(app, client, session):
-    from prefs import keys
+    from prefs.domain import keys
 
     make_topic(session, "news", name="Company news")
     ann = make_subscriber(session, "ann@example.com")

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, select
 
-from prefs import ledger, topics
+from prefs.domain import ledger, topics
 from prefs.models import Event, Subscriber
 from tests.factories import allowed, events, make_subscriber, make_topic, preferences_token, unsubscribe_token
 from tests.pages import ONE_CLICK, assert_public_headers
@@ -297,7 +297,7 @@ def test_an_undo_restores_the_choice_it_replaced_exactly(client, session, ann):
 
 
 def subject_preferences(session):
-    from prefs import subjects
+    from prefs.domain.compliance import subjects
 
     return subjects.export_subject(session, ANN)["preferences"]
 
@@ -422,7 +422,7 @@ def test_operator_text_is_escaped(client, session):
 
 
 def bad_tokens(app, subscriber):
-    from prefs.tokens import Tokens
+    from prefs.domain.tokens import Tokens
 
     good = unsubscribe_token(subscriber, "news")
     other_key = Tokens(["some-other-signing-key-0123456789"]).unsubscribe(subscriber.public_id, "news")

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from prefs import ledger, topics
+from prefs.domain import ledger, topics
 from tests.factories import allowed, events, make_subscriber, make_topic, preferences_token, unsubscribe_token
 
 ANN = "ann@example.com"

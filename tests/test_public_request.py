@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from prefs import ledger, privacy
+from prefs.domain import ledger, privacy
 from prefs.extensions import limiter
 from prefs.extensions import session as db_session
 from prefs.models import ErasedAddress, Subscriber
@@ -98,7 +98,7 @@ def test_known_unknown_and_erased_addresses_get_the_same_answer(mail_app, smtp_s
 def test_a_new_address_the_database_cannot_add_gets_the_same_answer_and_a_note(
     mail_app, smtp_server, monkeypatch, caplog
 ):
-    from prefs import link_requests
+    from prefs.domain import link_requests
     from prefs.errors import NotRecorded
 
     real = link_requests.public_id_for
@@ -109,7 +109,7 @@ def test_a_new_address_the_database_cannot_add_gets_the_same_answer_and_a_note(
         return real(session, email)
 
     monkeypatch.setattr(link_requests, "public_id_for", full_disk)
-    caplog.set_level(logging.WARNING, logger="prefs.public")
+    caplog.set_level(logging.WARNING, logger="prefs.web.public")
     client = mail_app.test_client()
     answers = [client.post("/unsubscribe", data={"email": e}) for e in (KNOWN, UNKNOWN)]
     assert {a.status_code for a in answers} == {200}

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from prefs import ledger, register
-from prefs.ledger import Origin
+from prefs.domain import ledger
+from prefs.domain.compliance import requests as register
+from prefs.domain.ledger import Origin
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
 ANNA = "anna@xn--bcher-kva.example.com"

@@ -14,9 +14,9 @@ from limits import parse
 from limits.storage import RedisStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
-from prefs import ratelimit
 from prefs.extensions import session as db_session
-from prefs.ratelimit import SkippedWhenSlow, SweptMemoryStorage
+from prefs.web import ratelimit
+from prefs.web.ratelimit import SkippedWhenSlow, SweptMemoryStorage
 from tests.factories import bearer, make_key, make_subscriber, make_topic, unsubscribe_token
 from tests.smtp import free_port
 
@@ -154,7 +154,7 @@ def timed_hit(limiter: FixedWindowRateLimiter, key: str) -> tuple[bool, float]:
 
 @pytest.mark.parametrize("kind", ["silent", "refusing", "slow at 150 ms"])
 def test_a_storage_that_does_not_answer_in_time_is_skipped_for_a_while(kind, caplog):
-    caplog.set_level(logging.WARNING, logger="prefs.ratelimit")
+    caplog.set_level(logging.WARNING, logger="prefs.web.ratelimit")
     clock = Clock()
     if kind == "silent":
         server = silent_redis()
@@ -174,12 +174,12 @@ def test_a_storage_that_does_not_answer_in_time_is_skipped_for_a_while(kind, cap
         clock.now += ratelimit.SKIP_SECONDS + 0.1
         assert timed_hit(limiter, "a")[0]  # tried again, and still not answering: skipped again
         assert storage.down
-    warnings = [r.getMessage() for r in caplog.records if r.name == "prefs.ratelimit"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "prefs.web.ratelimit"]
     assert len(warnings) == 1 and "did not answer" in warnings[0]
 
 
 def test_a_storage_that_answers_again_counts_again(caplog):
-    caplog.set_level(logging.WARNING, logger="prefs.ratelimit")
+    caplog.set_level(logging.WARNING, logger="prefs.web.ratelimit")
     store = redis.Redis.from_url(SHARED_REDIS)
     store.flushdb()
     clock = Clock()

@@ -5,9 +5,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select
 
-from prefs import ledger, register
+from prefs.domain import ledger
+from prefs.domain.compliance import requests as register
 from prefs.errors import Conflict, InvalidAddress, InvalidValue, UnknownRequest
-from prefs.models import Event, Request, Subscriber, utcnow
+from prefs.models import DataRequest, Event, Subscriber, utcnow
 from tests.factories import make_subscriber, make_topic
 from tests.tables import database_text
 
@@ -138,7 +139,7 @@ def test_completing_access_attaches_the_export_and_forgets_the_address(session):
     assert completion.export["preferences"][0]["topic"] == "news"
     assert [e["action"] for e in completion.export["events"]] == ["unsubscribe"]
     assert completion.export["requests"][0]["type"] == "access"
-    closed = session.get(Request, item.id)
+    closed = session.get(DataRequest, item.id)
     assert closed.completed_at is not None and closed.outcome == "exported" and closed.email is None
     with pytest.raises(Conflict):
         register.complete_request(session, item.id)
@@ -160,7 +161,7 @@ def test_completing_erasure_erases_and_the_register_keeps_no_address(session):
     assert session.scalar(select(Subscriber)) is None
     assert session.scalar(select(Event.subscriber_id)) is None
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "erased"
-    closed = session.get(Request, item.id)
+    closed = session.get(DataRequest, item.id)
     assert closed.label == "erased" and closed.outcome == "erased"
     assert "ann@example.com" not in database_text(session)
 
@@ -256,7 +257,7 @@ def test_completing_any_request_scrubs_every_form_of_the_address_from_its_note(s
     item = register.record_request(session, kind, ANNA, note=ANNA_NOTE)
     register.complete_request(session, item.id, note="answered ANNA@bücher.example.com by phone")
     session.expire_all()
-    note = session.get(Request, item.id).note
+    note = session.get(DataRequest, item.id).note
     assert_no_form_of_anna(note)
     assert note.count("a***@") == 5 and note.endswith("by phone")  # the note still reads
 
@@ -267,5 +268,5 @@ def test_an_erasure_scrubs_every_form_from_the_other_requests_of_the_address(ses
     erasure = register.record_request(session, "erasure", "anna@bücher.example.com")
     register.complete_request(session, erasure.id)
     session.expire_all()
-    assert_no_form_of_anna(session.get(Request, other.id).note)
+    assert_no_form_of_anna(session.get(DataRequest, other.id).note)
     assert "bücher" not in database_text(session).casefold()

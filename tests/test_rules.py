@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from prefs.rules import (
+from prefs.domain.rules import (
     ALLOWED,
     LEFT_ALL_REASONS,
     STRANGER,

@@ -20,8 +20,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from prefs import create_app, inbound, ledger, mailauth, receiver
+from prefs import create_app
+from prefs.domain import inbound, ledger
 from prefs.extensions import db
+from prefs.mail import auth as mailauth
+from prefs.mail import smtpd as receiver
 from tests.conftest import TEST_KEYS
 from tests.factories import make_subscriber, make_topic, unsubscribe_token
 
@@ -313,7 +316,7 @@ def assert_try_again_without_internals(port, raw, rcpt=MAILBOX):
 
 def test_an_unreachable_database_answers_451_without_internals(tmp_path, monkeypatch, serve):
     app = unreachable_app(tmp_path, monkeypatch)
-    from prefs.tokens import Tokens
+    from prefs.domain.tokens import Tokens
 
     token = Tokens(TEST_KEYS).unsubscribe("abcdefghijklmnop", None)
     port = serve(app)

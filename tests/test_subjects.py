@@ -6,10 +6,11 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from prefs import imports, ledger, subjects
+from prefs.domain import imports, ledger
+from prefs.domain.compliance import subjects
+from prefs.domain.ledger import Origin
 from prefs.errors import UnknownSubscriber
 from prefs.extensions import db
-from prefs.ledger import Origin
 from tests.factories import make_subscriber, make_topic
 from tests.tables import database_text
 

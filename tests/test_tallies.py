@@ -12,10 +12,12 @@ import pytest
 from sqlalchemy import Date, and_, case, cast, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from prefs import campaigns, imports, ledger, overview, register, subjects, tallies
+from prefs.domain import campaigns, imports, ledger, overview
+from prefs.domain.compliance import requests as register
+from prefs.domain.compliance import subjects
+from prefs.domain.ledger import Change, Origin
 from prefs.extensions import db
 from prefs.extensions import session as db_session
-from prefs.ledger import Change, Origin
 from prefs.models import (
     Event,
     Preference,
@@ -23,6 +25,7 @@ from prefs.models import (
     Topic,
     utcnow,
 )
+from prefs.store import tallies
 from tests.factories import (
     bearer,
     make_key,

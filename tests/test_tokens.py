@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from itsdangerous import TimestampSigner
 
+from prefs.domain.tokens import Tokens, UnsubscribeToken
 from prefs.errors import InvalidToken, InvalidValue
-from prefs.tokens import Tokens, UnsubscribeToken
 
 OLD = "old-key-0123456789abcdef"
 NEW = "new-key-0123456789abcdef"
@@ -47,11 +47,11 @@ def test_fast_signing_equals_itsdangerous():
 def test_the_bulk_minter_signs_as_itsdangerous_does(key, public_id, topic):
     # the check's minter writes HMAC out by hand: any key, any value, the same signature
     tokens = Tokens([key])
-    token = tokens.unsubscriber(topic, "spring-2026")(public_id)
+    token = tokens.unsubscribe_minter(topic, "spring-2026")(public_id)
     value, _, signature = token.rpartition(".")
     assert TimestampSigner([key], salt="prefs.unsubscribe").get_signature(value).decode() == signature
     assert tokens.read_unsubscribe(token) == UnsubscribeToken(public_id, topic, "spring-2026")
-    preferences = tokens.preferencer()(public_id)
+    preferences = tokens.preferences_minter()(public_id)
     assert tokens.read_preferences(preferences) == public_id
 
 
@@ -153,7 +153,7 @@ def test_a_link_minted_on_a_clock_ahead_is_good_up_to_five_minutes(ahead, good):
     reader = Tokens([NEW], max_age=3600, clock=here)
     links = [
         (reader.read_unsubscribe, there.unsubscribe(PID, "news", "c1")),
-        (reader.read_unsubscribe, there.unsubscriber("news")(PID)),  # the check's bulk minter
+        (reader.read_unsubscribe, there.unsubscribe_minter("news")(PID)),  # the check's bulk minter
         (reader.read_preferences, there.preferences(PID)),
     ]
     for read, link in links:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from prefs import topics
+from prefs.domain import topics
+from prefs.domain.rules import TRANSACTIONAL_CATEGORY, Category
 from prefs.errors import Conflict, InvalidValue, UnknownTopic
-from prefs.rules import TRANSACTIONAL_CATEGORY, Category
 from tests.factories import make_topic
 
 

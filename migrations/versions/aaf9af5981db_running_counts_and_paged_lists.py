@@ -12,7 +12,7 @@ Create Date: 2026-12-03 16:26:09.940810
 from alembic import op
 import sqlalchemy as sa
 
-from prefs import tallies
+from prefs.store import tallies
 
 
 # revision identifiers, used by Alembic.

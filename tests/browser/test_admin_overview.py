@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from prefs import campaigns, keys, ledger, register
+from prefs.domain import campaigns, keys, ledger
+from prefs.domain.compliance import requests as register
+from prefs.domain.ledger import Origin
 from prefs.extensions import db
-from prefs.ledger import Origin
 from prefs.models import Event, utcnow
 from tests.factories import make_subscriber, make_topic
 from tests.servers import serving

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Page, expect
 
-from prefs import ledger
+from prefs.domain import ledger
 from tests.factories import allowed, make_subscriber, preferences_token, unsubscribe_token
 
 pytestmark = pytest.mark.browser

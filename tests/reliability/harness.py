@@ -22,7 +22,8 @@ from urllib.parse import urlencode
 
 from sqlalchemy import insert
 
-from prefs import create_app, ledger, privacy, topics
+from prefs import create_app
+from prefs.domain import ledger, privacy, topics
 from prefs.extensions import db
 from prefs.models import Subscriber
 from tests.conftest import TEST_KEYS
@@ -75,7 +76,7 @@ def seed(database_url: str, instance: Path, addresses: Iterable[str], topic_keys
             if rows:
                 session.execute(insert(Subscriber), rows)
                 session.commit()
-            from prefs import keys
+            from prefs.domain import keys
 
             _, secret = keys.create_key(session, "reliability", list(keys.SCOPES))
             privacy.fingerprint_key(session)  # made now, not raced for by the workers

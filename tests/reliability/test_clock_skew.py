@@ -12,8 +12,8 @@ import time
 import pytest
 from sqlalchemy import create_engine, select
 
+from prefs.domain.tokens import Tokens
 from prefs.models import Preference, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Service, seed, timed

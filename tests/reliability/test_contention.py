@@ -13,9 +13,9 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from sqlalchemy import create_engine, select
 
-from prefs import ledger
+from prefs.domain import ledger
+from prefs.domain.tokens import Tokens
 from prefs.models import Event, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Outcome, Service, seed, timed

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+from prefs.domain.tokens import Tokens
 from prefs.models import Event, Preference, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Outcome, Service, seed, timed, wait_until

@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from prefs import create_app, ledger, receiver
+from prefs import create_app
+from prefs.domain import ledger
+from prefs.domain.tokens import Tokens
 from prefs.extensions import db
-from prefs.tokens import Tokens
+from prefs.mail import smtpd as receiver
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import Service, free_port, seed, timed

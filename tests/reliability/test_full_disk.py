@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
+from prefs.domain.tokens import Tokens
 from prefs.models import Preference, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.disks import fill, small_disk
 from tests.reliability.figures import report

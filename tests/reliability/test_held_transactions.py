@@ -19,9 +19,9 @@ from contextlib import ExitStack, contextmanager
 import pytest
 from sqlalchemy import create_engine, text
 
-from prefs import feeds, ledger
+from prefs.domain import feeds, ledger
+from prefs.domain.tokens import Tokens
 from prefs.extensions import db
-from prefs.tokens import Tokens
 from tests.conftest import SERVER_URL, TEST_KEYS, drop_postgresql_database, fresh_postgresql_database
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Cluster, Service, request, seed, timed

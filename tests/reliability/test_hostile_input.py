@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from prefs import ledger
+from prefs.domain import ledger
+from prefs.domain.tokens import Tokens
 from prefs.extensions import db
 from prefs.models import Event
-from prefs.tokens import Tokens
 from tests.factories import (
     bearer,
     make_key,
@@ -182,7 +182,7 @@ NASTY = "<b id=\"x\" onmouseover='alert(1)'>&amp;Evil</b>"
 def test_every_page_that_shows_an_address_or_a_topic_escapes_it(app, session, client):
     topic = make_topic(session, "news", name=NASTY)
     make_topic(session, "other", name=NASTY + "2")
-    from prefs import topics as topic_service
+    from prefs.domain import topics as topic_service
 
     topic_service.update_topic(session, "news", description=NASTY)
     ann = make_subscriber(session, "ann@example.com")

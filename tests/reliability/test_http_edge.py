@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from prefs.tokens import Tokens
+from prefs.domain.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import ONE_CLICK_BODY, Service, request, seed, timed

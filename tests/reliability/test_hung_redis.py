@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from prefs.tokens import Tokens
+from prefs.domain.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import (

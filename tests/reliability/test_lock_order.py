@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
 
+from prefs.domain.tokens import Tokens
 from prefs.models import Event
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Outcome, Service, seed, timed

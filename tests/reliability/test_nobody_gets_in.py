@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from prefs import logs
+from prefs.domain.tokens import Tokens
 from prefs.extensions import db
-from prefs.tokens import Tokens
+from prefs.ops import logs
 from tests.factories import (
     bearer,
     make_key,
@@ -211,7 +211,7 @@ def test_a_removed_key_is_refused_and_a_retired_listed_key_still_works(make_app)
     rotated = make_app(SECRET_KEYS=[current])
     assert rotated.test_client().post(f"/u/{by_retired}", data=ONE_CLICK).status_code == 400
     with app.app_context():
-        from prefs import ledger
+        from prefs.domain import ledger
 
         assert not ledger.verdict_for(db.session(), "ann@example.com", "news").allowed
         assert ledger.verdict_for(db.session(), "bob@example.com", "news").allowed

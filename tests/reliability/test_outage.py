@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select, text
 
+from prefs.domain.tokens import Tokens
 from prefs.models import Preference, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS, drop_postgresql_database, fresh_postgresql_database
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, ONE_CLICK_BODY, Cluster, Outcome, Service, seed, timed

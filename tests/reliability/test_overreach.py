@@ -18,9 +18,9 @@ from urllib.parse import urlencode
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from prefs.feeds import encode_cursor
+from prefs.domain.feeds import encode_cursor
+from prefs.domain.tokens import Tokens
 from prefs.models import Event, Subscriber
-from prefs.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import FORM, Service, request, seed

@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from prefs import privacy
+from prefs.domain import privacy
 from prefs.extensions import db
 from prefs.models import ErasedAddress
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database

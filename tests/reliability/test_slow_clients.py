@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from prefs.tokens import Tokens
+from prefs.domain.tokens import Tokens
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import Outcome, Service, seed, timed

@@ -24,10 +24,10 @@ from hypothesis.stateful import (
 )
 from werkzeug.datastructures import MultiDict
 
-from prefs import ledger
+from prefs.domain import ledger
+from prefs.domain.tokens import Tokens
 from prefs.extensions import db
 from prefs.models import Event
-from prefs.tokens import Tokens
 from tests.factories import bearer, make_key, make_topic
 from tests.reliability.figures import report
 

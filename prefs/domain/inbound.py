@@ -1,0 +1,122 @@
+"""Mail to the unsubscribe address: find the request in it, and honour it only when it is proven."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from ..errors import InvalidMessage, InvalidToken, MessageTooLarge, TryLater, UnknownSubscriber, UnknownTopic
+from . import authresults, ledger, mailreader
+from .addresses import normalize_or_none
+from .ledger import Origin
+from .mailreader import MAX_MESSAGE, Message
+from .tokens import Tokens
+
+__all__ = ["MAX_MESSAGE", "InvalidMessage", "MessageTooLarge", "Outcome", "TryLater", "handle"]
+
+_SUBJECT_TOKEN = re.compile(r"unsubscribe-([A-Za-z0-9_.~-]{20,256})", re.IGNORECASE)
+_LOCAL_TOKEN = re.compile(r"^[^@+]+\+([A-Za-z0-9_.~-]{20,256})@", re.IGNORECASE)
+_RECIPIENT_FIELDS = ("to", "delivered-to", "x-original-to")
+
+# given the message and its From domain, tell whether that domain is proven by DMARC
+SenderCheck = Callable[[Message, str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What was done with a message, and why."""
+
+    action: str  # "unsubscribed", "already_unsubscribed" or "ignored"
+    scope: str | None
+    reason: str
+
+
+def parse(raw: bytes) -> Message:
+    """Read a raw message within bounds, or raise ``InvalidMessage``."""
+    return mailreader.read(raw)
+
+
+def find_token(message: Message, recipients: list[str]) -> str | None:
+    """Return the token that a List-Unsubscribe mailto put in the subject or the address."""
+    match = _SUBJECT_TOKEN.search(mailreader.subject(message))
+    if match:
+        return match.group(1)
+    candidates = list(recipients)
+    for name in _RECIPIENT_FIELDS:
+        candidates.extend(mailreader.addresses(message, name))
+    for address in candidates:
+        local = _LOCAL_TOKEN.match(address.strip())
+        if local:
+            return local.group(1)
+    return None
+
+
+def sole_sender(message: Message) -> str | None:
+    """Return the normalized From address when there is exactly one From field with one address."""
+    if len(message.values("from")) != 1 or message.from_lines != 1:
+        return None
+    senders = mailreader.addresses(message, "from")
+    return normalize_or_none(senders[0]) if len(senders) == 1 else None
+
+
+def is_our_mailbox(address: str, mailbox: str) -> bool:
+    """Tell whether a recipient is the unsubscribe mailbox or one of its ``+<token>`` forms."""
+    local, at, domain = address.strip().rpartition("@")
+    our_local, _, our_domain = mailbox.rpartition("@")
+    if not at or not (local.lower() == our_local or local.lower().startswith(our_local + "+")):
+        return False
+    normalized = normalize_or_none(f"{our_local}@{domain}")
+    return normalized is not None and normalized.rpartition("@")[2] == our_domain
+
+
+def handle(
+    session: Session,
+    tokens: Tokens,
+    raw: bytes,
+    recipients: list[str] | None = None,
+    authserv_id: str | None = None,
+    check_sender: SenderCheck | None = None,
+) -> Outcome:
+    """Record the opt-out a message asks for, if it names one or proves its sender.
+
+    Without ``check_sender``, the sender is proven only by the results our boundary MTA
+    (``authserv_id``) put at the top of the message. ``check_sender`` may raise ``TryLater``.
+    """
+    message = mailreader.read(raw)
+    token = find_token(message, recipients or [])
+    if token is not None:
+        return _by_token(session, tokens, token)
+    address = sole_sender(message)
+    if address is None:
+        return Outcome("ignored", None, "the message has no single valid From address")
+    domain = address.rpartition("@")[2]
+    if check_sender is None:
+        proven = authresults.boundary_proves(message, authserv_id, domain)
+    else:
+        proven = check_sender(message, domain)
+    if not proven:
+        return Outcome("ignored", None, "no token, and the sender is not proven by dmarc=pass from our host")
+    try:
+        subscriber = ledger.ensure_subscriber(session, address)
+    except UnknownSubscriber:
+        return Outcome("already_unsubscribed", "all", "the address was erased")
+    changed = ledger.record_opt_out(session, subscriber.public_id, None, Origin("mailto"))
+    return Outcome("unsubscribed" if changed else "already_unsubscribed", "all", "sender proven by DMARC")
+
+
+def _by_token(session: Session, tokens: Tokens, token: str) -> Outcome:
+    try:
+        named = tokens.read_unsubscribe(token)
+    except InvalidToken:
+        return Outcome("ignored", None, "the token in the message is not valid")
+    origin = Origin("mailto", campaign=named.campaign)
+    try:
+        changed = ledger.record_opt_out(session, named.public_id, named.topic, origin)
+    except (UnknownSubscriber, UnknownTopic) as err:
+        return Outcome("ignored", None, str(err))
+    return Outcome(
+        "unsubscribed" if changed else "already_unsubscribed", named.topic or "all", "token in the message"
+    )

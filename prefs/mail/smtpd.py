@@ -1,0 +1,151 @@
+"""``flask --app prefs smtpd``: an SMTP receiver for the unsubscribe mailbox, fed to ``inbound``.
+
+It listens where the internet may reach it, so it takes mail only for the mailbox
+(``PREFS_UNSUBSCRIBE_MAILTO`` and its ``+<token>`` forms), a few recipients and 1 MiB at a
+time, believes no ``Authentication-Results`` that came in a message (it evaluates SPF, DKIM
+and DMARC itself, ``mailauth``), and reads each message in a worker thread so one hostile
+message never stalls the other clients. A fault on our side answers ``451 4.3.0``: the
+sender keeps the opt-out and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+from flask import Flask
+
+from ..domain import inbound
+from ..errors import InvalidMessage, MessageTooLarge, TryLater
+from ..extensions import session
+from ..web.links import tokens
+from . import auth as mailauth
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = inbound.MAX_MESSAGE
+MAX_RECIPIENTS = 10
+WORKERS = 4
+# lines of DATA read before the event loop serves the other clients
+FAIR_LINES = 256
+
+TRY_LATER = "451 4.3.0 temporary local problem, please try again later"
+TOO_LARGE = "552 5.3.4 the message is larger than this host accepts"
+
+
+class UnsubscribeHandler:
+    """Take each message for the unsubscribe address and honour what it asks."""
+
+    def __init__(
+        self, app: Flask, mailbox: str, resolver: mailauth.Resolver, pool: ThreadPoolExecutor
+    ) -> None:
+        self.app = app
+        self.mailbox = mailbox
+        self.resolver = resolver
+        self.pool = pool
+
+    async def handle_RCPT(
+        self, server: Any, smtp_session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not inbound.is_our_mailbox(address, self.mailbox):
+            return "550 5.1.1 no such mailbox here: this host receives unsubscribe requests only"
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, smtp_session: Any, envelope: Any) -> str:
+        peer = smtp_session.peer[0] if isinstance(smtp_session.peer, tuple) else str(smtp_session.peer)
+        check = mailauth.SenderCheck(
+            self.resolver, peer, str(smtp_session.host_name or ""), str(envelope.mail_from or "")
+        )
+        raw = envelope.original_content or b""
+        recipients = list(envelope.rcpt_tos)
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self.pool, self._honour, raw, recipients, check)
+        except MessageTooLarge:
+            return TOO_LARGE
+        except InvalidMessage as err:
+            return f"550 5.6.0 {err}"
+        except TryLater as err:
+            return f"451 4.4.3 {err}"
+        except Exception as err:  # our database or our code: the sender must keep the opt-out and retry
+            log.error("inbound mail: not recorded, answered 451 (%s)", type(err).__name__)
+            return TRY_LATER
+        log.info("inbound mail: %s (%s)", outcome.action, outcome.reason)
+        # accepted either way: a refusal would bounce to someone who only asked to leave
+        return "250 2.0.0 OK"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("inbound mail: SMTP session failed (%s)", type(error).__name__)
+        return TRY_LATER
+
+    def _honour(self, raw: bytes, recipients: list[str], check: mailauth.SenderCheck) -> inbound.Outcome:
+        with self.app.app_context():
+            return inbound.handle(session(), tokens(), raw, recipients, check_sender=check)
+
+
+class _Server(SMTP):
+    """aiosmtpd's SMTP, fair to other clients, with the size refusals' enhanced code (RFC 3463)."""
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        read_line = reader.readuntil
+        lines = itertools.count(1)
+
+        async def fair_readuntil(separator: bytes = b"\n") -> bytes:
+            # a client streaming short lines never leaves the buffer empty, and a read from a
+            # full buffer never yields: without this, one message of 1 MiB of empty lines
+            # held every other client for 1.6 s
+            if next(lines) % FAIR_LINES == 0:
+                await asyncio.sleep(0)
+            return await read_line(separator)
+
+        reader.readuntil = fair_readuntil  # type: ignore[method-assign,assignment]
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and status.startswith("552 Error"):
+            status = TOO_LARGE
+        await super().push(status)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _Server(self.handler, **self.SMTP_kwargs)
+
+
+class Receiver:
+    """A running receiver: its SMTP server thread and its pool of worker threads."""
+
+    def __init__(self, controller: Controller, pool: ThreadPoolExecutor) -> None:
+        self.controller = controller
+        self.pool = pool
+
+    def stop(self) -> None:
+        """Stop taking connections, then let the messages being read finish."""
+        self.controller.stop()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None = None) -> Receiver:
+    """Start the receiver in a thread and return it; ``resolver`` answers its DNS questions."""
+    mailbox = app.config.get("UNSUBSCRIBE_MAILTO")
+    if not mailbox:
+        raise ValueError("PREFS_UNSUBSCRIBE_MAILTO is not set: it is the only mailbox smtpd receives for")
+    # aiosmtpd logs each sender, recipient and line of data at INFO and DEBUG
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="prefs-smtpd")
+    handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool)
+    # aiosmtpd would otherwise look up the host's name (socket.getfqdn) for each connection
+    controller = _Controller(
+        handler, hostname=host, port=port, server_hostname=socket.getfqdn(), data_size_limit=MAX_MESSAGE
+    )
+    controller.start()
+    return Receiver(controller, pool)

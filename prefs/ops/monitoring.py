@@ -1,0 +1,167 @@
+"""The operations surface: ``/metrics``, and the timing and JSON log line of every request."""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from ..domain.compliance.requests import count_requests
+from ..extensions import db
+from .logs import request_id
+from .metrics import ERRORS, LATENCY, dropped, prepare
+
+# set in a request's environ once its access line is written: gunicorn's logger then writes none
+LOGGED = "prefs.logged"
+access = logging.getLogger("prefs.access")
+log = logging.getLogger(__name__)
+bp = Blueprint("monitoring", __name__)
+
+
+def route() -> str:
+    """Return the route pattern of this request (never its path, which may hold a token)."""
+    rule = request.url_rule
+    return rule.rule if rule is not None else "<unmatched>"
+
+
+class RegisterCollector(Collector):
+    """Read the open and overdue requests from the database at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        open_count, overdue = count_requests(db.session())
+        yield GaugeMetricFamily("prefs_requests_open", "Data-subject requests not yet completed", open_count)
+        yield GaugeMetricFamily("prefs_requests_overdue", "Open requests past their due date", overdue)
+
+
+def scrape() -> bytes:
+    """Return the metrics in Prometheus text format, summed across workers when multiprocess."""
+    registry = CollectorRegistry()
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
+            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+        MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Default())
+    registry.register(RegisterCollector())
+    return generate_latest(registry)
+
+
+class _Default(Collector):
+    """Yield this process's own metrics (the default registry's)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+def forwarded(environ: dict[str, object]) -> bool:
+    """Tell whether a request carries any header a proxy adds for the client behind it."""
+    for key in environ:
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:]
+        if (
+            name == "VIA"
+            or "FORWARD" in name
+            or "CLIENT" in name
+            or name.endswith(("_IP", "_ADDR", "_ADDRESS"))
+            or name.startswith(("X_REAL_", "X_ORIGINAL_", "X_ORIGINATING_", "X_REMOTE_"))
+        ):
+            return True
+    return False
+
+
+def loopback(address: str | None) -> bool:
+    """Tell whether an address is this host's own (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _allowed() -> Response | None:
+    token: str | None = current_app.config["METRICS_TOKEN"]
+    if token:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return Response(
+                "a bearer token is required\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'}
+            )
+        return None
+    # local: the socket's peer (not the client a proxy fix read from a header) is this host,
+    # and nothing says a proxy on this host forwarded the request for someone elsewhere
+    environ = request.environ
+    peer = environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", environ.get("REMOTE_ADDR"))
+    if loopback(peer) and not forwarded(environ):
+        return None
+    return Response("set PREFS_METRICS_TOKEN to read the metrics from elsewhere\n", 403)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Answer the Prometheus scrape."""
+    refused = _allowed()
+    if refused is not None:
+        return refused
+    try:
+        figures = scrape()
+    except OSError as err:  # the metrics folder is gone or unreadable: the workers still answer
+        log.warning("metrics unreadable: %s", err.strerror or type(err).__name__)
+        return Response("the metrics folder cannot be read\n", 503, {"Retry-After": "60"})
+    return Response(figures, content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
+
+
+def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
+    """Count one answered request in the metrics and write its access-log line."""
+    try:
+        LATENCY.labels(pattern, method).observe(elapsed)
+        if status >= 400:
+            ERRORS.labels(str(status)).inc()
+    except OSError as err:
+        dropped(err)
+    access.info(
+        "request",
+        extra={
+            "request_id": rid,
+            "method": method,
+            "route": pattern,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
+
+
+def register(app: Flask) -> None:
+    """Time and log every request by route pattern, count errors by status, serve ``/metrics``."""
+    prepare()
+
+    @app.before_request
+    def start() -> None:
+        g.request_id = request_id(request.headers.get("X-Request-ID"))
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        started = g.get("request_started")
+        if started is None:
+            return response
+        observe(route(), request.method, response.status_code, time.perf_counter() - started, g.request_id)
+        request.environ[LOGGED] = True
+        response.headers["X-Request-ID"] = g.request_id
+        return response
+
+    app.register_blueprint(bp)
