@@ -10,7 +10,7 @@ from prefs.extensions import db
 from prefs.store import driver_rows, driver_rows_meanwhile, read_snapshot, run_committed, write_transaction
 
 # the module, not the Flask-SQLAlchemy extension that prefs exports as ``db``
-db_module = importlib.import_module("prefs.store")
+db_module = importlib.import_module("prefs.store.transactions")
 
 
 def test_sqlite_pragmas_are_set_on_every_connection(app, session):
@@ -176,15 +176,15 @@ def test_a_write_lock_that_cannot_be_made_is_the_database_being_unavailable(tmp_
 
 
 def test_a_uri_filename_shares_its_write_lock_with_the_plain_path(make_app, tmp_path):
-    from prefs.store import _gates
+    from prefs.store import gate_of
 
     path = tmp_path / "uri.sqlite3"
     plain = make_app(DATABASE_URL=f"sqlite:///{path}")
     uri = make_app(DATABASE_URL=f"sqlite:///file:{path}?mode=rw&uri=true")
     with plain.app_context():
-        plain_gate = _gates[db.engine]
+        plain_gate = gate_of(db.engine)
     with uri.app_context():
-        uri_gate = _gates[db.engine]
+        uri_gate = gate_of(db.engine)
         with write_transaction(db.session()):
             db.session().execute(text("SELECT 1"))
     assert uri_gate._path == plain_gate._path == f"{path}.write-lock"

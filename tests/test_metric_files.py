@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from prometheus_client import values
 
-from prefs import metrics  # noqa: F401 - installs the file class, as every worker does
+from prefs.ops import metrics  # noqa: F401 - installs the file class, as every worker does
 from prefs.ops.metric_files import FIRST_SIZE, AllocatedFile, entry_size
 from tests.disks import fill, small_disk
 

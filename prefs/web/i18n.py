@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 LANGUAGES = ("en", "de", "fr", "es")
 DEFAULT = "en"
-CATALOGS = Path(__file__).resolve().parent / "translations"
+CATALOGS = Path(__file__).resolve().parent.parent / "translations"
 
 # the friendly words for the statuses a page can end in, whatever raised them
 ERROR_TEXT = {
