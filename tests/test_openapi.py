@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from schemathesis import checks
 
-from prefs.web.api import views as api
+from prefs.web import api
 from prefs.web.api.openapi import OPERATIONS
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 from tests.reliability.figures import report

@@ -8,9 +8,8 @@ from flask import Flask
 def register(app: Flask) -> None:
     """Install the app's hooks and blueprints, in the order they must run."""
     from ..ops import health, monitoring
-    from . import hosts, public, responses
+    from . import api, hosts, public, responses
     from .admin import views as admin
-    from .api import views as api
 
     responses.register(app)
     monitoring.register(app)
