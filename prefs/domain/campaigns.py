@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, aliased
 
 from ..errors import UnknownTopic
 from ..models import CampaignSend, CampaignTally, Topic, utcnow
-from ..store import Statement, write_transaction
+from ..store import queries, write_transaction
 from . import cursors
 from .rules import TRANSACTIONAL
 from .topics import lookup_key
@@ -44,19 +44,9 @@ def count_sent(
     now = now or utcnow()
     params = {"campaign": campaign, "key": lookup_key(topic_key), "allowed": allowed_count, "now": now}
     with write_transaction(session, events=False):
-        counted = _COUNT_SENT.first(session, params)
+        counted = queries.COUNT_SENT.first(session, params)
     if counted is None:
         raise UnknownTopic(f"there is no topic {topic_key!r}")
-
-
-_COUNT_SENT = Statement(
-    "INSERT INTO campaign_sends (campaign, topic_id, allowed, first_at, last_at)"
-    " SELECT :campaign, id, :allowed, :now, :now FROM topics WHERE key = :key"
-    " ON CONFLICT (campaign, topic_id) DO UPDATE"
-    " SET allowed = campaign_sends.allowed + excluded.allowed, last_at = excluded.last_at"
-    " RETURNING topic_id",
-    now=CampaignSend.__table__.c.first_at.type,
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ from ..errors import InvalidValue
 FORMATS = ("sendgrid", "mailchimp", "postmark", "mailgun", "plain")
 IMPORTED, COMPLAINED, BOUNCED = "imported", "complained", "bounced"
 # when a file lists an address twice, the stronger reason wins
-RANK = {IMPORTED: 1, BOUNCED: 2, COMPLAINED: 3}
 # Postmark's SuppressionReason values
 POSTMARK_REASONS = {"hardbounce": BOUNCED, "spamcomplaint": COMPLAINED, "manualsuppression": IMPORTED}
 # Mailchimp's unsubscribe reasons that are really spam reports

@@ -41,9 +41,10 @@ from ..models import ErasedAddress, Event, Preference, Subscriber, UTCDateTime, 
 from ..ops import metrics
 from ..store import run_committed, tallies
 from .addresses import normalize_or_none
-from .import_formats import RANK, Row, read_rows
+from .import_formats import Row, read_rows
 from .ledger import UNSUBSCRIBE, insert_for, new_public_ids, txid_for
 from .privacy import address_fingerprinter, fingerprint_key
+from .rules import rank
 from .topics import get_topic
 
 BATCH = 5000
@@ -177,8 +178,8 @@ def _valid(chunk: Iterable[Row], summary: Summary, now: datetime) -> Batch:
         seen = batch.get(email)
         if seen is None:
             batch[email] = (row.reason, at, row.campaign)
-        elif RANK[row.reason] > RANK[seen[0]] or at < seen[1]:
-            reason = row.reason if RANK[row.reason] > RANK[seen[0]] else seen[0]
+        elif rank(row.reason) > rank(seen[0]) or at < seen[1]:
+            reason = row.reason if rank(row.reason) > rank(seen[0]) else seen[0]
             batch[email] = (reason, min(at, seen[1]), seen[2] or row.campaign)
     return batch
 

@@ -30,16 +30,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Boolean, Engine, literal_column, select
+from sqlalchemy import Engine, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ..errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
-from ..models import ErasedAddress, Event, Preference, Subscriber, Topic, UTCDateTime, utcnow
+from ..models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
 from ..ops import metrics
-from ..store import GroupCommit, Statement, Writer, bound_lock_waits, run_committed, write_transaction
+from ..store import GroupCommit, Writer, bound_lock_waits, queries, run_committed, write_transaction
 from .privacy import address_fingerprint, fingerprint_key
-from .rules import LEFT_ALL_REASONS, LIFTED_BY, STRANGER, Category, State, Verdict, held_by, rejoin, verdict
+from .rules import (
+    LEFT_ALL_REASONS,
+    LIFTED_BY,
+    RANK,
+    STRANGER,
+    Category,
+    State,
+    Verdict,
+    held_by,
+    rank,
+    rejoin,
+    verdict,
+)
 from .topics import KEY, resolve
 
 SOURCES = ("one-click", "page", "preferences", "mailto", "api", "import", "cli")
@@ -49,7 +61,6 @@ RESUBSCRIBE = "resubscribe"
 # unchanged, so the change feed does not list it
 BOUNCE_LIFTED = "bounce-lifted"
 # a stronger reason replaces a weaker one; a weaker one never hides a complaint
-_RANK = {"complained": 3, "bounced": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +105,12 @@ def insert_for(session: Session) -> Any:
 
 
 # the writing transaction's id on PostgreSQL; SQLite's writers are serialized and write 0
-PG_TXID = "pg_current_xact_id()::text::bigint"
 
 
 def txid_for(session: Session) -> Any:
     """Return the value of ``events.txid`` for rows written in this transaction."""
     if session.get_bind().dialect.name == "postgresql":
-        return literal_column(PG_TXID)
+        return literal_column(queries.PG_TXID)
     return 0
 
 
@@ -279,68 +289,8 @@ def _group(engine: Engine) -> GroupCommit[Change, Recorded]:
     return group
 
 
-# The single-change path (one-click, pages, events) runs these prepared statements:
-# building SQLAlchemy constructs per request cost more than the database work.
-_BUMP = Statement(
-    "UPDATE subscribers SET version = version + 1 WHERE public_id = :public_id"
-    # bounced_at itself: SQLite 3.40 answers "bounced_at IS NOT NULL" wrongly in a RETURNING
-    " RETURNING id, version, left_all_version, left_all_reason, bounced_at"
-)
-_TOPIC_ID = Statement("SELECT id, opt_in FROM topics WHERE key = :key")
-# choosing an opt-out topic one receives by default changes nothing, unless a refusal is on file
-_BACK_TO_DEFAULT = Statement(
-    "UPDATE preferences SET subscribed = :subscribed, version = :version, source = :source,"
-    " updated_at = :now WHERE subscriber_id = :subscriber_id AND topic_id = :topic_id"
-    " AND NOT subscribed RETURNING topic_id",
-    now=UTCDateTime(),
-    subscribed=Boolean(),
-)
-_CHOOSE = Statement(
-    "INSERT INTO preferences (subscriber_id, topic_id, subscribed, version, source, updated_at)"
-    " VALUES (:subscriber_id, :topic_id, :subscribed, :version, :source, :now)"
-    " ON CONFLICT (subscriber_id, topic_id) DO UPDATE SET subscribed = excluded.subscribed,"
-    " version = excluded.version, source = excluded.source, updated_at = excluded.updated_at"
-    # a choice made before leaving all marketing does not count: choosing it again is a change
-    " WHERE preferences.subscribed != excluded.subscribed"
-    " OR (excluded.subscribed AND preferences.version <= :left_all_version)"
-    " RETURNING topic_id",
-    now=UTCDateTime(),
-    subscribed=Boolean(),
-)
-# a stronger reason replaces a weaker one, and a weaker one never replaces it; choosing a topic
-# since leaving makes leaving again a change
-_LEAVE_ALL = Statement(
-    "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
-    " left_all_reason = CASE WHEN left_all_reason IS NOT NULL AND"
-    " (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) > :rank"
-    " THEN left_all_reason ELSE :reason END, left_all_at = :now,"
-    " bounced_at = CASE WHEN :bounced THEN :now ELSE bounced_at END"
-    " WHERE public_id = :public_id AND (left_all_reason IS NULL"
-    " OR (CASE left_all_reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 ELSE 1 END) < :rank"
-    " OR EXISTS (SELECT 1 FROM preferences p WHERE p.subscriber_id = subscribers.id"
-    " AND p.subscribed AND p.version > subscribers.left_all_version))"
-    " RETURNING id",
-    now=UTCDateTime(),
-    bounced=Boolean(),
-)
-_BOUNCED = Statement(
-    "UPDATE subscribers SET bounced_at = :now WHERE public_id = :public_id", now=UTCDateTime()
-)
-_REJOIN_ALL = Statement(
-    "UPDATE subscribers SET left_all_reason = NULL, left_all_at = NULL, left_all_version = NULL,"
-    " bounced_at = CASE WHEN :bounce THEN NULL ELSE bounced_at END WHERE id = :subscriber_id",
-    bounce=Boolean(),
-)
-_LIFT_BOUNCE = Statement("UPDATE subscribers SET bounced_at = NULL WHERE id = :subscriber_id")
-_EVENT = (
-    "INSERT INTO events (txid, subscriber_id, topic_id, action, reason, source, campaign, fingerprint,"
-    " created_at) VALUES ({txid}, :subscriber_id, :topic_id, :action, :reason, :source, :campaign,"
-    " :fingerprint, :at) RETURNING id"
-)
-_EVENTS = {
-    dialect: Statement(_EVENT.format(txid=txid), at=UTCDateTime())
-    for dialect, txid in (("postgresql", PG_TXID), ("sqlite", "0"))
-}
+# a stronger reason replaces a weaker one, never the reverse (rules.RANK)
+_LEAVE_ALL = queries.leave_all(RANK)
 
 
 def lock_subscriber(session: Writer, public_id: str) -> Any:
@@ -349,7 +299,7 @@ def lock_subscriber(session: Writer, public_id: str) -> Any:
     The row: id, version, left_all_version, left_all_reason, and whether a hard bounce is on
     file. Concurrent changes to one subscriber take turns.
     """
-    row = _BUMP.first(session, {"public_id": public_id})
+    row = queries.BUMP.first(session, {"public_id": public_id})
     if row is None:
         raise UnknownSubscriber("nobody is on file for this link")
     return (*row[:4], row[4] is not None)
@@ -364,7 +314,7 @@ def topic_of(session: Writer, key: str) -> tuple[int, bool]:
     known = _topic_ids.setdefault(session.get_bind().engine, {})
     topic = known.get(key)
     if topic is None:
-        found = _TOPIC_ID.first(session, {"key": key}) if KEY.match(key) else None
+        found = queries.TOPIC_ID.first(session, {"key": key}) if KEY.match(key) else None
         if found is None:
             raise UnknownTopic(f"there is no topic {key!r}")
         topic = known[key] = (int(found[0]), bool(found[1]))
@@ -384,7 +334,9 @@ def choose(session: Writer, public_id: str, topic_key: str, subscribed: bool, or
         lifted = left_all_reason if left_all_reason in LIFTED_BY else None
     # someone who never left all marketing receives an opt-out topic by default: choosing
     # it is a change only where a refusal is on file (a repeat records nothing)
-    statement = _BACK_TO_DEFAULT if subscribed and not opt_in and left_all_version is None else _CHOOSE
+    statement = (
+        queries.BACK_TO_DEFAULT if subscribed and not opt_in and left_all_version is None else queries.CHOOSE
+    )
     changed = statement.first(
         session,
         {
@@ -416,13 +368,13 @@ def leave_all(session: Writer, public_id: str, reason: str, origin: Origin) -> i
         "reason": reason,
         "now": now,
         "bounced": reason == "bounced",
-        "rank": _RANK.get(reason, 1),
+        "rank": rank(reason),
     }
     row = _LEAVE_ALL.first(session, params)
     if row is None:
         lock_subscriber(session, public_id)  # raises for an unknown subscriber
         if reason == "bounced":
-            _BOUNCED.first(session, {"now": now, "public_id": public_id})
+            queries.BOUNCED.first(session, {"now": now, "public_id": public_id})
         return None
     return record_event(session, row[0], None, None, UNSUBSCRIBE, reason, origin)
 
@@ -433,10 +385,10 @@ def _rejoin_all(session: Writer, public_id: str, origin: Origin) -> Recorded:
     params = {"subscriber_id": subscriber_id, "bounce": lift.bounce}
     lifted = left_all_reason if left_all_reason in LIFTED_BY else None
     if lift.left:
-        _REJOIN_ALL.first(session, params)
+        queries.REJOIN_ALL.first(session, params)
         record_event(session, subscriber_id, None, None, RESUBSCRIBE, lifted, origin)
     elif lift.bounce:
-        _LIFT_BOUNCE.first(session, params)
+        queries.LIFT_BOUNCE.first(session, params)
         record_event(session, subscriber_id, None, None, BOUNCE_LIFTED, "bounced", origin)
     return Recorded(lift.left or lift.bounce, lift.kept_out)
 
@@ -451,7 +403,7 @@ def record_event(
     origin: Origin,
 ) -> int:
     """Append one audit event in the open write transaction; return its id."""
-    statement = _EVENTS["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
+    statement = queries.EVENTS["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
     row = statement.first(
         session,
         {

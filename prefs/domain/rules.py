@@ -12,6 +12,9 @@ TRANSACTIONAL = "transactional"
 
 # why an address left all marketing, as recorded
 LEFT_ALL_REASONS = ("unsubscribed", "complained", "bounced", "imported", "support")
+# how strong a reason for leaving all marketing is: a stronger one replaces a weaker one, never
+# the reverse; every reason not named ranks 1
+RANK = {"complained": 3, "bounced": 2}
 # the verdict's reason for each: only complaints and bounces are told apart
 _LEFT_ALL_VERDICT = {
     "unsubscribed": "unsubscribed_all",
@@ -148,3 +151,8 @@ def reason_for_leaving_all(recorded: str) -> str:
 def suppression(reason: str) -> Verdict:
     """Return the negative verdict for a reason decided before any state is read."""
     return _SUPPRESSED[reason]
+
+
+def rank(reason: str | None) -> int:
+    """Return how strong a reason for leaving all marketing is (``RANK``)."""
+    return RANK.get(reason or "", 1)
