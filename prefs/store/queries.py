@@ -54,6 +54,7 @@ def leave_all(ranks: Mapping[str, int]) -> Statement:
         raise ValueError("a reason is a lower-case name")
     ranked = " ".join(f"WHEN '{reason}' THEN {int(rank)}" for reason, rank in sorted(ranks.items()))
     case = f"(CASE left_all_reason {ranked} ELSE 1 END)"
+    # the ranks are the code's own names and integers, checked above
     return Statement(
         "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
         f" left_all_reason = CASE WHEN left_all_reason IS NOT NULL AND {case} > :rank"
@@ -63,7 +64,7 @@ def leave_all(ranks: Mapping[str, int]) -> Statement:
         f" OR {case} < :rank"
         " OR EXISTS (SELECT 1 FROM preferences p WHERE p.subscriber_id = subscribers.id"
         " AND p.subscribed AND p.version > subscribers.left_all_version))"
-        " RETURNING id",
+        " RETURNING id",  # noqa: S608
         now=UTCDateTime(),
         bounced=Boolean(),
     )
