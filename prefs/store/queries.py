@@ -56,7 +56,7 @@ def leave_all(ranks: Mapping[str, int]) -> Statement:
     case = f"(CASE left_all_reason {ranked} ELSE 1 END)"
     # the ranks are the code's own names and integers, checked above
     return Statement(
-        "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"
+        "UPDATE subscribers SET version = version + 1, left_all_version = version + 1,"  # noqa: S608
         f" left_all_reason = CASE WHEN left_all_reason IS NOT NULL AND {case} > :rank"
         " THEN left_all_reason ELSE :reason END, left_all_at = :now,"
         " bounced_at = CASE WHEN :bounced THEN :now ELSE bounced_at END"
@@ -64,7 +64,7 @@ def leave_all(ranks: Mapping[str, int]) -> Statement:
         f" OR {case} < :rank"
         " OR EXISTS (SELECT 1 FROM preferences p WHERE p.subscriber_id = subscribers.id"
         " AND p.subscribed AND p.version > subscribers.left_all_version))"
-        " RETURNING id",  # noqa: S608
+        " RETURNING id",
         now=UTCDateTime(),
         bounced=Boolean(),
     )
