@@ -15,10 +15,10 @@ from . import config
 from .domain import imports, ledger, topics
 from .domain import keys as api_keys
 from .domain.addresses import normalize
+from .domain.changes import Origin
 from .domain.compliance import purge
 from .domain.compliance import requests as request_register
 from .domain.import_formats import FORMATS
-from .domain.ledger import Origin
 from .domain.rules import TRANSACTIONAL
 from .errors import DomainError, UnknownSubscriber
 from .extensions import db, migrations, session

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import secrets
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from urllib.parse import urlsplit
 from flask import Config
 from limits import parse_many
 
+from . import keyfile
 from .mail.outbound import check_sender, parse_smtp_url
 from .web import hosts
 
@@ -62,7 +61,6 @@ _LIMIT_SETTINGS = (
     "RATELIMIT_API_KEY",
 )
 
-KEY_FILE = "secret_keys"
 
 # what a service on the network must be told, and why; the tests and the demo go without
 REQUIRED = {
@@ -271,7 +269,10 @@ def _secret_keys(value: Any, instance_path: str) -> list[str]:
     elif isinstance(value, str):
         keys = [k.strip() for k in value.split(",")]
     elif value is None:
-        return [_generated_key(instance_path)]
+        try:
+            return [keyfile.generated_key(instance_path)]
+        except keyfile.KeyFileError as err:
+            raise ConfigError("SECRET_KEYS", str(err)) from None
     else:
         raise ConfigError("SECRET_KEYS", "must be a comma-separated list of keys")
     if not keys or any(not k for k in keys):
@@ -279,52 +280,6 @@ def _secret_keys(value: Any, instance_path: str) -> list[str]:
     if any(len(k) < 16 for k in keys):
         raise ConfigError("SECRET_KEYS", "has a key shorter than 16 characters")
     return keys
-
-
-def _generated_key(instance_path: str) -> str:
-    path = Path(instance_path) / KEY_FILE
-    key = _stored_key(path)
-    if key is not None:
-        return key
-    key = secrets.token_urlsafe(32)
-    # written whole under a name of this process's, then linked into place: workers
-    # starting together agree on the first key linked, and none reads half of one
-    fresh = path.with_name(f".{KEY_FILE}.{os.getpid()}")
-    try:
-        os.makedirs(instance_path, exist_ok=True)
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(fresh, path)
-    except FileExistsError:
-        stored = _stored_key(path)
-        assert stored is not None
-        return stored
-    except OSError as err:
-        problem = f"is not set, and no key could be written to {path} ({err.strerror})"
-        raise ConfigError("SECRET_KEYS", problem + ": set it, or free room there") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(fresh)
-    log.warning("PREFS_SECRET_KEYS is not set: generated a signing key in %s", path)
-    return key
-
-
-def _stored_key(path: Path) -> str | None:
-    """Return the key generated earlier into ``path``, None if there is none."""
-    try:
-        key = path.read_text().strip().split(",")[-1].strip()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ConfigError("SECRET_KEYS", f"is not set, and {path} cannot be read ({err.strerror})") from None
-    if len(key) < 16:
-        # a write cut short (an older version's, on a full disk): never sign with what is left
-        problem = f"is not set, and {path} holds no whole key: delete the file, or set the keys"
-        raise ConfigError("SECRET_KEYS", problem)
-    return key
 
 
 def _require(config: dict[str, Any]) -> None:

@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 
 from prefs.domain import campaigns, keys, ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import requests as register
 from prefs.domain.compliance import subjects
-from prefs.domain.ledger import Origin
 from prefs.models import utcnow
 from tests.factories import make_subscriber, make_topic
 

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from prefs.domain import ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.models import Event, Subscriber, utcnow
 from prefs.web.api.schemas import CheckResult
 from tests.factories import bearer, make_key, make_subscriber, make_topic

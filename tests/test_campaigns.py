@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from prefs.domain import campaigns, ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.errors import InvalidValue, UnknownTopic
 from prefs.models import CampaignSend, utcnow
 from tests.factories import make_subscriber, make_topic

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 from prefs.domain import campaigns, checks, ledger
 from prefs.domain.addresses import normalize
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.extensions import db
 from prefs.extensions import session as current
 from prefs.models import LOOKUP_COLUMNS, Subscriber

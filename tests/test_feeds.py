@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from prefs.domain import exports, feeds, ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.errors import Busy, InvalidValue
 from prefs.models import Subscriber
 from prefs.store import read_snapshot

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from prefs.domain import ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.errors import DomainError, UnknownSubscriber
 from prefs.extensions import db
 from prefs.store import GroupCommit, Statement, write_transaction

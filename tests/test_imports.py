@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import func, select, text
 
 from prefs.domain import imports, ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import subjects
 from prefs.domain.import_formats import detect, parse_time, read_rows
-from prefs.domain.ledger import Origin
 from prefs.domain.privacy import address_fingerprint, address_fingerprinter
 from prefs.models import Event, Preference, Subscriber
 from tests.factories import make_subscriber, make_topic

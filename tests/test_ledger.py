@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from prefs.domain import ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.domain.rules import Verdict
 from prefs.errors import InvalidValue, UnknownSubscriber, UnknownTopic
 from prefs.models import Event, Subscriber

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from prefs.domain import keys, ledger
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.ops import logs
 from prefs.web import links
 from tests.factories import make_subscriber, make_topic

@@ -7,8 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefs.domain import ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import requests as register
-from prefs.domain.ledger import Origin
 from prefs.models import utcnow
 from prefs.ops import metrics
 from tests.factories import make_subscriber, make_topic

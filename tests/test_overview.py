@@ -6,7 +6,7 @@ from datetime import timedelta
 from sqlalchemy import event, update
 
 from prefs.domain import ledger, overview, topics
-from prefs.domain.ledger import Origin
+from prefs.domain.changes import Origin
 from prefs.models import Event, utcnow
 from tests.factories import make_subscriber, make_topic
 

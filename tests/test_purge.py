@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import text
 
 from prefs.domain import ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import requests as register
-from prefs.domain.ledger import Origin
 from tests.factories import bearer, make_key, make_subscriber, make_topic
 
 ANNA = "anna@xn--bcher-kva.example.com"

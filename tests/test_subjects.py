@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from prefs.domain import imports, ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import subjects
-from prefs.domain.ledger import Origin
 from prefs.errors import UnknownSubscriber
 from prefs.extensions import db
 from tests.factories import make_subscriber, make_topic

@@ -13,9 +13,9 @@ from sqlalchemy import Date, and_, case, cast, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 from prefs.domain import campaigns, imports, ledger, overview
+from prefs.domain.changes import Change, Origin
 from prefs.domain.compliance import requests as register
 from prefs.domain.compliance import subjects
-from prefs.domain.ledger import Change, Origin
 from prefs.extensions import db
 from prefs.extensions import session as db_session
 from prefs.models import (

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import InvalidValue
 from ..store import driver_rows
-from .ledger import RESUBSCRIBE, UNSUBSCRIBE
+from .changes import RESUBSCRIBE, UNSUBSCRIBE
 from .rules import Category, State, reason_for_leaving_all, verdict
 from .topics import get_topic
 

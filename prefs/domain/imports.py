@@ -41,8 +41,9 @@ from ..models import ErasedAddress, Event, Preference, Subscriber, UTCDateTime, 
 from ..ops import metrics
 from ..store import run_committed, tallies
 from .addresses import normalize_or_none
+from .changes import UNSUBSCRIBE
 from .import_formats import Row, read_rows
-from .ledger import UNSUBSCRIBE, insert_for, new_public_ids, txid_for
+from .ledger import insert_for, new_public_ids, txid_for
 from .privacy import address_fingerprinter, fingerprint_key
 from .rules import rank
 from .topics import get_topic

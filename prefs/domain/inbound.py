@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from ..errors import InvalidMessage, InvalidToken, MessageTooLarge, TryLater, UnknownSubscriber, UnknownTopic
 from . import authresults, ledger, mailreader
 from .addresses import normalize_or_none
-from .ledger import Origin
+from .changes import Origin
 from .mailreader import MAX_MESSAGE, Message
 from .tokens import Tokens
 

@@ -26,9 +26,7 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import Engine, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,6 +36,16 @@ from ..errors import DomainError, InvalidValue, UnknownSubscriber, UnknownTopic
 from ..models import ErasedAddress, Event, Preference, Subscriber, Topic, utcnow
 from ..ops import metrics
 from ..store import GroupCommit, Writer, bound_lock_waits, queries, run_committed, write_transaction
+from .changes import (
+    BOUNCE_LIFTED,
+    CHANGED,
+    RESUBSCRIBE,
+    UNCHANGED,
+    UNSUBSCRIBE,
+    Change,
+    Origin,
+    Recorded,
+)
 from .privacy import address_fingerprint, fingerprint_key
 from .rules import (
     LEFT_ALL_REASONS,
@@ -54,28 +62,6 @@ from .rules import (
 )
 from .topics import KEY, resolve
 
-SOURCES = ("one-click", "page", "preferences", "mailto", "api", "import", "cli")
-UNSUBSCRIBE = "unsubscribe"
-RESUBSCRIBE = "resubscribe"
-# a hard bounce lifted while a complaint still keeps the address out: who may receive what is
-# unchanged, so the change feed does not list it
-BOUNCE_LIFTED = "bounce-lifted"
-# a stronger reason replaces a weaker one; a weaker one never hides a complaint
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a change came from, for the audit event."""
-
-    source: str
-    campaign: str | None = None
-    fingerprint: str | None = None
-    at: datetime | None = None  # when it happened, if reported later (API events)
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise InvalidValue(f"unknown source {self.source!r}")
-
 
 def new_public_id() -> str:
     """Return a random public id of 96 bits, never derived from the row id or the address."""
@@ -89,8 +75,7 @@ def new_public_ids(count: int) -> list[str]:
     batch, the other 72 for each id. Sharing the first four
     characters puts a batch's ids side by side in the public id index, so inserting a
     check's hundreds of new recipients, or an import's thousands, writes a few of its pages
-    instead of one page per id (SQLite, 1M subscribers, 900 new recipients: 31.7 -> 17.6 ms
-    to create them). Nothing about the batch is in the prefix, neither a time nor an order,
+    instead of one page per id. Nothing about the batch is in the prefix, neither a time nor an order,
     and 72 bits are still far beyond guessing; a link is honoured for its signature anyway.
     """
     # 3 + 9n bytes are 4 + 12n base64 characters: no padding, and no character spans two parts
@@ -195,18 +180,6 @@ def record_opt_out(
     return _run(session, Change(public_id, topic_key, False, origin, reason)).changed
 
 
-class Recorded(NamedTuple):
-    """Whether a change was recorded, and what still keeps the address out after a re-subscription."""
-
-    changed: bool
-    kept_out: str | None = None  # the verdict's reason the source may not lift (rules.held_by)
-    event: int | None = None  # the audit event's id, when one was recorded
-
-
-UNCHANGED = Recorded(False)
-CHANGED = Recorded(True)
-
-
 def record_resubscribe(session: Session, public_id: str, topic_key: str | None, origin: Origin) -> Recorded:
     """Bring a subscriber back to one topic, or to all marketing, as far as ``origin`` may."""
     return _run(session, Change(public_id, topic_key, True, origin))
@@ -228,17 +201,6 @@ def record_choices(
         return [key for key, on in choices.items() if choose(session, public_id, key, on, origin).changed]
 
     return run_committed(session, save)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One change asked for in a batch: who, which topic (None for all), in or out."""
-
-    public_id: str
-    topic_key: str | None
-    subscribe: bool
-    origin: Origin
-    reason: str = "unsubscribed"
 
 
 def record_many(session: Session, changes: list[Change]) -> list[Recorded]:

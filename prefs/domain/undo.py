@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from ..models import Event, Preference, Subscriber
 from ..store import bound_lock_waits, write_transaction
 from . import ledger
-from .ledger import RESUBSCRIBE, UNSUBSCRIBE, Origin
+from .changes import RESUBSCRIBE, UNSUBSCRIBE, Origin
 from .rules import Category, State, verdict
 from .tokens import PriorChoice, UndoToken
 

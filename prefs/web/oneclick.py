@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..domain import ledger, privacy
-from ..domain.ledger import Origin
+from ..domain.changes import Origin
 from ..errors import InvalidToken, UnknownSubscriber, UnknownTopic
 from ..extensions import db, limiter, session
 from ..ops import monitoring

@@ -20,7 +20,7 @@ from werkzeug.wrappers import Response
 
 from ..domain import ledger, link_requests, privacy, topics, undo
 from ..domain.addresses import mask, normalize, normalize_or_none
-from ..domain.ledger import Origin
+from ..domain.changes import Origin
 from ..domain.rules import held_by, verdict
 from ..errors import DomainError, InvalidAddress, InvalidToken, NotRecorded, UnknownSubscriber, UnknownTopic
 from ..extensions import limiter, session

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 
 from prefs.domain import campaigns, keys, ledger
+from prefs.domain.changes import Origin
 from prefs.domain.compliance import requests as register
-from prefs.domain.ledger import Origin
 from prefs.extensions import db
 from prefs.models import Event, utcnow
 from tests.factories import make_subscriber, make_topic

@@ -20,7 +20,8 @@ from ...models import DataRequest, utcnow
 from ...store import write_transaction
 from .. import cursors
 from ..addresses import mask, normalize, scrub
-from ..ledger import Origin, ensure_subscriber, is_erased, record_opt_out
+from ..changes import Origin
+from ..ledger import ensure_subscriber, is_erased, record_opt_out
 from ..privacy import address_fingerprint, fingerprint_key
 from ..text import check_text
 from . import purge, subjects

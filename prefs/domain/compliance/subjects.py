@@ -11,7 +11,8 @@ from ...errors import UnknownSubscriber
 from ...models import DataRequest, ErasedAddress, Event, Preference, Subscriber, Topic, iso_time, utcnow
 from ...store import run_committed
 from ..addresses import scrub
-from ..ledger import Origin, find_subscriber, history, insert_for, txid_for
+from ..changes import Origin
+from ..ledger import find_subscriber, history, insert_for, txid_for
 from ..privacy import address_fingerprint, fingerprint_key
 from . import purge
 

@@ -12,7 +12,7 @@ from werkzeug.wsgi import wrap_file
 
 from ...domain import campaigns, checks, exports, feeds, idempotency, inbound, ledger, topics
 from ...domain.addresses import normalize
-from ...domain.ledger import Change, Origin
+from ...domain.changes import Change, Origin
 from ...errors import (
     Busy,
     DomainError,
