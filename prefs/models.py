@@ -105,8 +105,7 @@ class Subscriber(Base):
     # and the links need, without a visit to the row (a third of the lookup's time).
     # PostgreSQL: the unique index on the address carries those columns (INCLUDE), so one
     # index on the address serves the lookup, the uniqueness and ON CONFLICT (email), and a
-    # new subscriber writes one entry for it, not two (1M subscribers: 5,000 inserts took
-    # 74.5 -> 56.5 ms, and the two indexes had come to 228 MB). SQLite has no INCLUDE: its
+    # new subscriber writes one entry for it, not two. SQLite has no INCLUDE: its
     # unique constraint, plus the lookup index with those columns as keys.
     __table_args__ = (
         only_on(

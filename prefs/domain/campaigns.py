@@ -36,8 +36,8 @@ def count_sent(
 ) -> None:
     """Add the recipients a check allowed for a campaign and topic, in one upsert statement.
 
-    The topic is found by its key inside the statement: every 10,000-recipient check
-    counts, and an ORM lookup of the topic and an ORM upsert took 5 ms of it.
+    The topic is found by its key inside the statement: every check counts, and an ORM
+    lookup and upsert would cost a large check more than the database work.
     """
     if not campaign or allowed_count <= 0 or topic_key == TRANSACTIONAL:
         return

@@ -192,13 +192,11 @@ class _Aside:
 
     psycopg lets go of the GIL while the server works, so while the request's connection
     reads one half of a large check, the helper's reads the other, in a second server
-    process: the lookups overlap (1M subscribers, 10,000 recipients, 30 alternating runs:
-    median 163 -> 142 ms). Each address is read once, in one transaction or the other, so
+    process: the lookups overlap. Each address is read once, in one transaction or the other, so
     each answer is as consistent as a single read. The helper is used only while it is
     idle and the pool holds fewer connections than its size, so a busy host reads inline,
     as before, and nothing waits on the pool for it. Not on SQLite: its work runs in this
-    process, and the two threads building rows contend for the GIL (measured the same
-    way: 146 -> 161 ms).
+    process, and the two threads building rows contend for the GIL.
     """
 
     def __init__(self) -> None:

@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import InvalidValue
 from ..store import driver_rows
-from .changes import RESUBSCRIBE, UNSUBSCRIBE
-from .rules import Category, State, reason_for_leaving_all, verdict
+from .rules import Category, State, feed_change, verdict
 from .topics import get_topic
 
 STREAM_BATCH = 5000
@@ -277,14 +276,10 @@ def change_page(session: Session, cursor: str | None, limit: int) -> Page:
     items = []
     for row_txid, row_id, action, reason, at, email, key in rows:
         txid, event_id = row_txid, row_id
-        if action not in (UNSUBSCRIBE, RESUBSCRIBE):
-            continue  # no change to who may receive what (a hard bounce lifted under a complaint)
-        if action == RESUBSCRIBE:
-            change, why = "unsuppressed", None
-        elif key is None:
-            change, why = "suppressed", reason_for_leaving_all(reason or "unsubscribed")
-        else:
-            change, why = "suppressed", "unsubscribed"
+        changed = feed_change(action, reason, key)
+        if changed is None:
+            continue
+        change, why = changed
         items.append({"email": email, "change": change, "scope": key or "all", "reason": why, "at": at})
     # the last page has a cursor too: a mailer resumes from it later
     return Page(items, encode_cursor(txid, event_id), round(max(0.0, lag or 0.0), 3))

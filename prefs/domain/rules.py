@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .changes import RESUBSCRIBE, UNSUBSCRIBE
+
 TRANSACTIONAL = "transactional"
 
 # why an address left all marketing, as recorded
@@ -146,6 +148,21 @@ def rejoin(left_all_reason: str | None, bounced: bool, source: str) -> Lift:
 def reason_for_leaving_all(recorded: str) -> str:
     """Return the verdict's reason for someone who left all marketing for ``recorded``."""
     return _LEFT_ALL_VERDICT.get(recorded, "unsubscribed_all")
+
+
+def feed_change(action: str, reason: str | None, scope: str | None) -> tuple[str, str | None] | None:
+    """Return what an audit event changed in a mailer's copy of the list, or None if nothing.
+
+    ``("suppressed", reason)`` for an unsubscribe (from one topic, or from all marketing for
+    ``reason``), ``("unsuppressed", None)`` for a re-subscription; any other action (a hard
+    bounce lifted while a complaint still keeps the address out) changes who may receive
+    nothing.
+    """
+    if action == RESUBSCRIBE:
+        return "unsuppressed", None
+    if action != UNSUBSCRIBE:
+        return None
+    return "suppressed", reason_for_leaving_all(reason or "unsubscribed") if scope is None else "unsubscribed"
 
 
 def suppression(reason: str) -> Verdict:

@@ -70,7 +70,7 @@ class SweptMemoryStorage(MemoryStorage):
     limits' own ``MemoryStorage`` starts a new timer thread whenever the last one has
     fired (10 ms after it started) and walks every counter each time. One-click limits
     count per link, so a worker holds thousands of counters: under a burst of one-click
-    POSTs the thread starts and the walks took about a sixth of the worker's time. The
+    POSTs the threads and the walks would take a large share of the worker's time. The
     counters themselves are unchanged (a read already drops an expired one); here the
     writes that would start the timer sweep inline instead, at most once a second, and
     only one thread at a time.
