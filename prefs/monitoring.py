@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 bp = Blueprint("monitoring", __name__)
 
 
+# the methods a label may name; any other a client invents is counted as "other"
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"))
+
+
+def method_label(method: str) -> str:
+    """Return a request's method as a metric label: one of a fixed few, never what a client made up."""
+    return method if method in METHODS else "other"
+
+
 def route() -> str:
     """Return the route pattern of this request (never its path, which may hold a token)."""
     rule = request.url_rule
@@ -128,7 +137,7 @@ def metrics() -> Response:
 def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
     """Count one answered request in the metrics and write its access-log line."""
     try:
-        LATENCY.labels(pattern, method).observe(elapsed)
+        LATENCY.labels(pattern, method_label(method)).observe(elapsed)
         if status >= 400:
             ERRORS.labels(str(status)).inc()
     except OSError as err:
