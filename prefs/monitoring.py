@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from . import metric_files
 from .extensions import db
 from .logs import request_id
 from .metrics import ERRORS, LATENCY, dropped, prepare
@@ -56,14 +57,16 @@ def scrape() -> bytes:
     """Return the metrics in Prometheus text format, summed across workers when multiprocess."""
     registry = CollectorRegistry()
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:
-        if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
-            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
-        MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
-    else:
+    if not folder:
         registry.register(_Default())
+        registry.register(RegisterCollector())
+        return generate_latest(registry)
+    if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
+        raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+    MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
     registry.register(RegisterCollector())
-    return generate_latest(registry)
+    with metric_files.reading(folder):
+        return generate_latest(registry)
 
 
 class _Default(Collector):
