@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import metric_files
 from .extensions import db
@@ -22,6 +23,10 @@ from .logs import request_id
 from .metrics import ERRORS, LATENCY, dropped, prepare
 from .register import count_requests
 
+READABLE = "prefs_register_readable"
+READABLE_HELP = (
+    "1 when the open requests below were read from the database at this scrape, 0 when it did not answer"
+)
 # set in a request's environ once its access line is written: gunicorn's logger then writes none
 LOGGED = "prefs.logged"
 access = logging.getLogger("prefs.access")
@@ -45,10 +50,23 @@ def route() -> str:
 
 
 class RegisterCollector(Collector):
-    """Read the open and overdue requests from the database at scrape time."""
+    """Read the open and overdue requests from the database at scrape time.
+
+    A database that does not answer leaves these two out and says so in
+    ``prefs_register_readable``: the workers' own figures are what an outage needs most.
+    """
 
     def collect(self) -> Iterator[Metric]:
-        open_count, overdue = count_requests(db.session())
+        try:
+            open_count, overdue = count_requests(db.session())
+        except SQLAlchemyError as err:
+            db.session.rollback()
+            log.warning(
+                "metrics: open requests not read, the database did not answer (%s)", type(err).__name__
+            )
+            yield GaugeMetricFamily(READABLE, READABLE_HELP, 0)
+            return
+        yield GaugeMetricFamily(READABLE, READABLE_HELP, 1)
         yield GaugeMetricFamily("prefs_requests_open", "Data-subject requests not yet completed", open_count)
         yield GaugeMetricFamily("prefs_requests_overdue", "Open requests past their due date", overdue)
 

@@ -219,3 +219,23 @@ def test_a_metrics_folder_gone_from_under_the_workers_is_a_503_not_a_500(client,
     response = client.get("/metrics")
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert b"Traceback" not in response.data
+
+
+def test_a_database_that_does_not_answer_leaves_out_only_the_open_requests(client, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from prefs import monitoring
+
+    def down(session):
+        raise OperationalError("SELECT", None, TimeoutError("connection timeout expired"))
+
+    client.get("/healthz")
+    monkeypatch.setattr(monitoring, "count_requests", down)
+    samples = scrape(client)  # 200, not the outage page
+    assert value(samples, "prefs_register_readable") == 0
+    assert ("prefs_requests_open", ()) not in samples
+    assert value(samples, "prefs_request_duration_seconds_count", endpoint="/healthz", method="GET") >= 1
+    monkeypatch.undo()
+    samples = scrape(client)
+    assert value(samples, "prefs_register_readable") == 1
+    assert ("prefs_requests_open", ()) in samples
