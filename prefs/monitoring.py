@@ -81,10 +81,23 @@ def scrape() -> bytes:
         return generate_latest(registry)
     if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
         raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
-    MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
-    registry.register(RegisterCollector())
+    # the workers' files are read under the folder's lock, the database after it: a slow
+    # database must not hold up the master, which retires dead workers' files under that lock
     with metric_files.reading(folder):
-        return generate_latest(registry)
+        figures = list(MultiProcessCollector(None, folder).collect())  # type: ignore[no-untyped-call]
+    registry.register(_Read(figures))
+    registry.register(RegisterCollector())
+    return generate_latest(registry)
+
+
+class _Read(Collector):
+    """Yield metrics read already."""
+
+    def __init__(self, figures: list[Metric]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.figures
 
 
 class _Default(Collector):
