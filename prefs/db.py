@@ -19,6 +19,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, Statem
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
+from . import stalls
+
 WRITE = "prefs_write"
 # Every write transaction on PostgreSQL says first, before it is given a transaction id, that it
 # may write audit events: the change feed waits for the transactions that hold this lock, and
@@ -91,6 +93,7 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     """Set SQLite's pragmas on every connection and begin writes with BEGIN IMMEDIATE."""
     _busy_timeouts[engine] = busy_timeout_ms
     if engine.dialect.name != "sqlite":
+        stalls.watch(engine)
         return
     if engine.url.database and engine.url.database != ":memory:":
         # a URI filename (file:/path?mode=ro&uri=true) names the same file as the plain path
