@@ -39,19 +39,27 @@ def parse(raw: bytes) -> Message:
     return mailreader.read(raw)
 
 
-def find_token(message: Message, recipients: list[str]) -> str | None:
-    """Return the token that a List-Unsubscribe mailto put in the subject or the address."""
-    match = _SUBJECT_TOKEN.search(mailreader.subject(message))
-    if match:
-        return match.group(1)
-    candidates = list(recipients)
-    for name in _RECIPIENT_FIELDS:
-        candidates.extend(mailreader.addresses(message, name))
-    for address in candidates:
+def envelope_token(recipients: list[str]) -> str | None:
+    """Return the token a List-Unsubscribe mailto put in an envelope recipient's address."""
+    for address in recipients:
         local = _LOCAL_TOKEN.match(address.strip())
         if local:
             return local.group(1)
     return None
+
+
+def find_token(message: Message, recipients: list[str]) -> str | None:
+    """Return the token that a List-Unsubscribe mailto put in the envelope, the subject or the header."""
+    token = envelope_token(recipients)
+    if token is not None:
+        return token
+    match = _SUBJECT_TOKEN.search(mailreader.subject(message))
+    if match:
+        return match.group(1)
+    candidates: list[str] = []
+    for name in _RECIPIENT_FIELDS:
+        candidates.extend(mailreader.addresses(message, name))
+    return envelope_token(candidates)
 
 
 def sole_sender(message: Message) -> str | None:
@@ -85,8 +93,12 @@ def handle(
     Without ``check_sender``, the sender is proven only by the results our boundary MTA
     (``authserv_id``) put at the top of the message. ``check_sender`` may raise ``TryLater``.
     """
+    # the envelope's token alone decides: no cap on the header may refuse a proven opt-out
+    token = envelope_token(recipients or [])
+    if token is not None:
+        return _by_token(session, tokens, token)
     message = mailreader.read(raw)
-    token = find_token(message, recipients or [])
+    token = find_token(message, [])
     if token is not None:
         return _by_token(session, tokens, token)
     address = sole_sender(message)

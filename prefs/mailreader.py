@@ -82,6 +82,8 @@ def addresses(message: Message, name: str) -> list[str]:
     values = message.values(name)
     text = ", ".join(values)
     check_bounds(text, name)
+    if group_depth(text) > MAX_NESTING:
+        raise InvalidMessage(f"the {name} header nests groups more than {MAX_NESTING} deep")
     found = [address for _, address in getaddresses(values) if address]
     if len(found) > MAX_ADDRESSES:
         raise InvalidMessage(f"the {name} header lists more than {MAX_ADDRESSES} addresses")
@@ -130,3 +132,29 @@ def nesting(text: str) -> int:
         elif char == ")" and depth:
             depth -= 1
     return deepest
+
+
+def group_depth(text: str) -> int:
+    """Return how deep RFC 5322 groups nest in an address field; the stdlib parser recurses on each."""
+    depth = deepest = 0
+    closer = ""  # the character that ends the quoted string, comment, angle or domain literal we are in
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif closer:
+            closer = "" if char == closer else closer
+        elif char in _OPENERS:
+            closer = _OPENERS[char]
+        elif char == ":":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ";" and depth:
+            depth -= 1
+    return deepest
+
+
+# a colon inside these is no group; comments are bounded by ``nesting`` before this runs
+_OPENERS = {'"': '"', "(": ")", "<": ">", "[": "]"}

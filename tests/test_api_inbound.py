@@ -99,6 +99,9 @@ HOSTILE = {
     "one line of 1 MiB with no line break": b"From: " + b"a" * (1024 * 1024 - 10),
     "nothing but line breaks": b"\r\n" * 400_000,
     "a header section without a blank line, 200 KB": b"X-A: " + b"b" * 200_000,
+    "groups nested 1,200 deep in To": message("", headers="To: " + "a:" * 1200 + ";" * 1200 + "\r\n"),
+    "groups nested 1,000 deep in From": message("", sender="a: " * 1000 + "victim@victim.example"),
+    "colons only in To": message("", headers="To: " + ":" * 4000 + "\r\n"),
     "bare carriage returns": b"From: victim@victim.example\rTo: x@y.example\r" * 5000,
 }
 
