@@ -62,6 +62,8 @@ def read(raw: bytes) -> Message:
         raise MessageTooLarge(f"the header section is larger than {MAX_HEADER_BYTES} bytes")
     if max(head.count(b"\n"), head.count(b"\r")) > MAX_HEADER_LINES:
         raise MessageTooLarge(f"the header section has more than {MAX_HEADER_LINES} lines")
+    if not _one_reading(head):
+        raise InvalidMessage("the header section holds a bare CR, a bare LF or a NUL")
     parsed = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
     fields = tuple((name.lower(), _text(value)) for name, value in parsed.raw_items())
     if len(fields) > MAX_FIELDS:
@@ -69,6 +71,18 @@ def read(raw: bytes) -> Message:
     if not {name for name, _ in fields} & {"from", "to", "subject"}:
         raise InvalidMessage("the message has no From, To or Subject header")
     return Message(fields, body, len(_FROM_LINE.findall(head)), raw)
+
+
+def _one_reading(head: bytes) -> bool:
+    """Tell whether every reader splits the header section alike: lines end all in CRLF or all in LF.
+
+    The stdlib ends a line at a bare CR or LF, dkimpy and MTAs only at CRLF (or LF), and a
+    milter's C strings at a NUL: a field hidden behind one of them is seen by some readers only.
+    """
+    if b"\0" in head:
+        return False
+    crlf = head.count(b"\r\n")
+    return head.count(b"\r") == crlf and (crlf == 0 or head.count(b"\n") == crlf)
 
 
 def _text(value: str) -> str:

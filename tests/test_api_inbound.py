@@ -129,3 +129,22 @@ def test_ordinary_odd_messages_are_read(api):
         response = api(raw)
         assert response.status_code == 200, name
         assert response.json["action"] == "ignored", name
+
+
+# one header section, two readings: a bare CR or LF ends a line for the stdlib's parser but not
+# for dkimpy's or an MTA's (CRLF only), and a NUL ends a C string in a milter
+SMUGGLED = {
+    "results after a bare CR": message("", headers=f"X-A: b\r{AR} dmarc=pass header.from=victim.example\r\n"),
+    "a From after a bare CR": message("", sender="mallory@evil.example\rFrom: victim@victim.example"),
+    "a To after a bare LF": message("", headers="X-A: b\nTo: unsubscribe@prefs.example\r\n"),
+    "a NUL in From": message("", sender="victim@victim.example\x00mallory@evil.example"),
+    "a lone CR before the blank line": message("", headers="X-A: b\r\r\n"),
+}
+
+
+@pytest.mark.parametrize("raw", SMUGGLED.values(), ids=SMUGGLED.keys())
+def test_a_header_section_with_two_readings_is_refused(api, raw):
+    response = api(raw)
+    assert response.status_code == 400, response.json
+    assert response.json["error"]["code"] == "invalid_message"
+    assert api.victim_allowed()

@@ -566,3 +566,16 @@ def test_a_token_in_the_envelope_decides_whatever_the_headers_hold(mailbox_app, 
     session.rollback()
     for person in people:
         assert ledger.verdict_for(session, person.email, "news").reason == "unsubscribed", person.email
+
+
+def test_a_header_section_with_two_readings_is_refused(mailbox_app, serve):
+    from tests.test_api_inbound import SMUGGLED
+
+    port = serve(mailbox_app, resolver=FakeDNS())
+    for name, raw in SMUGGLED.items():
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("victim@victim.example")
+            client.rcpt(MAILBOX)
+            code, text = client.data(raw)
+        assert (code, text[:5]) == (550, b"5.6.0"), (name, code, text)
