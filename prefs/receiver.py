@@ -62,7 +62,11 @@ class UnsubscribeHandler:
     async def handle_DATA(self, server: Any, smtp_session: Any, envelope: Any) -> str:
         peer = smtp_session.peer[0] if isinstance(smtp_session.peer, tuple) else str(smtp_session.peer)
         check = mailauth.SenderCheck(
-            self.resolver, peer, str(smtp_session.host_name or ""), str(envelope.mail_from or "")
+            self.resolver,
+            peer,
+            str(smtp_session.host_name or ""),
+            str(envelope.mail_from or ""),
+            self.mailbox,
         )
         raw = envelope.original_content or b""
         recipients = list(envelope.rcpt_tos)
