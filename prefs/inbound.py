@@ -15,7 +15,7 @@ from .ledger import Origin
 from .mailreader import MAX_MESSAGE, Message
 from .tokens import Tokens
 
-__all__ = ["MAX_MESSAGE", "InvalidMessage", "MessageTooLarge", "Outcome", "TryLater", "handle"]
+__all__ = ["MAX_MESSAGE", "InvalidMessage", "MessageTooLarge", "Outcome", "Request", "TryLater", "handle"]
 
 _SUBJECT_TOKEN = re.compile(r"unsubscribe-([A-Za-z0-9_.~-]{20,256})", re.IGNORECASE)
 _LOCAL_TOKEN = re.compile(r"^[^@+]+\+([A-Za-z0-9_.~-]{20,256})@", re.IGNORECASE)
@@ -80,6 +80,49 @@ def is_our_mailbox(address: str, mailbox: str) -> bool:
     return normalized is not None and normalized.rpartition("@")[2] == our_domain
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a message asks: a token's opt-out, or an opt-out for its sender once proven."""
+
+    token: str | None
+    message: Message | None = None
+    sender: str | None = None
+
+    @property
+    def needs_proof(self) -> bool:
+        """Tell whether the sender must be proven before anything is recorded."""
+        return self.token is None and self.sender is not None
+
+
+def read_request(raw: bytes, recipients: list[str] | None = None) -> Request:
+    """Read what a message asks, or raise ``InvalidMessage``."""
+    # the envelope's token alone decides: no cap on the header may refuse a proven opt-out
+    token = envelope_token(recipients or [])
+    if token is not None:
+        return Request(token)
+    message = mailreader.read(raw)
+    token = find_token(message, [])
+    if token is not None:
+        return Request(token, message)
+    return Request(None, message, sole_sender(message))
+
+
+def honour(session: Session, tokens: Tokens, request: Request, proven: bool) -> Outcome:
+    """Record the opt-out a request asks for when its token is valid or its sender ``proven``."""
+    if request.token is not None:
+        return _by_token(session, tokens, request.token)
+    if request.sender is None:
+        return Outcome("ignored", None, "the message has no single valid From address")
+    if not proven:
+        return Outcome("ignored", None, "no token, and the sender is not proven by dmarc=pass from our host")
+    try:
+        subscriber = ledger.ensure_subscriber(session, request.sender)
+    except UnknownSubscriber:
+        return Outcome("already_unsubscribed", "all", "the address was erased")
+    changed = ledger.record_opt_out(session, subscriber.public_id, None, Origin("mailto"))
+    return Outcome("unsubscribed" if changed else "already_unsubscribed", "all", "sender proven by DMARC")
+
+
 def handle(
     session: Session,
     tokens: Tokens,
@@ -93,30 +136,16 @@ def handle(
     Without ``check_sender``, the sender is proven only by the results our boundary MTA
     (``authserv_id``) put at the top of the message. ``check_sender`` may raise ``TryLater``.
     """
-    # the envelope's token alone decides: no cap on the header may refuse a proven opt-out
-    token = envelope_token(recipients or [])
-    if token is not None:
-        return _by_token(session, tokens, token)
-    message = mailreader.read(raw)
-    token = find_token(message, [])
-    if token is not None:
-        return _by_token(session, tokens, token)
-    address = sole_sender(message)
-    if address is None:
-        return Outcome("ignored", None, "the message has no single valid From address")
-    domain = address.rpartition("@")[2]
-    if check_sender is None:
-        proven = authresults.boundary_proves(message, authserv_id, domain)
-    else:
-        proven = check_sender(message, domain)
-    if not proven:
-        return Outcome("ignored", None, "no token, and the sender is not proven by dmarc=pass from our host")
-    try:
-        subscriber = ledger.ensure_subscriber(session, address)
-    except UnknownSubscriber:
-        return Outcome("already_unsubscribed", "all", "the address was erased")
-    changed = ledger.record_opt_out(session, subscriber.public_id, None, Origin("mailto"))
-    return Outcome("unsubscribed" if changed else "already_unsubscribed", "all", "sender proven by DMARC")
+    request = read_request(raw, recipients)
+    proven = False
+    if request.needs_proof:
+        assert request.message is not None and request.sender is not None
+        domain = request.sender.rpartition("@")[2]
+        if check_sender is None:
+            proven = authresults.boundary_proves(request.message, authserv_id, domain)
+        else:
+            proven = check_sender(request.message, domain)
+    return honour(session, tokens, request, proven)
 
 
 def _by_token(session: Session, tokens: Tokens, token: str) -> Outcome:

@@ -38,9 +38,11 @@ from .mailreader import Message
 
 log = logging.getLogger(__name__)
 
-# seconds for one DNS question, and for all of SPF's (RFC 7208 section 4.6.4 allows 20)
+# seconds for one DNS question, for all of SPF's (RFC 7208 section 4.6.4 allows 20), and
+# for a whole check (policy, SPF, DKIM keys), whose sender is then asked to try again later
 DNS_TIMEOUT = 3.0
 SPF_DEADLINE = 10.0
+CHECK_DEADLINE = 12.0
 MAX_SIGNATURES = 3
 # a signature older than this proves nothing: mail is retried for about five days, a replay is older
 MAX_SIGNATURE_AGE = 7 * 86400
@@ -87,6 +89,20 @@ class SystemResolver:
         if qtype == "PTR":
             return [record.target.to_text(True) for record in answer]
         return [record.to_text() for record in answer]
+
+
+class Deadline:
+    """A resolver that stops answering at a deadline, so a check past it stops asking."""
+
+    def __init__(self, resolver: Resolver, seconds: float) -> None:
+        self.resolver = resolver
+        self.until = time.monotonic() + seconds
+
+    def query(self, name: str, qtype: str) -> list[Any]:
+        """Return the answers, or raise ``DNSUnavailable`` once the deadline has passed."""
+        if time.monotonic() >= self.until:
+            raise DNSUnavailable("the check's deadline has passed")
+        return self.resolver.query(name, qtype)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,13 +4,16 @@ It listens where the internet may reach it, so it takes mail only for the mailbo
 (``PREFS_UNSUBSCRIBE_MAILTO`` and its ``+<token>`` forms), a few recipients and 1 MiB at a
 time, believes no ``Authentication-Results`` that came in a message (it evaluates SPF, DKIM
 and DMARC itself, ``mailauth``), and reads each message in a worker thread so one hostile
-message never stalls the other clients. A fault on our side answers ``451 4.3.0``: the
+message never stalls the other clients. DNS is asked from threads of its own, within
+``mailauth.CHECK_DEADLINE``: a sender whose DNS hangs gets ``451 4.4.3``, never an
+unproven opt-out, and holds up no token's. A fault on our side answers ``451 4.3.0``: the
 sender keeps the opt-out and tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import socket
@@ -30,24 +33,34 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = inbound.MAX_MESSAGE
 MAX_RECIPIENTS = 10
+# threads that read messages and write the database, and threads that wait on DNS: a sender
+# whose DNS hangs holds one of the latter, never one a token's opt-out needs
 WORKERS = 4
+DNS_WORKERS = 8
 # lines of DATA read before the event loop serves the other clients
 FAIR_LINES = 256
 
 TRY_LATER = "451 4.3.0 temporary local problem, please try again later"
 TOO_LARGE = "552 5.3.4 the message is larger than this host accepts"
+DNS_LATE = "451 4.4.3 the sender's DNS did not answer in time, please try again later"
 
 
 class UnsubscribeHandler:
     """Take each message for the unsubscribe address and honour what it asks."""
 
     def __init__(
-        self, app: Flask, mailbox: str, resolver: mailauth.Resolver, pool: ThreadPoolExecutor
+        self,
+        app: Flask,
+        mailbox: str,
+        resolver: mailauth.Resolver,
+        pool: ThreadPoolExecutor,
+        dns_pool: ThreadPoolExecutor,
     ) -> None:
         self.app = app
         self.mailbox = mailbox
         self.resolver = resolver
         self.pool = pool
+        self.dns_pool = dns_pool
 
     async def handle_RCPT(
         self, server: Any, smtp_session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -72,13 +85,22 @@ class UnsubscribeHandler:
         recipients = list(envelope.rcpt_tos)
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(self.pool, self._honour, raw, recipients, check)
+            request = await loop.run_in_executor(self.pool, inbound.read_request, raw, recipients)
+            proven = False
+            if request.needs_proof:
+                proven = await asyncio.wait_for(
+                    loop.run_in_executor(self.dns_pool, _proven, check, request),
+                    mailauth.CHECK_DEADLINE,
+                )
+            outcome = await loop.run_in_executor(self.pool, self._honour, request, proven)
         except MessageTooLarge:
             return TOO_LARGE
         except InvalidMessage as err:
             return f"550 5.6.0 {err}"
         except TryLater as err:
             return f"451 4.4.3 {err}"
+        except TimeoutError:
+            return DNS_LATE
         except Exception as err:  # our database or our code: the sender must keep the opt-out and retry
             log.error("inbound mail: not recorded, answered 451 (%s)", type(err).__name__)
             return TRY_LATER
@@ -90,9 +112,16 @@ class UnsubscribeHandler:
         log.error("inbound mail: SMTP session failed (%s)", type(error).__name__)
         return TRY_LATER
 
-    def _honour(self, raw: bytes, recipients: list[str], check: mailauth.SenderCheck) -> inbound.Outcome:
+    def _honour(self, request: inbound.Request, proven: bool) -> inbound.Outcome:
         with self.app.app_context():
-            return inbound.handle(session(), tokens(), raw, recipients, check_sender=check)
+            return inbound.honour(session(), tokens(), request, proven)
+
+
+def _proven(check: mailauth.SenderCheck, request: inbound.Request) -> bool:
+    """Run the sender check, its DNS questions refused past the deadline."""
+    assert request.message is not None and request.sender is not None
+    bounded = dataclasses.replace(check, resolver=mailauth.Deadline(check.resolver, mailauth.CHECK_DEADLINE))
+    return bounded(request.message, request.sender.rpartition("@")[2])
 
 
 class _Server(SMTP):
@@ -127,14 +156,19 @@ class _Controller(Controller):
 class Receiver:
     """A running receiver: its SMTP server thread and its pool of worker threads."""
 
-    def __init__(self, controller: Controller, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, controller: Controller, pool: ThreadPoolExecutor, dns_pool: ThreadPoolExecutor
+    ) -> None:
         self.controller = controller
         self.pool = pool
+        self.dns_pool = dns_pool
 
     def stop(self) -> None:
         """Stop taking connections, then let the messages being read finish."""
         self.controller.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        # a check still waiting on DNS answers nobody now; its thread ends at its next question
+        self.dns_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None = None) -> Receiver:
@@ -145,10 +179,11 @@ def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None =
     # aiosmtpd logs each sender, recipient and line of data at INFO and DEBUG
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="prefs-smtpd")
-    handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool)
+    dns_pool = ThreadPoolExecutor(max_workers=DNS_WORKERS, thread_name_prefix="prefs-smtpd-dns")
+    handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool, dns_pool)
     # aiosmtpd would otherwise look up the host's name (socket.getfqdn) for each connection
     controller = _Controller(
         handler, hostname=host, port=port, server_hostname=socket.getfqdn(), data_size_limit=MAX_MESSAGE
     )
     controller.start()
-    return Receiver(controller, pool)
+    return Receiver(controller, pool, dns_pool)

@@ -627,3 +627,58 @@ def test_a_fresh_signature_over_from_and_to_still_proves(mailbox_app, serve, dki
     private, public = dkim_key
     raw = signed_with(raw_message(), private, headers=(b"from", b"to"))
     assert sent(mailbox_app, serve, dns_for(public), raw) == (250, False)
+
+
+class HungDNS(FakeDNS):
+    """Never answers for slow.example until released: a sender whose DNS hangs."""
+
+    def __init__(self, records=None):
+        super().__init__(records)
+        self.release = threading.Event()
+
+    def query(self, name, qtype):
+        if name.lower().rstrip(".").endswith("slow.example"):
+            self.release.wait(30)
+        return super().query(name, qtype)
+
+
+def test_hung_dns_answers_451_in_time_and_holds_up_nobody(mailbox_app, serve, monkeypatch):
+    monkeypatch.setattr(mailauth, "CHECK_DEADLINE", 1.0)
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    resolver = HungDNS()
+    port = serve(mailbox_app, resolver=resolver)
+    answers: dict[int, tuple[int, bytes, float]] = {}
+
+    def slow_sender(i):
+        started = time.monotonic()
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail(f"a{i}@slow.example")
+            client.rcpt(MAILBOX)
+            code, text = client.data(raw_message(sender=f"victim{i}@slow.example"))
+        answers[i] = (code, text, time.monotonic() - started)
+
+    # more senders on hung DNS than the receiver has worker threads
+    senders = [threading.Thread(target=slow_sender, args=(i,)) for i in range(receiver.WORKERS * 3)]
+    for thread in senders:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with smtp(port) as client:
+            client.sendmail("x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], raw_message())
+        token_took = time.monotonic() - started
+        for thread in senders:
+            thread.join(15)
+    finally:
+        resolver.release.set()
+    assert token_took < 1.0, token_took
+    assert len(answers) == len(senders)
+    for code, text, took in answers.values():
+        assert (code, text[:5]) == (451, b"4.4.3"), (code, text)
+        assert took < 3.0, took
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
