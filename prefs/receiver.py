@@ -43,6 +43,10 @@ FAIR_LINES = 256
 TRY_LATER = "451 4.3.0 temporary local problem, please try again later"
 TOO_LARGE = "552 5.3.4 the message is larger than this host accepts"
 DNS_LATE = "451 4.4.3 the sender's DNS did not answer in time, please try again later"
+GOODBYE = "421 4.3.2 this host is shutting down, please try again later"
+# seconds a stop waits for the messages being received and judged: longer than a sender
+# check, shorter than a service manager's patience (systemd waits 90 s)
+DRAIN_SECONDS = 30.0
 
 
 class UnsubscribeHandler:
@@ -125,7 +129,35 @@ def _proven(check: mailauth.SenderCheck, request: inbound.Request) -> bool:
 
 
 class _Server(SMTP):
-    """aiosmtpd's SMTP, fair to other clients, with the size refusals' enhanced code (RFC 3463)."""
+    """aiosmtpd's SMTP, fair to other clients, with the size refusals' enhanced code (RFC 3463),
+    known to its controller while connected so that a stop can drain it."""
+
+    def __init__(self, handler: Any, sessions: set[_Server], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.sessions = sessions
+        # from DATA to its answer: a stop waits for this message rather than lose it
+        self.receiving = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.receiving = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.receiving = False
+
+    def goodbye(self) -> None:
+        """Tell the client to come back later (RFC 5321 section 3.8) and close the connection."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(f"{GOODBYE}\r\n".encode())
+            self.transport.close()
 
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(reader, writer)
@@ -149,22 +181,45 @@ class _Server(SMTP):
 
 
 class _Controller(Controller):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.sessions: set[_Server] = set()
+
     def factory(self) -> SMTP:
-        return _Server(self.handler, **self.SMTP_kwargs)
+        return _Server(self.handler, self.sessions, **self.SMTP_kwargs)
+
+    async def drain(self, seconds: float) -> None:
+        """Take no more connections; let each message being received finish, and send every
+        other client a 421 as soon as it is between messages."""
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.sessions and loop.time() < deadline:
+            for server in list(self.sessions):
+                if not server.receiving:
+                    server.goodbye()
+            await asyncio.sleep(0.05)
 
 
 class Receiver:
     """A running receiver: its SMTP server thread and its pool of worker threads."""
 
     def __init__(
-        self, controller: Controller, pool: ThreadPoolExecutor, dns_pool: ThreadPoolExecutor
+        self, controller: _Controller, pool: ThreadPoolExecutor, dns_pool: ThreadPoolExecutor
     ) -> None:
         self.controller = controller
         self.pool = pool
         self.dns_pool = dns_pool
 
-    def stop(self) -> None:
-        """Stop taking connections, then let the messages being read finish."""
+    def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop taking connections, let the messages being received finish within ``drain``
+        seconds (each answered before we go), tell the other clients 421, then stop."""
+        draining = asyncio.run_coroutine_threadsafe(self.controller.drain(drain), self.controller.loop)
+        try:
+            draining.result(drain + 5)
+        except Exception as err:  # a drain that fails or overruns still ends in a stop
+            log.error("inbound mail: draining the receiver failed (%s)", type(err).__name__)
         self.controller.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
         # a check still waiting on DNS answers nobody now; its thread ends at its next question

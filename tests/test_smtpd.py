@@ -638,6 +638,7 @@ class HungDNS(FakeDNS):
 
     def query(self, name, qtype):
         if name.lower().rstrip(".").endswith("slow.example"):
+            self.asked.append((name, qtype))
             self.release.wait(30)
         return super().query(name, qtype)
 
@@ -682,3 +683,51 @@ def test_hung_dns_answers_451_in_time_and_holds_up_nobody(mailbox_app, serve, mo
         assert took < 3.0, took
     session.rollback()
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_stopping_lets_the_message_in_flight_finish_and_tells_idle_clients(mailbox_app, dkim_key):
+    _, public = dkim_key
+    resolver = HungDNS(dns_for(public, spf="v=spf1 ip4:127.0.0.1 -all", domain="slow.example").records)
+    session = db.session()
+    make_topic(session, "news")
+    port = free_port()
+    running = receiver.start(mailbox_app, "127.0.0.1", port, resolver=resolver)
+    answered = {}
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert idle.recv(200).startswith(b"220")
+    idle.sendall(b"EHLO mail.victim.example\r\n")
+    time.sleep(0.1)
+    assert idle.recv(2000).startswith(b"250")
+
+    def in_flight():
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("bounce@slow.example")
+            client.rcpt(MAILBOX)
+            answered["in flight"] = client.data(raw_message(sender="victim@slow.example"))
+
+    sender = threading.Thread(target=in_flight)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not any(name.endswith("slow.example") for name, _ in resolver.asked):
+            assert time.monotonic() < deadline, "the message never reached DNS"
+            time.sleep(0.01)
+        threading.Timer(0.5, resolver.release.set).start()
+        started = time.monotonic()
+        running.stop()
+        stopped_in = time.monotonic() - started
+        sender.join(5)
+    finally:
+        resolver.release.set()
+    code, text = answered["in flight"]
+    assert (code, text[:5]) == (250, b"2.0.0"), answered
+    assert 0.4 < stopped_in < 5, stopped_in
+    session.rollback()
+    assert ledger.verdict_for(session, "victim@slow.example", "news").reason == "unsubscribed_all"
+    # the client that sent nothing more was told to come back, not cut off
+    assert idle.recv(200).startswith(b"421 4.3.2"), "no 421 for the idle client"
+    assert idle.recv(200) == b""
+    idle.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
