@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import socket
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +24,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 from flask import Flask
 
-from . import inbound, mailauth
+from . import inbound, logs, mailauth, privacy
 from .errors import InvalidMessage, MessageTooLarge, TryLater
 from .extensions import session
 from .links import tokens
@@ -226,19 +226,58 @@ class Receiver:
         self.dns_pool.shutdown(wait=False, cancel_futures=True)
 
 
+class HashedPeers(logging.Filter):
+    """Write a client's address in aiosmtpd's log lines as a keyed hash, as the web side does."""
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__()
+        self.key = key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._hashed(arg) for arg in record.args)
+        record.msg, record.args = logs.scrub(record.getMessage()), None
+        return True
+
+    def _hashed(self, arg: object) -> object:
+        # a peer is (host, port), or (host, port, flow, scope) for IPv6
+        if isinstance(arg, tuple) and arg and isinstance(arg[0], str):
+            return f"client {privacy.limit_key(self.key, 'smtp', arg[0])}"
+        return arg
+
+
+def _fingerprint_key(app: Flask) -> bytes:
+    try:
+        with app.app_context():
+            return privacy.fingerprint_key(session())
+    except Exception:  # the database is down: a key of this process still hides the address
+        return secrets.token_bytes(32)
+
+
 def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None = None) -> Receiver:
     """Start the receiver in a thread and return it; ``resolver`` answers its DNS questions."""
     mailbox = app.config.get("UNSUBSCRIBE_MAILTO")
     if not mailbox:
         raise ValueError("PREFS_UNSUBSCRIBE_MAILTO is not set: it is the only mailbox smtpd receives for")
-    # aiosmtpd logs each sender, recipient and line of data at INFO and DEBUG
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs each sender, recipient and line of data at INFO and DEBUG, and the
+    # client's address in each line at WARNING and above
+    aiosmtpd_log = logging.getLogger("mail.log")
+    aiosmtpd_log.setLevel(logging.WARNING)
+    for old in [f for f in aiosmtpd_log.filters if isinstance(f, HashedPeers)]:
+        aiosmtpd_log.removeFilter(old)
+    aiosmtpd_log.addFilter(HashedPeers(_fingerprint_key(app)))
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="prefs-smtpd")
     dns_pool = ThreadPoolExecutor(max_workers=DNS_WORKERS, thread_name_prefix="prefs-smtpd-dns")
     handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool, dns_pool)
-    # aiosmtpd would otherwise look up the host's name (socket.getfqdn) for each connection
+    # the greeting names the mailbox's domain, not this host's own name, and no software:
+    # aiosmtpd would otherwise say the host's name (socket.getfqdn) and its version
     controller = _Controller(
-        handler, hostname=host, port=port, server_hostname=socket.getfqdn(), data_size_limit=MAX_MESSAGE
+        handler,
+        hostname=host,
+        port=port,
+        server_hostname=mailbox.rpartition("@")[2],
+        ident="ESMTP",
+        data_size_limit=MAX_MESSAGE,
     )
     controller.start()
     return Receiver(controller, pool, dns_pool)

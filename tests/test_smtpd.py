@@ -4,6 +4,7 @@ what it believes, what it answers when our side fails, and how it stops."""
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import signal
 import smtplib
@@ -731,3 +732,30 @@ def test_stopping_lets_the_message_in_flight_finish_and_tells_idle_clients(mailb
     idle.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# what it says about itself and its clients
+
+
+def test_no_raw_client_address_in_any_log_line_and_no_internals_in_answers(mailbox_app, serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        banner = sock.recv(200)
+        # unknown commands until aiosmtpd gives up on the client: it logs each one with the peer
+        sock.sendall(b"EHLO mail.victim.example\r\n" + b"XYZZY victim@victim.example\r\n" * 6)
+        answers = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and b"goodbye" not in answers:
+            answers += sock.recv(4000)
+    with smtp(port) as client:
+        client.sendmail("victim@victim.example", [MAILBOX], raw_message())
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("unrecognised" in line for line in lines), lines
+    for line in lines:
+        assert "127.0.0.1" not in line, line
+        assert "victim@victim.example" not in line, line
+    for said in (banner, answers):
+        assert b"Python" not in said and b"aiosmtpd" not in said, said
+        assert socket.getfqdn().encode() not in said or socket.getfqdn() == "prefs.example", said
+    assert banner.startswith(b"220 prefs.example "), banner
