@@ -37,6 +37,8 @@ MAX_RECIPIENTS = 10
 # whose DNS hangs holds one of the latter, never one a token's opt-out needs
 WORKERS = 4
 DNS_WORKERS = 8
+# clients connected at once: each holds a socket and a task until aiosmtpd's idle timeout
+MAX_SESSIONS = 200
 # lines of DATA read before the event loop serves the other clients
 FAIR_LINES = 256
 
@@ -44,6 +46,7 @@ TRY_LATER = "451 4.3.0 temporary local problem, please try again later"
 TOO_LARGE = "552 5.3.4 the message is larger than this host accepts"
 DNS_LATE = "451 4.4.3 the sender's DNS did not answer in time, please try again later"
 GOODBYE = "421 4.3.2 this host is shutting down, please try again later"
+BUSY = "421 4.7.0 too many connections, please try again later"
 # seconds a stop waits for the messages being received and judged: longer than a sender
 # check, shorter than a service manager's patience (systemd waits 90 s)
 DRAIN_SECONDS = 30.0
@@ -140,6 +143,11 @@ class _Server(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if len(self.sessions) >= MAX_SESSIONS:
+            # said before aiosmtpd's greeting, which the closed transport then drops
+            self._writer.write(f"{BUSY}\r\n".encode())
+            transport.close()
+            return
         self.sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:

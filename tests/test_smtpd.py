@@ -677,11 +677,11 @@ def test_hung_dns_answers_451_in_time_and_holds_up_nobody(mailbox_app, serve, mo
             thread.join(15)
     finally:
         resolver.release.set()
-    assert token_took < 1.0, token_took
+    assert token_took < 2.0, token_took
     assert len(answers) == len(senders)
     for code, text, took in answers.values():
         assert (code, text[:5]) == (451, b"4.4.3"), (code, text)
-        assert took < 3.0, took
+        assert took < 4.0, took
     session.rollback()
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
 
@@ -759,3 +759,84 @@ def test_no_raw_client_address_in_any_log_line_and_no_internals_in_answers(mailb
         assert b"Python" not in said and b"aiosmtpd" not in said, said
         assert socket.getfqdn().encode() not in said or socket.getfqdn() == "prefs.example", said
     assert banner.startswith(b"220 prefs.example "), banner
+
+
+# the SMTP conversation itself
+
+
+def test_connections_past_the_cap_are_told_to_come_back_and_others_still_served(
+    mailbox_app, serve, monkeypatch
+):
+    monkeypatch.setattr(receiver, "MAX_SESSIONS", 5)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    held = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert sock.recv(200).startswith(b"220")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0"), "no 421 past the cap"
+            assert extra.recv(200) == b""
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    with smtp(port) as client:
+        assert client.noop()[0] == 250
+
+
+def test_a_message_smuggled_behind_a_bare_lf_dot_is_part_of_the_first(mailbox_app, serve, dkim_key):
+    # SMTP smuggling: a relay that passes '\n.\n' through would let its customer send a second
+    # message, From the victim, from the relay's addresses (which the victim's SPF lists)
+    _, public = dkim_key
+    resolver = dns_for(public, spf="v=spf1 ip4:127.0.0.1 -all")
+    session = db.session()
+    make_topic(session, "news")
+    port = serve(mailbox_app, resolver=resolver)
+    smuggled = (
+        b"From: customer@relay.example\r\nTo: x@y.example\r\nSubject: hi\r\n\r\nhello\n.\n"
+        b"MAIL FROM:<bounce@victim.example>\r\nRCPT TO:<"
+        + MAILBOX.encode()
+        + b">\r\nDATA\r\n"
+        + raw_message()
+    )
+    for ending in (b"\n.\n", b"\r.\r\n", b"\n.\r\n", b"\r\n.\n"):
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("customer@relay.example")
+            client.rcpt(MAILBOX)
+            client.putcmd("DATA")
+            assert client.getreply()[0] == 354
+            client.send(smuggled.replace(b"\n.\n", ending) + b"\r\n.\r\n")
+            code, _ = client.getreply()
+            assert code in (250, 550), code
+    session.rollback()
+    assert ledger.verdict_for(session, "victim@victim.example", "news").allowed
+
+
+def test_pipelined_commands_are_answered_in_order(mailbox_app, serve):
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    port = serve(mailbox_app, resolver=FakeDNS())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(200)
+        sock.sendall(
+            b"EHLO mail.example\r\nMAIL FROM:<a@example.com>\r\n"
+            b"RCPT TO:<someone@elsewhere.example>\r\n"
+            + f"RCPT TO:<unsubscribe+{token}@prefs.example>\r\n".encode()
+            + b"DATA\r\n"
+        )
+        said = b""
+        deadline = time.monotonic() + 5
+        while b"354" not in said and time.monotonic() < deadline:
+            said += sock.recv(4000)
+        sock.sendall(raw_message() + b".\r\nQUIT\r\n")
+        while b"221" not in said and time.monotonic() < deadline:
+            said += sock.recv(4000)
+    codes = [line[:3] for line in said.split(b"\r\n") if line and line[3:4] == b" "]
+    assert codes == [b"250", b"250", b"550", b"250", b"354", b"250", b"221"], said
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
