@@ -9,13 +9,22 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from . import authresults, ledger, mailreader
-from .addresses import normalize_or_none
+from .addresses import is_our_mailbox, normalize_or_none
 from .errors import InvalidMessage, InvalidToken, MessageTooLarge, TryLater, UnknownSubscriber, UnknownTopic
 from .ledger import Origin
 from .mailreader import MAX_MESSAGE, Message
 from .tokens import Tokens
 
-__all__ = ["MAX_MESSAGE", "InvalidMessage", "MessageTooLarge", "Outcome", "Request", "TryLater", "handle"]
+__all__ = [
+    "MAX_MESSAGE",
+    "InvalidMessage",
+    "MessageTooLarge",
+    "Outcome",
+    "Request",
+    "TryLater",
+    "handle",
+    "is_our_mailbox",
+]
 
 _SUBJECT_TOKEN = re.compile(r"unsubscribe-([A-Za-z0-9_.~-]{20,256})", re.IGNORECASE)
 _LOCAL_TOKEN = re.compile(r"^[^@+]+\+([A-Za-z0-9_.~-]{20,256})@", re.IGNORECASE)
@@ -70,16 +79,6 @@ def sole_sender(message: Message) -> str | None:
     return normalize_or_none(senders[0]) if len(senders) == 1 else None
 
 
-def is_our_mailbox(address: str, mailbox: str) -> bool:
-    """Tell whether a recipient is the unsubscribe mailbox or one of its ``+<token>`` forms."""
-    local, at, domain = address.strip().rpartition("@")
-    our_local, _, our_domain = mailbox.rpartition("@")
-    if not at or not (local.lower() == our_local or local.lower().startswith(our_local + "+")):
-        return False
-    normalized = normalize_or_none(f"{our_local}@{domain}")
-    return normalized is not None and normalized.rpartition("@")[2] == our_domain
-
-
 @dataclass(frozen=True, slots=True)
 class Request:
     """What a message asks: a token's opt-out, or an opt-out for its sender once proven."""
@@ -130,11 +129,13 @@ def handle(
     recipients: list[str] | None = None,
     authserv_id: str | None = None,
     check_sender: SenderCheck | None = None,
+    mailbox: str | None = None,
 ) -> Outcome:
     """Record the opt-out a message asks for, if it names one or proves its sender.
 
     Without ``check_sender``, the sender is proven only by the results our boundary MTA
-    (``authserv_id``) put at the top of the message. ``check_sender`` may raise ``TryLater``.
+    (``authserv_id``) put at the top of the message, and only if the signature they may rest
+    on was addressed to ``mailbox``. ``check_sender`` may raise ``TryLater``.
     """
     request = read_request(raw, recipients)
     proven = False
@@ -142,7 +143,7 @@ def handle(
         assert request.message is not None and request.sender is not None
         domain = request.sender.rpartition("@")[2]
         if check_sender is None:
-            proven = authresults.boundary_proves(request.message, authserv_id, domain)
+            proven = authresults.boundary_proves(request.message, authserv_id, domain, mailbox)
         else:
             proven = check_sender(request.message, domain)
     return honour(session, tokens, request, proven)

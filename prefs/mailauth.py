@@ -31,9 +31,8 @@ import dns.resolver
 import spf
 from publicsuffixlist import PublicSuffixList
 
-from . import mailreader
-from .errors import InvalidMessage, TryLater
-from .inbound import is_our_mailbox
+from . import replays
+from .errors import TryLater
 from .mailreader import Message
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,6 @@ DNS_TIMEOUT = 3.0
 SPF_DEADLINE = 10.0
 CHECK_DEADLINE = 12.0
 MAX_SIGNATURES = 3
-# a signature older than this proves nothing: mail is retried for about five days, a replay is older
-MAX_SIGNATURE_AGE = 7 * 86400
 # dkimpy's relaxed body canonicalization takes time quadratic in a run of blanks before a
 # line's end; a body with a longer run is not verified (its sender can still pass by SPF)
 MAX_BLANK_RUN = 256
@@ -172,7 +169,7 @@ class SenderCheck:
         for index in range(min(count, MAX_SIGNATURES)):
             try:
                 if verifier.verify(idx=index, dnsfunc=self._dkim_key):
-                    refusal = self._replay(verifier.signature_fields, verifier.include_headers, message)
+                    refusal = replays.replay_refusal(verifier.signature_fields, message, self.mailbox)
                     if refusal is None:
                         passed.append(verifier.domain.decode("ascii", "replace").lower().rstrip("."))
                     else:
@@ -182,34 +179,6 @@ class SenderCheck:
             except Exception as err:  # a malformed signature or key fails that signature only
                 log.info("inbound mail: a DKIM signature did not verify (%s)", type(err).__name__)
         return passed, unavailable
-
-    def _replay(self, tags: dict[bytes, bytes], signed: tuple[bytes, ...], message: Message) -> str | None:
-        """Return why a verified signature could be a replay of mail sent elsewhere, or None.
-
-        A signature proves that its domain sent those header fields and that body once, to
-        someone: it asks to leave only when it covers a To that names our mailbox, the one To
-        there is, all of the body, and was made in the last days.
-        """
-        if b"l" in tags:
-            return "it covers part of the body only (l=)"
-        if b"from" not in signed or b"to" not in signed:
-            return "it does not cover From and To"
-        if len(message.values("to")) != 1:
-            return "the message has more than one To, or none"
-        try:
-            recipients = mailreader.addresses(message, "to")
-        except InvalidMessage:
-            return "its To cannot be read"
-        if not any(is_our_mailbox(address, self.mailbox) for address in recipients):
-            return "its To does not name our mailbox"
-        now = time.time()
-        stamp = tags.get(b"t", b"")
-        if not stamp.isdigit() or not now - MAX_SIGNATURE_AGE <= int(stamp) <= now + 300:
-            return "it has no time (t=), or was made more than a week ago"
-        expiry = tags.get(b"x")
-        if expiry is not None and (not expiry.isdigit() or int(expiry) < now):
-            return "it has expired (x=)"
-        return None
 
     def _dkim_key(self, name: bytes | str, timeout: float = DNS_TIMEOUT) -> bytes | None:
         text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
