@@ -142,7 +142,11 @@ def test_sigterm_answers_every_opt_out_in_flight(service_database, tmp_path):
     )
     assert not lost, (lost, log_path.read_text()[-3000:])
     assert not unanswered, (answers, log_path.read_text()[-3000:])
-    assert len(acknowledged) == IN_FLIGHT, answers
+    # each is answered: 250 once committed, or 451 where the lock outlasted the database's wait
+    # (on PostgreSQL a write waits on a table lock for less than this test holds it)
+    assert set(answers.values()) <= {250, 451}, answers
+    if service_database.startswith("sqlite"):
+        assert len(acknowledged) == IN_FLIGHT, (answers, log_path.read_text()[-3000:])
     assert idle_said.startswith(b"421 4.3.2"), idle_said
     assert exit_code == 0, log_path.read_text()[-3000:]
 
