@@ -38,7 +38,9 @@ MAX_RECIPIENTS = 10
 WORKERS = 4
 DNS_WORKERS = 8
 # clients connected at once: each holds a socket and a task until aiosmtpd's idle timeout
+# (five minutes a command, as RFC 5321 asks), so one address may hold only a share of them
 MAX_SESSIONS = 200
+MAX_SESSIONS_PER_CLIENT = 20
 # lines of DATA read before the event loop serves the other clients
 FAIR_LINES = 256
 
@@ -140,10 +142,14 @@ class _Server(SMTP):
         self.sessions = sessions
         # from DATA to its answer: a stop waits for this message rather than lose it
         self.receiving = False
+        self.client = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if len(self.sessions) >= MAX_SESSIONS:
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        same = sum(1 for other in self.sessions if other.client == self.client)
+        if len(self.sessions) >= MAX_SESSIONS or same >= MAX_SESSIONS_PER_CLIENT:
             # said before aiosmtpd's greeting, which the closed transport then drops
             self._writer.write(f"{BUSY}\r\n".encode())
             transport.close()

@@ -835,3 +835,19 @@ def test_pipelined_commands_are_answered_in_order(mailbox_app, serve):
     assert codes == [b"250", b"250", b"550", b"250", b"354", b"250", b"221"], said
     session.rollback()
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_one_client_cannot_hold_every_connection(mailbox_app, serve, monkeypatch):
+    monkeypatch.setattr(receiver, "MAX_SESSIONS_PER_CLIENT", 3)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    held = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert sock.recv(200).startswith(b"220")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0"), "no 421 past the client's share"
+    finally:
+        for sock in held:
+            sock.close()
