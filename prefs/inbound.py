@@ -28,7 +28,8 @@ __all__ = [
 
 _SUBJECT_TOKEN = re.compile(r"unsubscribe-([A-Za-z0-9_.~-]{20,256})", re.IGNORECASE)
 _LOCAL_TOKEN = re.compile(r"^[^@+]+\+([A-Za-z0-9_.~-]{20,256})@", re.IGNORECASE)
-_RECIPIENT_FIELDS = ("to", "delivered-to", "x-original-to")
+# the envelope recipient as our MTA wrote it first, then what the sender wrote
+_RECIPIENT_FIELDS = ("x-original-to", "delivered-to", "to")
 
 # given the message and its From domain, tell whether that domain is proven by DMARC
 SenderCheck = Callable[[Message, str], bool]
@@ -65,10 +66,19 @@ def find_token(message: Message, recipients: list[str]) -> str | None:
     match = _SUBJECT_TOKEN.search(mailreader.subject(message))
     if match:
         return match.group(1)
-    candidates: list[str] = []
+    # a field past its bounds is refused only if no other field holds a token
+    refusal: InvalidMessage | None = None
     for name in _RECIPIENT_FIELDS:
-        candidates.extend(mailreader.addresses(message, name))
-    return envelope_token(candidates)
+        try:
+            token = envelope_token(mailreader.addresses(message, name))
+        except InvalidMessage as err:
+            refusal = refusal or err
+            continue
+        if token is not None:
+            return token
+    if refusal is not None:
+        raise refusal
+    return None
 
 
 def sole_sender(message: Message) -> str | None:

@@ -327,3 +327,17 @@ def test_a_token_in_an_encoded_subject_is_found(app, session):
     encoded = "=?utf-8?q?" + f"unsubscribe-{token}".replace("_", "=5F") + "?="
     outcome = inbound.handle(session, app.extensions["prefs.tokens"], message(subject=encoded), [], None)
     assert (outcome.action, outcome.scope) == ("unsubscribed", "news")
+
+
+def test_a_token_in_the_delivery_headers_decides_whatever_the_to_holds(app, client, writer, session):
+    # Delivered-To and X-Original-To are the envelope recipient, written by our own MTA
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    token = token_for(app, ann, "news")
+    crowd = ", ".join(f"user{i}@example.com" for i in range(60))
+    for name in ("X-Original-To", "Delivered-To"):
+        raw = message(subject="bye", to=crowd, extra=f"{name}: unsubscribe+{token}@example.com\r\n")
+        response = post(client, writer, raw)
+        assert response.status_code == 200, (name, response.json)
+        assert response.json["action"] in ("unsubscribed", "already_unsubscribed"), name
+    assert ledger.verdict_for(session, ann.email, "news").reason == "unsubscribed"
