@@ -63,11 +63,14 @@ def find_token(message: Message, recipients: list[str]) -> str | None:
     token = envelope_token(recipients)
     if token is not None:
         return token
-    match = _SUBJECT_TOKEN.search(mailreader.subject(message))
-    if match:
-        return match.group(1)
     # a field past its bounds is refused only if no other field holds a token
     refusal: InvalidMessage | None = None
+    try:
+        match = _SUBJECT_TOKEN.search(mailreader.subject(message))
+    except InvalidMessage as err:
+        match, refusal = None, err
+    if match:
+        return match.group(1)
     for name in _RECIPIENT_FIELDS:
         try:
             token = envelope_token(mailreader.addresses(message, name))

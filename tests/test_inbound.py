@@ -341,3 +341,13 @@ def test_a_token_in_the_delivery_headers_decides_whatever_the_to_holds(app, clie
         assert response.status_code == 200, (name, response.json)
         assert response.json["action"] in ("unsubscribed", "already_unsubscribed"), name
     assert ledger.verdict_for(session, ann.email, "news").reason == "unsubscribed"
+
+
+def test_a_token_in_the_delivery_headers_decides_whatever_the_subject_holds(app, client, writer, session):
+    make_topic(session, "news")
+    ann = make_subscriber(session)
+    token = token_for(app, ann, "news")
+    raw = message(subject="x" * 5000, extra=f"X-Original-To: unsubscribe+{token}@example.com\r\n")
+    response = post(client, writer, raw)
+    assert response.status_code == 200, response.json
+    assert ledger.verdict_for(session, ann.email, "news").reason == "unsubscribed"
