@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import logging
 import secrets
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -268,8 +269,15 @@ def _fingerprint_key(app: Flask) -> bytes:
         return secrets.token_bytes(32)
 
 
-def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None = None) -> Receiver:
-    """Start the receiver in a thread and return it; ``resolver`` answers its DNS questions."""
+def start(
+    app: Flask,
+    host: str,
+    port: int,
+    resolver: mailauth.Resolver | None = None,
+    tls: tuple[str, str] | None = None,
+) -> Receiver:
+    """Start the receiver in a thread and return it; ``resolver`` answers its DNS questions,
+    and with ``tls`` (a certificate file and its key file) it offers STARTTLS."""
     mailbox = app.config.get("UNSUBSCRIBE_MAILTO")
     if not mailbox:
         raise ValueError("PREFS_UNSUBSCRIBE_MAILTO is not set: it is the only mailbox smtpd receives for")
@@ -280,6 +288,10 @@ def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None =
     for old in [f for f in aiosmtpd_log.filters if isinstance(f, HashedPeers)]:
         aiosmtpd_log.removeFilter(old)
     aiosmtpd_log.addFilter(HashedPeers(_fingerprint_key(app)))
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="prefs-smtpd")
     dns_pool = ThreadPoolExecutor(max_workers=DNS_WORKERS, thread_name_prefix="prefs-smtpd-dns")
     handler = UnsubscribeHandler(app, mailbox, resolver or mailauth.SystemResolver(), pool, dns_pool)
@@ -292,6 +304,8 @@ def start(app: Flask, host: str, port: int, resolver: mailauth.Resolver | None =
         server_hostname=mailbox.rpartition("@")[2],
         ident="ESMTP",
         data_size_limit=MAX_MESSAGE,
+        # offered, never required: a sender without TLS must still be able to leave
+        tls_context=context,
     )
     controller.start()
     return Receiver(controller, pool, dns_pool)

@@ -851,3 +851,28 @@ def test_one_client_cannot_hold_every_connection(mailbox_app, serve, monkeypatch
     finally:
         for sock in held:
             sock.close()
+
+
+def test_starttls_is_offered_when_given_a_certificate(mailbox_app, serve, tmp_path):
+    import ssl
+
+    from tests.smtp import self_signed_certificate
+
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    plain = serve(mailbox_app, resolver=FakeDNS())
+    with smtp(plain) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+    cert, key = self_signed_certificate(tmp_path)
+    port = serve(mailbox_app, resolver=FakeDNS(), tls=(cert, key))
+    trusting = ssl.create_default_context(cafile=cert)
+    with smtp(port) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=trusting)
+        client.sendmail("x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], raw_message())
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
