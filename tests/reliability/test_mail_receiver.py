@@ -238,3 +238,56 @@ def test_replays_and_hung_dns_unsubscribe_nobody(service_database, tmp_path, mon
     assert not unanswered, unanswered
     assert hung_codes == [451], hung_codes
     assert took < 8, took
+
+
+def test_a_connection_flood_from_one_address_shuts_nobody_else_out(service_database, tmp_path, monkeypatch):
+    flood = 300
+    app, seeded = seed(service_database, tmp_path / "instance", ["ann@example.com"])
+    monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path / "instance"))
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": service_database,
+            "SECRET_KEYS": TEST_KEYS,
+            "UNSUBSCRIBE_MAILTO": MAILBOX,
+        }
+    )
+    port = free_port()
+    running = receiver.start(app, "127.0.0.1", port, resolver=HungDNS())
+    held: list[socket.socket] = []
+    greetings: dict[bytes, int] = {}
+    try:
+        for _ in range(flood):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            held.append(sock)
+            code = sock.recv(200)[:3]
+            greetings[code] = greetings.get(code, 0) + 1
+        token = Tokens(TEST_KEYS).unsubscribe(seeded.public_ids[0], "news")
+        started = time.monotonic()
+        # another sender, from another address
+        with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=("127.0.0.2", 0)) as client:
+            client.sendmail(
+                "x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], b"Subject: x\r\n\r\nbye\r\n"
+            )
+        took = time.monotonic() - started
+    finally:
+        for sock in held:
+            sock.close()
+        running.stop(drain=5)
+    with app.app_context():
+        ann_allowed = ledger.verdict_for(db.session(), "ann@example.com", "news").allowed
+        db.session.remove()
+        db.engine.dispose()
+    report(
+        "connection flood from one address (smtpd)",
+        flood + 1,
+        1 if not ann_allowed else 0,
+        int(ann_allowed),
+        0,
+        f"smtpd: {flood} connections from one address: {greetings.get(b'220', 0)} greeted, "
+        f"{greetings.get(b'421', 0)} told 421; an opt-out from another address meanwhile "
+        f"{'recorded' if not ann_allowed else 'LOST'} in {took:.2f} s",
+    )
+    assert greetings.get(b"220", 0) == receiver.MAX_SESSIONS_PER_CLIENT, greetings
+    assert greetings.get(b"421", 0) == flood - receiver.MAX_SESSIONS_PER_CLIENT, greetings
+    assert not ann_allowed
