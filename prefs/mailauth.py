@@ -1,10 +1,11 @@
 """Evaluate SPF, DKIM and DMARC for a message ourselves, for the SMTP receiver that faces the internet.
 
 pyspf evaluates SPF for the peer, HELO and MAIL FROM the session saw; dkimpy verifies up to
-three DKIM signatures; DMARC (RFC 7489) is the policy lookup and identifier alignment on top,
-here, with the organizational domain read from the Public Suffix List (publicsuffixlist). Every DNS question
-goes to the ``Resolver`` we are given, so tests answer from a dict, offline, and production
-asks the host's resolvers with a deadline. Nothing the message says about its own
+three DKIM signatures, and one that verifies counts only if it cannot be a replay
+(``replays``); DMARC (RFC 7489) is the policy lookup and identifier alignment on top, here,
+with the organizational domain read from the Public Suffix List (publicsuffixlist). Every
+DNS question goes to the ``Resolver`` we are given, so tests answer from a dict, offline,
+and production asks the host's resolvers with a deadline. Nothing the message says about its own
 authentication is read.
 
 authheaders was tried for the DMARC step and not kept: it takes the organizational domain of
@@ -152,8 +153,7 @@ class SenderCheck:
         return str(result), sender.rpartition("@")[2].lower().rstrip(".")
 
     def _dkim(self, message: Message) -> tuple[list[str], bool]:
-        """Return the domains of the signatures that verify and cannot be replays, and whether a key
-        could not be fetched."""
+        """Return the domains of verified signatures that cannot be replays, and whether a key was missed."""
         raw = message.raw
         passed: list[str] = []
         unavailable = False
