@@ -876,3 +876,18 @@ def test_starttls_is_offered_when_given_a_certificate(mailbox_app, serve, tmp_pa
         client.sendmail("x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], raw_message())
     session.rollback()
     assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_an_international_domain_is_proven_by_its_a_label(mailbox_app, serve, dkim_key):
+    private, public = dkim_key
+    domain = "xn--bcher-kva.example"
+    resolver = dns_for(public, domain=domain)
+    raw = raw_message(sender="Anna <anna@b\u00fccher.example>")
+    signature = dkim.sign(raw, b"s1", domain.encode(), private, include_headers=[b"from", b"to", b"subject"])
+    session = db.session()
+    make_topic(session, "news")
+    port = serve(mailbox_app, resolver=resolver)
+    with smtp(port) as client:
+        client.sendmail(f"bounce@{domain}", [MAILBOX], signature + raw)
+    session.rollback()
+    assert ledger.verdict_for(session, f"anna@{domain}", "news").reason == "unsubscribed_all"
