@@ -143,3 +143,13 @@ def scrub(text: str, address: str) -> str:
     forms = sorted((re.escape(local) + "@" + re.escape(d) for d in domains), key=len, reverse=True)
     # NFC first: "bu\u0308cher" and "bücher" are one domain
     return re.sub("|".join(forms), mask(address), unicodedata.normalize("NFC", text), flags=re.IGNORECASE)
+
+
+def is_our_mailbox(address: str, mailbox: str) -> bool:
+    """Tell whether a recipient is the unsubscribe mailbox or one of its ``+<token>`` forms."""
+    local, at, domain = address.strip().rpartition("@")
+    our_local, _, our_domain = mailbox.rpartition("@")
+    if not at or not (local.lower() == our_local or local.lower().startswith(our_local + "+")):
+        return False
+    normalized = normalize_or_none(f"{our_local}@{domain}")
+    return normalized is not None and normalized.rpartition("@")[2] == our_domain
