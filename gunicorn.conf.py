@@ -138,10 +138,18 @@ def on_starting(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauges from the metrics."""
+    """Drop a dead worker's live gauges from the metrics; add its counts to the retired ones."""
     from prometheus_client import multiprocess
 
+    from prefs.ops import metric_files
+
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    try:
+        metric_files.retire(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
+    except OSError as err:  # its files stay, still counted: the master must go on
+        server.log.warning(
+            "metrics of worker %s not retired: %s", worker.pid, err.strerror or type(err).__name__
+        )
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt(3)

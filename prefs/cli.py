@@ -233,12 +233,18 @@ def _build_demo(app: Flask) -> None:
     click.echo(f"  preference center: {links.preferences_url(service.preferences(subscriber.public_id))}")
 
 
+_FILE = click.Path(exists=True, dir_okay=False)
+
+
 @click.command("smtpd")
 @click.option("--listen", default="127.0.0.1:8025", show_default=True, help="HOST:PORT to receive mail on.")
+@click.option("--tls-cert", type=_FILE, help="Offer STARTTLS with this certificate (PEM).")
+@click.option("--tls-key", type=_FILE, help="The certificate's private key (PEM).")
 @with_appcontext
-def smtpd(listen: str) -> None:
+def smtpd(listen: str, tls_cert: str | None, tls_key: str | None) -> None:
     """Receive mail for the unsubscribe address and honour it, until stopped (Ctrl-C or SIGTERM)."""
     import signal
+    import ssl
     import threading
 
     from .mail import smtpd as receiver
@@ -251,7 +257,13 @@ def smtpd(listen: str) -> None:
         raise click.ClickException(
             "PREFS_UNSUBSCRIBE_MAILTO is not set: it is the only mailbox smtpd receives for"
         )
-    running = receiver.start(app, host.strip("[]"), int(port))
+    if bool(tls_cert) != bool(tls_key):
+        raise click.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert")
+    tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+    try:
+        running = receiver.start(app, host.strip("[]"), int(port), tls=tls)
+    except ssl.SSLError as err:
+        raise click.ClickException(f"--tls-cert/--tls-key cannot be used: {err.reason or err}") from None
     click.echo(f"receiving unsubscribe mail on {listen}; stop with Ctrl-C")
     # SIGTERM (a service manager's stop) ends it the way Ctrl-C does
     previous = signal.signal(signal.SIGTERM, _interrupt)

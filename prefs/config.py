@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "DB_POOL_SIZE": 5,
     "DB_POOL_TIMEOUT": 2.0,
     "DB_BUSY_TIMEOUT_MS": 5000,
+    # a PostgreSQL round trip not answered in this long, in a web worker: the server is taken for hung
+    "DB_STALL_MS": 10000,
     "TOKEN_MAX_AGE": None,
     "BRAND_NAME": "prefs",
     "BRAND_COLOR": "#1d4ed8",
@@ -120,6 +122,7 @@ def finish(config: dict[str, Any], instance_path: str) -> None:
     config["TRUSTED_HOSTS"] = None
     config["DB_POOL_SIZE"] = _positive_int(config, "DB_POOL_SIZE")
     config["DB_BUSY_TIMEOUT_MS"] = _positive_int(config, "DB_BUSY_TIMEOUT_MS")
+    config["DB_STALL_MS"] = _positive_int(config, "DB_STALL_MS")
     config["MAX_BODY_BYTES"] = _positive_int(config, "MAX_BODY_BYTES")
     config["DB_POOL_TIMEOUT"] = _positive_number(config, "DB_POOL_TIMEOUT")
     max_age = config.get("TOKEN_MAX_AGE")

@@ -6,6 +6,7 @@ import pytest
 
 from prefs.domain import ledger
 from tests.factories import bearer, make_key, make_topic
+from tests.test_smtpd import dkim_key  # noqa: F401 (a fixture)
 
 OURS = "mx.prefs.example"
 RECEIVED = f"Received: from mail.evil.example (mail.evil.example [192.0.2.66]) by {OURS} (Postfix) id 4Qx"
@@ -99,6 +100,9 @@ HOSTILE = {
     "one line of 1 MiB with no line break": b"From: " + b"a" * (1024 * 1024 - 10),
     "nothing but line breaks": b"\r\n" * 400_000,
     "a header section without a blank line, 200 KB": b"X-A: " + b"b" * 200_000,
+    "groups nested 1,200 deep in To": message("", headers="To: " + "a:" * 1200 + ";" * 1200 + "\r\n"),
+    "groups nested 1,000 deep in From": message("", sender="a: " * 1000 + "victim@victim.example"),
+    "colons only in To": message("", headers="To: " + ":" * 4000 + "\r\n"),
     "bare carriage returns": b"From: victim@victim.example\rTo: x@y.example\r" * 5000,
 }
 
@@ -126,3 +130,77 @@ def test_ordinary_odd_messages_are_read(api):
         response = api(raw)
         assert response.status_code == 200, name
         assert response.json["action"] == "ignored", name
+
+
+# one header section, two readings: a bare CR or LF ends a line for the stdlib's parser but not
+# for dkimpy's or an MTA's (CRLF only), and a NUL ends a C string in a milter
+SMUGGLED = {
+    "results after a bare CR": message("", headers=f"X-A: b\r{AR} dmarc=pass header.from=victim.example\r\n"),
+    "a From after a bare CR": message("", sender="mallory@evil.example\rFrom: victim@victim.example"),
+    "a To after a bare LF": message("", headers="X-A: b\nTo: unsubscribe@prefs.example\r\n"),
+    "a NUL in From": message("", sender="victim@victim.example\x00mallory@evil.example"),
+    "a lone CR before the blank line": message("", headers="X-A: b\r\r\n"),
+}
+
+
+@pytest.mark.parametrize("raw", SMUGGLED.values(), ids=SMUGGLED.keys())
+def test_a_header_section_with_two_readings_is_refused(api, raw):
+    response = api(raw)
+    assert response.status_code == 400, response.json
+    assert response.json["error"]["code"] == "invalid_message"
+    assert api.victim_allowed()
+
+
+# our MTA verified a genuine DKIM signature: DMARC passed, but the message may be a replay
+
+
+@pytest.fixture
+def mailbox_api(make_app):
+    app = make_app(INBOUND_AUTHSERV_ID=OURS, UNSUBSCRIBE_MAILTO="unsubscribe@prefs.example")
+    with app.app_context():
+        from prefs.extensions import session
+
+        make_topic(session(), "news")
+        headers = bearer(make_key(session(), "write"))
+    client = app.test_client()
+
+    def post(raw):
+        response = client.post("/api/v1/inbound", data=raw, content_type="message/rfc822", headers=headers)
+        with app.app_context():
+            from prefs.extensions import session
+
+            return response, ledger.verdict_for(session(), "victim@victim.example", "news").allowed
+
+    return post
+
+
+VERIFIED = f"{AR} dkim=pass header.d=victim.example; dmarc=pass header.from=victim.example\r\n{RECEIVED}\r\n"
+
+
+@pytest.mark.parametrize("name", ["sent to someone else", "To not signed", "a body length tag (l=)"])
+def test_a_replay_our_mta_verified_proves_nothing(mailbox_api, dkim_key, name):  # noqa: F811
+    from tests.test_smtpd import REPLAYS
+
+    raw = VERIFIED.encode() + REPLAYS[name](dkim_key[0])
+    response, allowed = mailbox_api(raw)
+    assert response.status_code == 200
+    assert response.json["action"] == "ignored", response.json
+    assert allowed
+
+
+def test_a_fresh_signature_to_our_mailbox_our_mta_verified_proves(mailbox_api, dkim_key):  # noqa: F811
+    from tests.test_smtpd import raw_message, signed_with
+
+    response, allowed = mailbox_api(VERIFIED.encode() + signed_with(raw_message(), dkim_key[0]))
+    assert response.json["action"] == "unsubscribed", response.json
+    assert not allowed
+
+
+def test_an_aligned_spf_pass_needs_no_signature_check(mailbox_api, dkim_key):  # noqa: F811
+    from tests.test_smtpd import REPLAYS
+
+    spf = f"{AR} spf=pass smtp.mailfrom=bounce@victim.example; dmarc=pass header.from=victim.example\r\n"
+    replay = REPLAYS["sent to someone else"](dkim_key[0])
+    response, allowed = mailbox_api((spf + RECEIVED + "\r\n").encode() + replay)
+    assert response.json["action"] == "unsubscribed", response.json
+    assert not allowed

@@ -149,6 +149,18 @@ def test_smtpd_refuses_a_listen_address_without_a_port(runner, session):
     assert "HOST:PORT" in result.output
 
 
+def test_smtpd_takes_a_certificate_and_its_key_or_neither(make_app, tmp_path):
+    runner = make_app(UNSUBSCRIBE_MAILTO="unsubscribe@example.com").test_cli_runner()
+    not_pem = tmp_path / "cert.pem"
+    not_pem.write_text("not a certificate")
+    result = run(runner, "smtpd", "--listen", "127.0.0.1:2525", "--tls-cert", str(not_pem))
+    assert result.exit_code != 0 and "--tls-key" in result.output, result.output
+    both = ("--tls-cert", str(not_pem), "--tls-key", str(not_pem))
+    result = run(runner, "smtpd", "--listen", "127.0.0.1:2525", *both)
+    assert result.exit_code != 0 and "cannot be used" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_smtpd_receives_until_stopped(make_app, monkeypatch):
     import threading
 
@@ -160,7 +172,7 @@ def test_smtpd_receives_until_stopped(make_app, monkeypatch):
         def stop(self):
             started["stopped"] = True
 
-    def start(app, host, port):
+    def start(app, host, port, tls=None):
         started["at"] = (host, port)
         return Controller()
 

@@ -237,3 +237,28 @@ def test_result_rows_never_reach_the_log_even_at_debug(app, session, capsys):
     out = capsys.readouterr().out
     assert "SELECT" in out  # the statement is there, at INFO, its parameters hidden
     assert ann.public_id not in out
+
+
+def test_limits_the_database_cannot_key_are_one_warning_not_a_traceback(tmp_path, monkeypatch, caplog):
+    from prefs import create_app
+    from tests.conftest import TEST_KEYS
+
+    monkeypatch.setenv("PREFS_INSTANCE_PATH", str(tmp_path / "instance"))
+    # a database that does not answer: the limits' keys (keyed hashes) cannot be made
+    nowhere = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
+    app = create_app(
+        {"TESTING": True, "DATABASE_URL": nowhere, "SECRET_KEYS": TEST_KEYS, "REQUEST_MIN_SECONDS": 0}
+    )
+    logs.configure("INFO")
+    try:
+        with caplog.at_level(logging.WARNING):
+            response = app.test_client().post("/unsubscribe", data={"email": "ann@example.com"})
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h.formatter, logs.JsonFormatter)]:
+            root.removeHandler(handler)
+    assert response.status_code == 503
+    limiter = [r for r in caplog.records if r.name == "flask-limiter"]
+    assert limiter, [r.name for r in caplog.records]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in limiter)
+    assert "Traceback" not in "\n".join(formatted(caplog))

@@ -88,3 +88,43 @@ def test_a_file_left_with_holes_is_filled_in_before_it_is_mapped(tmp_path):
     figures.write_value("figure", 1.0, 0.0)
     assert path.stat().st_blocks * 512 >= FIRST_SIZE
     figures.close()
+
+
+def _write(path, figures):
+    made = AllocatedFile(str(path))
+    for key, value in figures.items():
+        made.write_value(key, value, 0.0)
+    made.close()
+
+
+def _read(path):
+    from prometheus_client.mmap_dict import MmapedDict
+
+    return {key: value for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path))}
+
+
+def test_an_exited_workers_figures_are_added_to_the_retired_ones_and_its_files_deleted(tmp_path):
+    from prefs.ops.metric_files import retire
+
+    _write(tmp_path / "counter_101.db", {"a": 2.0, "b": 1.0})
+    _write(tmp_path / "counter_102.db", {"a": 3.0, "c": 5.0})
+    _write(tmp_path / "histogram_101.db", {"h": 7.0})
+    # a retired file half made by a master that was killed: its figures must not count
+    _write(tmp_path / "counter_retired.db.new", {"a": 100.0, "stale": 1.0})
+    retire(str(tmp_path), 101)
+    retire(str(tmp_path), 102)
+    retire(str(tmp_path), 103)  # a worker that never made a file
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_retired.db", "histogram_retired.db"]
+    assert _read(tmp_path / "counter_retired.db") == {"a": 5.0, "b": 1.0, "c": 5.0}
+    assert _read(tmp_path / "histogram_retired.db") == {"h": 7.0}
+
+
+def test_a_retired_file_with_no_room_leaves_the_workers_files_counted(disk):
+    from prefs.ops.metric_files import retire
+
+    _write(disk / "counter_101.db", {"a": 2.0})
+    fill(disk)
+    with pytest.raises(OSError):
+        retire(str(disk), 101)
+    assert _read(disk / "counter_101.db") == {"a": 2.0}
+    assert not (disk / "counter_retired.db").exists()

@@ -221,3 +221,51 @@ def test_a_metrics_folder_gone_from_under_the_workers_is_a_503_not_a_500(client,
     response = client.get("/metrics")
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert b"Traceback" not in response.data
+
+
+def test_a_database_that_does_not_answer_leaves_out_only_the_open_requests(client, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from prefs.ops import monitoring
+
+    def down(session):
+        raise OperationalError("SELECT", None, TimeoutError("connection timeout expired"))
+
+    client.get("/healthz")
+    monkeypatch.setattr(monitoring, "count_requests", down)
+    samples = scrape(client)  # 200, not the outage page
+    assert value(samples, "prefs_register_readable") == 0
+    assert ("prefs_requests_open", ()) not in samples
+    assert value(samples, "prefs_request_duration_seconds_count", endpoint="/healthz", method="GET") >= 1
+    monkeypatch.undo()
+    samples = scrape(client)
+    assert value(samples, "prefs_register_readable") == 1
+    assert ("prefs_requests_open", ()) in samples
+
+
+def test_the_folder_is_not_held_while_the_database_is_read(client, monkeypatch, tmp_path):
+    # a scrape holds off the master's retiring of a dead worker's files (metric_files.retire):
+    # a database that is slow to answer must not hold the master up with it
+    import fcntl
+    import os
+
+    from prefs.ops import metric_files, monitoring
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    free = []
+
+    def read_while_checking(session):
+        fd = os.open(tmp_path / metric_files.LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free.append(True)
+        except BlockingIOError:
+            free.append(False)
+        finally:
+            os.close(fd)
+        return 0, 0
+
+    monkeypatch.setattr(monitoring, "count_requests", read_while_checking)
+    samples = scrape(client)
+    assert value(samples, "prefs_requests_open") == 0
+    assert free == [True]

@@ -4,6 +4,7 @@ what it believes, what it answers when our side fails, and how it stops."""
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import signal
 import smtplib
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import dkim
 import pytest
@@ -442,6 +444,10 @@ HOSTILE = {
     "780 KB of encoded words, folded": raw_message(
         top="Subject: " + "\r\n ".join(["=?utf-8?q?abc?="] * 48_000) + "\r\n"
     ),
+    "groups nested 1,200 deep in To, folded": raw_message(
+        top="To: " + "a:\r\n " * 1200 + ";\r\n " * 1200 + "x\r\n"
+    ),
+    "groups nested 1,000 deep in From, folded": raw_message(sender="a:\r\n " * 1000 + "v@victim.example"),
     "600 header fields": raw_message(top="X-A: b\r\n" * 600),
     "a line longer than SMTP allows": raw_message(top="X-A: " + "b" * 5000 + "\r\n"),
 }
@@ -458,7 +464,9 @@ def test_hostile_messages_are_answered_at_once(mailbox_app, serve, raw):
         code, text = client.data(raw)
         elapsed = time.monotonic() - started
     assert elapsed < 2, elapsed
+    # 500: aiosmtpd's answer to a line longer than SMTP allows, the one shape that never reaches us
     assert code in (250, 500, 550, 552), (code, text)
+    assert code != 500 or b"too long" in text, text
     assert b"Error: (" not in text
 
 
@@ -544,3 +552,345 @@ def test_a_client_streaming_empty_lines_does_not_hold_up_other_clients(mailbox_a
         flooding.join(20)
     assert elapsed < 1, elapsed
     assert answered["flood"] in (550, 552)
+
+
+def test_a_token_in_the_envelope_decides_whatever_the_headers_hold(mailbox_app, serve):
+    # a To header past the cap of addresses, groups nested past the parser's depth, 600 fields:
+    # the envelope recipient's token alone decides, and nothing needs reading the headers
+    session = db.session()
+    make_topic(session, "news")
+    people = [make_subscriber(session, f"p{i}@example.com") for i in range(3)]
+    many = "To: " + ",\r\n ".join(f"user{i}@example.com" for i in range(60)) + "\r\n"
+    groups = "To: " + "a:\r\n " * 1200 + "x@y.example" + ";\r\n " * 1200 + "\r\n"
+    fields = "X-A: b\r\n" * 600
+    port = serve(mailbox_app, resolver=FakeDNS())
+    for person, top in zip(people, (many, groups, fields), strict=True):
+        token = unsubscribe_token(person, "news")
+        with smtp(port) as client:
+            client.sendmail("x@else.example", [f"unsubscribe+{token}@prefs.example"], raw_message(top=top))
+    session.rollback()
+    for person in people:
+        assert ledger.verdict_for(session, person.email, "news").reason == "unsubscribed", person.email
+
+
+def test_a_header_section_with_two_readings_is_refused(mailbox_app, serve):
+    from tests.test_api_inbound import SMUGGLED
+
+    port = serve(mailbox_app, resolver=FakeDNS())
+    for name, raw in SMUGGLED.items():
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("victim@victim.example")
+            client.rcpt(MAILBOX)
+            code, text = client.data(raw)
+        assert (code, text[:5]) == (550, b"5.6.0"), (name, code, text)
+
+
+# a genuine signature of the victim's domain, replayed: it must not prove an opt-out
+
+
+def signed_with(raw, key, headers=(b"from", b"to", b"subject"), length=False, at=None):
+    clock = type("Clock", (), {"time": staticmethod(lambda: at)}) if at is not None else dkim.time
+    with mock.patch.object(dkim, "time", clock):
+        signature = dkim.sign(
+            raw, b"s1", b"victim.example", key, include_headers=list(headers), length=length
+        )
+    return signature + raw
+
+
+def to_elsewhere(top=""):
+    return raw_message(top=top).replace(f"To: {MAILBOX}".encode(), b"To: friend@elsewhere.example")
+
+
+REPLAYS = {
+    "sent to someone else": lambda key: signed_with(to_elsewhere(), key),
+    "To not signed": lambda key: signed_with(raw_message(), key, headers=(b"from", b"subject")),
+    "a second To above the signed one": lambda key: signed_with(to_elsewhere(), key).replace(
+        b"DKIM-Signature", f"To: {MAILBOX}\r\nDKIM-Signature".encode(), 1
+    ),
+    "a body length tag (l=)": lambda key: signed_with(raw_message(), key, length=True),
+    "signed thirty days ago": lambda key: signed_with(raw_message(), key, at=time.time() - 30 * 86400),
+}
+
+
+@pytest.mark.parametrize("make", REPLAYS.values(), ids=REPLAYS.keys())
+def test_a_replayed_signature_proves_nothing(mailbox_app, serve, dkim_key, make):
+    private, public = dkim_key
+    raw = make(private)
+    # the signature itself is genuine: dkimpy alone verifies it
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: b"v=DKIM1; k=rsa; p=" + public)
+    assert sent(mailbox_app, serve, dns_for(public), raw) == (250, True)
+
+
+def test_a_fresh_signature_over_from_and_to_still_proves(mailbox_app, serve, dkim_key):
+    private, public = dkim_key
+    raw = signed_with(raw_message(), private, headers=(b"from", b"to"))
+    assert sent(mailbox_app, serve, dns_for(public), raw) == (250, False)
+
+
+class HungDNS(FakeDNS):
+    """Never answers for slow.example until released: a sender whose DNS hangs."""
+
+    def __init__(self, records=None):
+        super().__init__(records)
+        self.release = threading.Event()
+
+    def query(self, name, qtype):
+        if name.lower().rstrip(".").endswith("slow.example"):
+            self.asked.append((name, qtype))
+            self.release.wait(30)
+        return super().query(name, qtype)
+
+
+def test_hung_dns_answers_451_in_time_and_holds_up_nobody(mailbox_app, serve, monkeypatch):
+    monkeypatch.setattr(mailauth, "CHECK_DEADLINE", 1.0)
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    resolver = HungDNS()
+    port = serve(mailbox_app, resolver=resolver)
+    answers: dict[int, tuple[int, bytes, float]] = {}
+
+    def slow_sender(i):
+        started = time.monotonic()
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail(f"a{i}@slow.example")
+            client.rcpt(MAILBOX)
+            code, text = client.data(raw_message(sender=f"victim{i}@slow.example"))
+        answers[i] = (code, text, time.monotonic() - started)
+
+    # more senders on hung DNS than the receiver has worker threads
+    senders = [threading.Thread(target=slow_sender, args=(i,)) for i in range(receiver.WORKERS * 3)]
+    for thread in senders:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with smtp(port) as client:
+            client.sendmail("x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], raw_message())
+        token_took = time.monotonic() - started
+        for thread in senders:
+            thread.join(15)
+    finally:
+        resolver.release.set()
+    assert token_took < 2.0, token_took
+    assert len(answers) == len(senders)
+    for code, text, took in answers.values():
+        assert (code, text[:5]) == (451, b"4.4.3"), (code, text)
+        assert took < 4.0, took
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_stopping_lets_the_message_in_flight_finish_and_tells_idle_clients(mailbox_app, dkim_key):
+    _, public = dkim_key
+    resolver = HungDNS(dns_for(public, spf="v=spf1 ip4:127.0.0.1 -all", domain="slow.example").records)
+    session = db.session()
+    make_topic(session, "news")
+    port = free_port()
+    running = receiver.start(mailbox_app, "127.0.0.1", port, resolver=resolver)
+    answered = {}
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert idle.recv(200).startswith(b"220")
+    idle.sendall(b"EHLO mail.victim.example\r\n")
+    time.sleep(0.1)
+    assert idle.recv(2000).startswith(b"250")
+
+    def in_flight():
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("bounce@slow.example")
+            client.rcpt(MAILBOX)
+            answered["in flight"] = client.data(raw_message(sender="victim@slow.example"))
+
+    sender = threading.Thread(target=in_flight)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not any(name.endswith("slow.example") for name, _ in resolver.asked):
+            assert time.monotonic() < deadline, "the message never reached DNS"
+            time.sleep(0.01)
+        threading.Timer(0.5, resolver.release.set).start()
+        started = time.monotonic()
+        running.stop()
+        stopped_in = time.monotonic() - started
+        sender.join(5)
+    finally:
+        resolver.release.set()
+    code, text = answered["in flight"]
+    assert (code, text[:5]) == (250, b"2.0.0"), answered
+    assert 0.4 < stopped_in < 5, stopped_in
+    session.rollback()
+    assert ledger.verdict_for(session, "victim@slow.example", "news").reason == "unsubscribed_all"
+    # the client that sent nothing more was told to come back, not cut off
+    assert idle.recv(200).startswith(b"421 4.3.2"), "no 421 for the idle client"
+    assert idle.recv(200) == b""
+    idle.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# what it says about itself and its clients
+
+
+def test_no_raw_client_address_in_any_log_line_and_no_internals_in_answers(mailbox_app, serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        banner = sock.recv(200)
+        # unknown commands until aiosmtpd gives up on the client: it logs each one with the peer
+        sock.sendall(b"EHLO mail.victim.example\r\n" + b"XYZZY victim@victim.example\r\n" * 6)
+        answers = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and b"goodbye" not in answers:
+            answers += sock.recv(4000)
+    with smtp(port) as client:
+        client.sendmail("victim@victim.example", [MAILBOX], raw_message())
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("unrecognised" in line for line in lines), lines
+    for line in lines:
+        assert "127.0.0.1" not in line, line
+        assert "victim@victim.example" not in line, line
+    for said in (banner, answers):
+        assert b"Python" not in said and b"aiosmtpd" not in said, said
+        assert socket.getfqdn().encode() not in said or socket.getfqdn() == "prefs.example", said
+    assert banner.startswith(b"220 prefs.example "), banner
+
+
+# the SMTP conversation itself
+
+
+def test_connections_past_the_cap_are_told_to_come_back_and_others_still_served(
+    mailbox_app, serve, monkeypatch
+):
+    monkeypatch.setattr(receiver, "MAX_SESSIONS", 5)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    held = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert sock.recv(200).startswith(b"220")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0"), "no 421 past the cap"
+            assert extra.recv(200) == b""
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    with smtp(port) as client:
+        assert client.noop()[0] == 250
+
+
+def test_a_message_smuggled_behind_a_bare_lf_dot_is_part_of_the_first(mailbox_app, serve, dkim_key):
+    # SMTP smuggling: a relay that passes '\n.\n' through would let its customer send a second
+    # message, From the victim, from the relay's addresses (which the victim's SPF lists)
+    _, public = dkim_key
+    resolver = dns_for(public, spf="v=spf1 ip4:127.0.0.1 -all")
+    session = db.session()
+    make_topic(session, "news")
+    port = serve(mailbox_app, resolver=resolver)
+    smuggled = (
+        b"From: customer@relay.example\r\nTo: x@y.example\r\nSubject: hi\r\n\r\nhello\n.\n"
+        b"MAIL FROM:<bounce@victim.example>\r\nRCPT TO:<"
+        + MAILBOX.encode()
+        + b">\r\nDATA\r\n"
+        + raw_message()
+    )
+    for ending in (b"\n.\n", b"\r.\r\n", b"\n.\r\n", b"\r\n.\n"):
+        with smtp(port) as client:
+            client.ehlo()
+            client.mail("customer@relay.example")
+            client.rcpt(MAILBOX)
+            client.putcmd("DATA")
+            assert client.getreply()[0] == 354
+            client.send(smuggled.replace(b"\n.\n", ending) + b"\r\n.\r\n")
+            code, _ = client.getreply()
+            assert code in (250, 550), code
+    session.rollback()
+    assert ledger.verdict_for(session, "victim@victim.example", "news").allowed
+
+
+def test_pipelined_commands_are_answered_in_order(mailbox_app, serve):
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    port = serve(mailbox_app, resolver=FakeDNS())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(200)
+        sock.sendall(
+            b"EHLO mail.example\r\nMAIL FROM:<a@example.com>\r\n"
+            b"RCPT TO:<someone@elsewhere.example>\r\n"
+            + f"RCPT TO:<unsubscribe+{token}@prefs.example>\r\n".encode()
+            + b"DATA\r\n"
+        )
+        said = b""
+        deadline = time.monotonic() + 5
+        while b"354" not in said and time.monotonic() < deadline:
+            said += sock.recv(4000)
+        sock.sendall(raw_message() + b".\r\nQUIT\r\n")
+        while b"221" not in said and time.monotonic() < deadline:
+            said += sock.recv(4000)
+    codes = [line[:3] for line in said.split(b"\r\n") if line and line[3:4] == b" "]
+    assert codes == [b"250", b"250", b"550", b"250", b"354", b"250", b"221"], said
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_one_client_cannot_hold_every_connection(mailbox_app, serve, monkeypatch):
+    monkeypatch.setattr(receiver, "MAX_SESSIONS_PER_CLIENT", 3)
+    port = serve(mailbox_app, resolver=FakeDNS())
+    held = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert sock.recv(200).startswith(b"220")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0"), "no 421 past the client's share"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_starttls_is_offered_when_given_a_certificate(mailbox_app, serve, tmp_path):
+    import ssl
+
+    from tests.smtp import self_signed_certificate
+
+    session = db.session()
+    make_topic(session, "news")
+    ann = make_subscriber(session, "ann@example.com")
+    token = unsubscribe_token(ann, "news")
+    plain = serve(mailbox_app, resolver=FakeDNS())
+    with smtp(plain) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+    cert, key = self_signed_certificate(tmp_path)
+    port = serve(mailbox_app, resolver=FakeDNS(), tls=(cert, key))
+    trusting = ssl.create_default_context(cafile=cert)
+    with smtp(port) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=trusting)
+        client.sendmail("x@elsewhere.example", [f"unsubscribe+{token}@prefs.example"], raw_message())
+    session.rollback()
+    assert ledger.verdict_for(session, "ann@example.com", "news").reason == "unsubscribed"
+
+
+def test_an_international_domain_is_proven_by_its_a_label(mailbox_app, serve, dkim_key):
+    private, public = dkim_key
+    domain = "xn--bcher-kva.example"
+    resolver = dns_for(public, domain=domain)
+    raw = raw_message(sender="Anna <anna@b\u00fccher.example>")
+    signature = dkim.sign(raw, b"s1", domain.encode(), private, include_headers=[b"from", b"to", b"subject"])
+    session = db.session()
+    make_topic(session, "news")
+    port = serve(mailbox_app, resolver=resolver)
+    with smtp(port) as client:
+        client.sendmail(f"bounce@{domain}", [MAILBOX], signature + raw)
+    session.rollback()
+    assert ledger.verdict_for(session, f"anna@{domain}", "news").reason == "unsubscribed_all"

@@ -6,9 +6,10 @@ import contextlib
 import re
 import unicodedata
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from email_validator import EmailNotValidError, validate_email
+from publicsuffixlist import PublicSuffixList
 
 from ..errors import InvalidAddress
 
@@ -143,3 +144,26 @@ def scrub(text: str, address: str) -> str:
     forms = sorted((re.escape(local) + "@" + re.escape(d) for d in domains), key=len, reverse=True)
     # NFC first: "bu\u0308cher" and "bücher" are one domain
     return re.sub("|".join(forms), mask(address), unicodedata.normalize("NFC", text), flags=re.IGNORECASE)
+
+
+def is_our_mailbox(address: str, mailbox: str) -> bool:
+    """Tell whether a recipient is the unsubscribe mailbox or one of its ``+<token>`` forms."""
+    local, at, domain = address.strip().rpartition("@")
+    our_local, _, our_domain = mailbox.rpartition("@")
+    if not at or not (local.lower() == our_local or local.lower().startswith(our_local + "+")):
+        return False
+    normalized = normalize_or_none(f"{our_local}@{domain}")
+    return normalized is not None and normalized.rpartition("@")[2] == our_domain
+
+
+@cache
+def _suffixes() -> PublicSuffixList:
+    # the list the package ships, read once; a TLD missing from it is a suffix by itself
+    return PublicSuffixList(accept_unknown=True)
+
+
+@lru_cache(maxsize=4096)
+def organizational_domain(domain: str) -> str:
+    """Return the public suffix and one label more (the organizational domain of RFC 7489)."""
+    domain = domain.lower().strip(".")
+    return str(_suffixes().privatesuffix(domain) or domain)

@@ -16,8 +16,10 @@ outside. The rule, top down:
   unknown version, bad syntax), are a forgery our MTA failed to strip: nothing is proven.
 
 Encoded words are never decoded: an encoded ``Authentication-Results`` is unreadable, so
-it is never ours. Stripping incoming results that claim our id (RFC 8601 section 5) is still
-the MTA's job; docs/operations.md says how.
+it is never ours. A DMARC pass that may rest on a DKIM signature counts only if no such
+signature could be a replay (``replays``): mail signed by the victim's domain for someone
+else, resent to our mailbox, passes DMARC at any MTA. Stripping incoming results that claim
+our id (RFC 8601 section 5) is still the MTA's job; docs/operations.md says how.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 from authres import AuthenticationResultsHeader
 
-from .addresses import normalize_or_none
+from . import replays
+from .addresses import normalize_or_none, organizational_domain
 from .mailreader import MAX_NESTING, Message, nesting
 
 # what the walk parses, at most: real results of one host take a few hundred bytes each,
@@ -52,12 +55,62 @@ _TRACE = frozenset(
 _CLAIMED_ID = re.compile(r'\s*(?:\([^()]*\)\s*)*(?:"([^"]*)"|([^\s;()"]+))')
 
 
-def boundary_proves(message: Message, authserv_id: str | None, from_domain: str) -> bool:
-    """Tell whether our boundary MTA's own results say DMARC passed for ``from_domain``."""
+def boundary_proves(
+    message: Message, authserv_id: str | None, from_domain: str, mailbox: str | None = None
+) -> bool:
+    """Tell whether our boundary MTA's own results say DMARC passed for ``from_domain``, on
+    grounds that a replay cannot give."""
     if not authserv_id:
         return False
     results = trusted_results(message.fields, authserv_id)
-    return results is not None and dmarc_proves(results, from_domain)
+    if results is None or not dmarc_proves(results, from_domain):
+        return False
+    return not_a_replay(results, message, from_domain, mailbox)
+
+
+def not_a_replay(results: list[Any], message: Message, from_domain: str, mailbox: str | None) -> bool:
+    """Tell whether DMARC's pass rests on what a replay cannot give.
+
+    An aligned SPF pass means the victim's own hosts sent this message to us now. Otherwise
+    DMARC passed on an aligned DKIM signature in the message (with none, it passed on SPF):
+    every one it may rest on (those whose ``b=`` our results name, else all aligned ones)
+    must be one that asks us, not a signature made for mail sent elsewhere.
+    """
+    wanted = organizational_domain(from_domain)
+    for result in _passes(results, "spf"):
+        mail_from = _property(result, "smtp", "mailfrom") or ""
+        domain = _domain(mail_from.rpartition("@")[2])
+        if domain is not None and organizational_domain(domain) == wanted:
+            return True
+    named = [b for result in _passes(results, "dkim") if (b := _property(result, "header", "b"))]
+    resting = []
+    for value in message.values("dkim-signature"):
+        tags = replays.signature_tags(value)
+        if tags is None:
+            continue
+        domain = _domain(tags.get(b"d", b"").decode("utf-8", "replace"))
+        if domain is None or organizational_domain(domain) != wanted:
+            continue
+        signature = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))
+        if named and not any(signature.startswith(b) for b in named):
+            continue
+        resting.append(tags)
+    return all(replays.replay_refusal(tags, message, mailbox) is None for tags in resting)
+
+
+def _passes(results: Iterable[Any], method: str) -> list[Any]:
+    return [
+        r
+        for r in results
+        if str(getattr(r, "method", "")).lower() == method and str(getattr(r, "result", "")).lower() == "pass"
+    ]
+
+
+def _property(result: Any, kind: str, name: str) -> str | None:
+    for p in getattr(result, "properties", []):
+        if (p.type, p.name) == (kind, name) and p.value is not None:
+            return str(p.value)
+    return None
 
 
 def trusted_results(fields: Iterable[tuple[str, str]], authserv_id: str) -> list[Any] | None:

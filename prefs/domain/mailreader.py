@@ -62,6 +62,8 @@ def read(raw: bytes) -> Message:
         raise MessageTooLarge(f"the header section is larger than {MAX_HEADER_BYTES} bytes")
     if max(head.count(b"\n"), head.count(b"\r")) > MAX_HEADER_LINES:
         raise MessageTooLarge(f"the header section has more than {MAX_HEADER_LINES} lines")
+    if not _one_reading(head):
+        raise InvalidMessage("the header section holds a bare CR, a bare LF or a NUL")
     parsed = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
     fields = tuple((name.lower(), _text(value)) for name, value in parsed.raw_items())
     if len(fields) > MAX_FIELDS:
@@ -69,6 +71,18 @@ def read(raw: bytes) -> Message:
     if not {name for name, _ in fields} & {"from", "to", "subject"}:
         raise InvalidMessage("the message has no From, To or Subject header")
     return Message(fields, body, len(_FROM_LINE.findall(head)), raw)
+
+
+def _one_reading(head: bytes) -> bool:
+    """Tell whether every reader splits the header section alike: lines end all in CRLF or all in LF.
+
+    The stdlib ends a line at a bare CR or LF, dkimpy and MTAs only at CRLF (or LF), and a
+    milter's C strings at a NUL: a field hidden behind one of them is seen by some readers only.
+    """
+    if b"\0" in head:
+        return False
+    crlf = head.count(b"\r\n")
+    return head.count(b"\r") == crlf and (crlf == 0 or head.count(b"\n") == crlf)
 
 
 def _text(value: str) -> str:
@@ -82,6 +96,8 @@ def addresses(message: Message, name: str) -> list[str]:
     values = message.values(name)
     text = ", ".join(values)
     check_bounds(text, name)
+    if group_depth(text) > MAX_NESTING:
+        raise InvalidMessage(f"the {name} header nests groups more than {MAX_NESTING} deep")
     found = [address for _, address in getaddresses(values) if address]
     if len(found) > MAX_ADDRESSES:
         raise InvalidMessage(f"the {name} header lists more than {MAX_ADDRESSES} addresses")
@@ -130,3 +146,29 @@ def nesting(text: str) -> int:
         elif char == ")" and depth:
             depth -= 1
     return deepest
+
+
+def group_depth(text: str) -> int:
+    """Return how deep RFC 5322 groups nest in an address field; the stdlib parser recurses on each."""
+    depth = deepest = 0
+    closer = ""  # the character that ends the quoted string, comment, angle or domain literal we are in
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif closer:
+            closer = "" if char == closer else closer
+        elif char in _OPENERS:
+            closer = _OPENERS[char]
+        elif char == ":":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ";" and depth:
+            depth -= 1
+    return deepest
+
+
+# a colon inside these is no group; comments are bounded by ``nesting`` before this runs
+_OPENERS = {'"': '"', "(": ")", "<": ">", "[": "]"}

@@ -1,10 +1,11 @@
 """Evaluate SPF, DKIM and DMARC for a message ourselves, for the SMTP receiver that faces the internet.
 
 pyspf evaluates SPF for the peer, HELO and MAIL FROM the session saw; dkimpy verifies up to
-three DKIM signatures; DMARC (RFC 7489) is the policy lookup and identifier alignment on top,
-here, with the organizational domain read from the Public Suffix List (publicsuffixlist). Every DNS question
-goes to the ``Resolver`` we are given, so tests answer from a dict, offline, and production
-asks the host's resolvers with a deadline. Nothing the message says about its own
+three DKIM signatures, and one that verifies counts only if it cannot be a replay
+(``replays``); DMARC (RFC 7489) is the policy lookup and identifier alignment on top, here,
+with the organizational domain read from the Public Suffix List (publicsuffixlist). Every
+DNS question goes to the ``Resolver`` we are given, so tests answer from a dict, offline,
+and production asks the host's resolvers with a deadline. Nothing the message says about its own
 authentication is read.
 
 authheaders was tried for the DMARC step and not kept: it takes the organizational domain of
@@ -16,9 +17,9 @@ the first hyphen.
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,16 +29,19 @@ import dkim
 import dns.exception
 import dns.resolver
 import spf
-from publicsuffixlist import PublicSuffixList
 
+from ..domain import replays
+from ..domain.addresses import organizational_domain
 from ..domain.mailreader import Message
 from ..errors import TryLater
 
 log = logging.getLogger(__name__)
 
-# seconds for one DNS question, and for all of SPF's (RFC 7208 section 4.6.4 allows 20)
+# seconds for one DNS question, for all of SPF's (RFC 7208 section 4.6.4 allows 20), and
+# for a whole check (policy, SPF, DKIM keys), whose sender is then asked to try again later
 DNS_TIMEOUT = 3.0
 SPF_DEADLINE = 10.0
+CHECK_DEADLINE = 12.0
 MAX_SIGNATURES = 3
 # dkimpy's relaxed body canonicalization takes time quadratic in a run of blanks before a
 # line's end; a body with a longer run is not verified (its sender can still pass by SPF)
@@ -84,6 +88,20 @@ class SystemResolver:
         return [record.to_text() for record in answer]
 
 
+class Deadline:
+    """A resolver that stops answering at a deadline, so a check past it stops asking."""
+
+    def __init__(self, resolver: Resolver, seconds: float) -> None:
+        self.resolver = resolver
+        self.until = time.monotonic() + seconds
+
+    def query(self, name: str, qtype: str) -> list[Any]:
+        """Return the answers, or raise ``DNSUnavailable`` once the deadline has passed."""
+        if time.monotonic() >= self.until:
+            raise DNSUnavailable("the check's deadline has passed")
+        return self.resolver.query(name, qtype)
+
+
 @dataclass(frozen=True, slots=True)
 class SenderCheck:
     """Tell whether a message's From domain passes DMARC, from what the SMTP session saw."""
@@ -92,6 +110,7 @@ class SenderCheck:
     peer: str
     helo: str
     mail_from: str
+    mailbox: str
 
     def __call__(self, message: Message, from_domain: str) -> bool:
         """Evaluate SPF, DKIM and DMARC; raise ``TryLater`` when DNS could not answer."""
@@ -104,7 +123,7 @@ class SenderCheck:
         spf_result, spf_domain = self._spf()
         if spf_result == "pass" and _aligned(spf_domain, from_domain, policy.get("aspf", "r")):
             return True
-        dkim_domains, dkim_unavailable = self._dkim(message.raw)
+        dkim_domains, dkim_unavailable = self._dkim(message)
         if any(_aligned(d, from_domain, policy.get("adkim", "r")) for d in dkim_domains):
             return True
         if spf_result == "temperror" or dkim_unavailable:
@@ -132,8 +151,9 @@ class SenderCheck:
                 result = "permerror"
         return str(result), sender.rpartition("@")[2].lower().rstrip(".")
 
-    def _dkim(self, raw: bytes) -> tuple[list[str], bool]:
-        """Return the domains of the signatures that verify, and whether a key could not be fetched."""
+    def _dkim(self, message: Message) -> tuple[list[str], bool]:
+        """Return the domains of verified signatures that cannot be replays, and whether a key was missed."""
+        raw = message.raw
         passed: list[str] = []
         unavailable = False
         if max(map(len, _BLANKS.findall(raw)), default=0) > MAX_BLANK_RUN:
@@ -148,7 +168,11 @@ class SenderCheck:
         for index in range(min(count, MAX_SIGNATURES)):
             try:
                 if verifier.verify(idx=index, dnsfunc=self._dkim_key):
-                    passed.append(verifier.domain.decode("ascii", "replace").lower().rstrip("."))
+                    refusal = replays.replay_refusal(verifier.signature_fields, message, self.mailbox)
+                    if refusal is None:
+                        passed.append(verifier.domain.decode("ascii", "replace").lower().rstrip("."))
+                    else:
+                        log.info("inbound mail: a verified DKIM signature proves nothing (%s)", refusal)
             except DNSUnavailable:
                 unavailable = True
             except Exception as err:  # a malformed signature or key fails that signature only
@@ -168,19 +192,6 @@ def _aligned(domain: str, from_domain: str, mode: str) -> bool:
     if mode == "s":
         return domain == from_domain
     return organizational_domain(domain) == organizational_domain(from_domain)
-
-
-@functools.cache
-def _suffixes() -> PublicSuffixList:
-    # the list the package ships, read once; a TLD missing from it is a suffix by itself
-    return PublicSuffixList(accept_unknown=True)
-
-
-@functools.lru_cache(maxsize=4096)
-def organizational_domain(domain: str) -> str:
-    """Return the public suffix and one label more (the organizational domain of RFC 7489)."""
-    domain = domain.lower().strip(".")
-    return str(_suffixes().privatesuffix(domain) or domain)
 
 
 # pyspf asks a module-level function for every DNS answer, with no way to hand it one per

@@ -18,6 +18,15 @@ class ThreadWorker(_GThread):  # type: ignore[misc]
 
     busy = 0
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # a request's statements are bounded in time; a command's (a recount) may run longer
+        settings = getattr(self.wsgi, "config", None)
+        if settings is not None:
+            from prefs.store import stalls
+
+            stalls.arm(settings["DB_STALL_MS"], settings["DB_BUSY_TIMEOUT_MS"])
+
     def enqueue_req(self, conn: Any) -> None:
         self.busy += 1
         super().enqueue_req(conn)

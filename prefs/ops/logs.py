@@ -10,6 +10,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 # the fields a record may carry besides its message; nothing else is written
 FIELDS = (
     "request_id",
@@ -89,6 +91,24 @@ class Scrubbed(logging.Filter):
         return True
 
 
+class UnkeyedLimits(logging.Filter):
+    """Make Flask-Limiter's swallowed database error one warning line, not an error and a traceback.
+
+    The limits' keys are keyed hashes under a key kept in the database: while it does not
+    answer, every limited request would log a traceback of a few kilobytes. The request goes
+    on (unlimited, as on a storage outage) and meets the outage itself, which is logged there.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, SQLAlchemyError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "rate limits not applied: the database did not answer (%s)"
+            record.args = (type(error).__name__,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 # werkzeug's development server (``flask --app prefs demo``) logs each request line, path
 # and all: mask it at the logger, before any handler (its own, alembic's) writes it
 SCRUBBED_LOGGERS = ("werkzeug",)
@@ -110,6 +130,9 @@ def configure(level: str = "INFO") -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, Scrubbed) for f in logger.filters):
             logger.addFilter(Scrubbed())
+    limiter = logging.getLogger("flask-limiter")
+    if not any(isinstance(f, UnkeyedLimits) for f in limiter.filters):
+        limiter.addFilter(UnkeyedLimits())
 
 
 def request_id(header: str | None) -> str:

@@ -13,7 +13,9 @@ always be written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
@@ -74,3 +76,60 @@ def install() -> None:
     """Have prometheus_client open its per-worker files as ``AllocatedFile``s."""
     # the multiprocess value class looks the file class up here each time it opens one
     values.MmapedDict = AllocatedFile  # type: ignore[attr-defined]
+
+
+# The figures of workers that have exited, added up: a worker's files are named by its pid,
+# and gunicorn replaces each worker after ``max_requests``, so the dead ones' files would
+# pile up without bound, on the disk and in every scrape's reading.
+RETIRED = "retired"
+KINDS = ("counter", "histogram")  # the kinds prefs keeps per worker; their figures add up
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _locked(folder: str, exclusive: bool) -> Iterator[None]:
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a folder with no room, or read-only: nobody retires files there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def reading(folder: str) -> contextlib.AbstractContextManager[None]:
+    """Hold off ``retire`` while a scrape reads the folder: it sees a dead worker's figures once."""
+    return _locked(folder, exclusive=False)
+
+
+def retire(folder: str, pid: int) -> None:
+    """Add an exited worker's figures to the retired ones, and delete its files.
+
+    The retired file is made anew beside the old and renamed over it; a file that cannot be
+    made (no room) leaves the worker's files where they are, still counted.
+    """
+    with _locked(folder, exclusive=True):
+        for kind in KINDS:
+            dead = os.path.join(folder, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            kept = os.path.join(folder, f"{kind}_{RETIRED}.db")
+            totals: dict[str, float] = {}
+            for path in (kept, dead):
+                with contextlib.suppress(FileNotFoundError):
+                    for key, value, _, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                        totals[key] = totals.get(key, 0.0) + value
+            fresh = kept + NEW
+            with contextlib.suppress(FileNotFoundError):  # left by a master killed while making it
+                os.remove(fresh)
+            made = AllocatedFile(fresh)
+            try:
+                for key, value in totals.items():
+                    made.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+            finally:
+                made.close()  # type: ignore[no-untyped-call]
+            os.replace(fresh, kept)
+            os.remove(dead)

@@ -15,17 +15,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..domain.compliance.requests import count_requests
 from ..extensions import db
+from . import metric_files
 from .logs import request_id
 from .metrics import ERRORS, LATENCY, dropped, prepare
 
+READABLE = "prefs_register_readable"
+READABLE_HELP = (
+    "1 when the open requests below were read from the database at this scrape, 0 when it did not answer"
+)
 # set in a request's environ once its access line is written: gunicorn's logger then writes none
 LOGGED = "prefs.logged"
 access = logging.getLogger("prefs.access")
 log = logging.getLogger(__name__)
 bp = Blueprint("monitoring", __name__)
+
+
+# the methods a label may name; any other a client invents is counted as "other"
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"))
+
+
+def method_label(method: str) -> str:
+    """Return a request's method as a metric label: one of a fixed few, never what a client made up."""
+    return method if method in METHODS else "other"
 
 
 def route() -> str:
@@ -35,10 +50,23 @@ def route() -> str:
 
 
 class RegisterCollector(Collector):
-    """Read the open and overdue requests from the database at scrape time."""
+    """Read the open and overdue requests from the database at scrape time.
+
+    A database that does not answer leaves these two out and says so in
+    ``prefs_register_readable``: the workers' own figures are what an outage needs most.
+    """
 
     def collect(self) -> Iterator[Metric]:
-        open_count, overdue = count_requests(db.session())
+        try:
+            open_count, overdue = count_requests(db.session())
+        except SQLAlchemyError as err:
+            db.session.rollback()
+            log.warning(
+                "metrics: open requests not read, the database did not answer (%s)", type(err).__name__
+            )
+            yield GaugeMetricFamily(READABLE, READABLE_HELP, 0)
+            return
+        yield GaugeMetricFamily(READABLE, READABLE_HELP, 1)
         yield GaugeMetricFamily("prefs_requests_open", "Data-subject requests not yet completed", open_count)
         yield GaugeMetricFamily("prefs_requests_overdue", "Open requests past their due date", overdue)
 
@@ -47,14 +75,29 @@ def scrape() -> bytes:
     """Return the metrics in Prometheus text format, summed across workers when multiprocess."""
     registry = CollectorRegistry()
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:
-        if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
-            raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
-        MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
-    else:
+    if not folder:
         registry.register(_Default())
+        registry.register(RegisterCollector())
+        return generate_latest(registry)
+    if not os.path.isdir(folder):  # removed under the workers (a /tmp cleaner)
+        raise FileNotFoundError(errno.ENOENT, "No such folder", folder)
+    # the workers' files are read under the folder's lock, the database after it: a slow
+    # database must not hold up the master, which retires dead workers' files under that lock
+    with metric_files.reading(folder):
+        figures = list(MultiProcessCollector(None, folder).collect())  # type: ignore[no-untyped-call]
+    registry.register(_Read(figures))
     registry.register(RegisterCollector())
     return generate_latest(registry)
+
+
+class _Read(Collector):
+    """Yield metrics read already."""
+
+    def __init__(self, figures: list[Metric]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.figures
 
 
 class _Default(Collector):
@@ -128,7 +171,7 @@ def metrics() -> Response:
 def observe(pattern: str, method: str, status: int, elapsed: float, rid: str) -> None:
     """Count one answered request in the metrics and write its access-log line."""
     try:
-        LATENCY.labels(pattern, method).observe(elapsed)
+        LATENCY.labels(pattern, method_label(method)).observe(elapsed)
         if status >= 400:
             ERRORS.labels(str(status)).inc()
     except OSError as err:

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
+from . import stalls
+
 WRITE = "prefs_write"
 
 
@@ -95,6 +97,7 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     """Set SQLite's pragmas on every connection and begin writes with BEGIN IMMEDIATE."""
     _busy_timeouts[engine] = busy_timeout_ms
     if engine.dialect.name != "sqlite":
+        stalls.watch(engine)
         return
     if engine.url.database and engine.url.database != ":memory:":
         # a URI filename (file:/path?mode=ro&uri=true) names the same file as the plain path

@@ -21,7 +21,7 @@ from prefs.mail import smtpd as receiver
 from tests.conftest import TEST_KEYS
 from tests.reliability.figures import report
 from tests.reliability.harness import Service, free_port, seed, timed
-from tests.test_api_inbound import HOSTILE
+from tests.test_api_inbound import HOSTILE, SMUGGLED
 from tests.test_inbound import FORGERIES, OURS
 from tests.test_smtpd import FakeDNS
 
@@ -53,7 +53,7 @@ def test_forged_and_hostile_mail_changes_nobody(service_database, tmp_path, monk
     )
     port = free_port()
     running = receiver.start(app, "127.0.0.1", port, resolver=FakeDNS())
-    attacks = {**FORGERIES, **HOSTILE}
+    attacks = {**FORGERIES, **HOSTILE, **SMUGGLED}
     api = {"Content-Type": "message/rfc822", "Authorization": f"Bearer {seeded.api_key}"}
     answered: dict[str, list[tuple[int | None, float]]] = {"api": [], "smtp": []}
     try:

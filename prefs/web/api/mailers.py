@@ -223,5 +223,6 @@ def inbound_mail() -> Response:
         tokens(),
         request.get_data(cache=False),
         authserv_id=current_app.config.get("INBOUND_AUTHSERV_ID") or None,
+        mailbox=current_app.config.get("UNSUBSCRIBE_MAILTO") or None,
     )
     return json_response({"action": outcome.action, "scope": outcome.scope, "reason": outcome.reason})
