@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
 from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
 from werkzeug.routing import PathConverter
@@ -61,7 +62,11 @@ class AddressConverter(PathConverter):
     part_isolating = False
 
 
-bp.record_once(lambda state: state.app.url_map.converters.setdefault("address", AddressConverter))
+@bp.record_once
+def _converters(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters["address"] = AddressConverter
+
+
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
