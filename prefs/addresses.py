@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -129,17 +127,3 @@ def mask(address: str) -> str:
     """Show enough of an address for its owner to recognise it: ``a***@example.com``."""
     local, _, domain = address.partition("@")
     return (local[:1] or "*") + "***@" + domain
-
-
-def scrub(text: str, address: str) -> str:
-    """Return ``text`` with every written form of a normalized address replaced by its mask.
-
-    The forms: any case, the domain in punycode (as stored) or in Unicode, composed or not.
-    """
-    local, _, domain = address.rpartition("@")
-    domains = {domain}
-    with contextlib.suppress(UnicodeError):  # not a punycode domain: the stored form is the only one
-        domains.add(domain.encode("ascii").decode("idna"))
-    forms = sorted((re.escape(local) + "@" + re.escape(d) for d in domains), key=len, reverse=True)
-    # NFC first: "bu\u0308cher" and "bücher" are one domain
-    return re.sub("|".join(forms), mask(address), unicodedata.normalize("NFC", text), flags=re.IGNORECASE)
