@@ -164,6 +164,13 @@ def adversarial_texts(size=65_536):
         "dots and signature-length runs": ("." + "a" * 26) * (size // 27),
         "a request line": "GET /api/v1/subscribers/" + run[: size - 40] + "@x HTTP/1.1",
         "a header of commas": "Referer: " + ", " * (size // 2) + "x@y",
+        "slashes with no @": "a/" * (size // 2),
+        "spaces before no @": " " * (size - 4) + " &#6",
+        "quotes": '"' * size,
+        "quoted runs": ('"' + "a" * 63 + '" ') * (size // 66),
+        "entity starts": "&#" * (size // 2),
+        "spelt at, unclosed": "(at" * (size // 3),
+        "backslashes": "\\" * size,
     }
 
 
@@ -188,6 +195,22 @@ def test_scrub_takes_linear_time_on_64_kb_of_adversarial_text(shape):
         "GET /api/v1/subscribers/nobody%ef%bc%a0example.com",
         "GET /api/v1/subscribers/nobody%40example.com",
         "GET /api/v1/subscribers/NOBODY@EXAMPLE.COM",
+        "GET /api/v1/subscribers/nobody%2Btag%40example.com",
+        "GET /x?e=nobody+tag%40example.com&t=1",
+        "GET /api/v1/subscribers/nobody&#64;example.com",
+        "GET /api/v1/subscribers/nobody&#x40;example.com",
+        "GET /api/v1/subscribers/nobody&commat;example.com",
+        "GET /x?e=nobody%26%2364%3Bexample.com",
+        "note: nobody\\u0040example.com",
+        "note: nobody\\x40example.com",
+        "GET /x?e=nobody%u0040example.com",
+        "write to nobody(at)example.com",
+        "write to nobody [at] example.com",
+        "write to nobody @ example.com",
+        "write to nobody@\nexample.com",
+        'write to "nobody here"@example.com',
+        "GET /api/v1/subscribers/nobody/else@example.com",
+        "GET /api/v1/subscribers/else/nobody@example.com",
     ],
 )
 def test_scrub_masks_encoded_and_lookalike_at_signs(text):
