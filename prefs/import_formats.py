@@ -7,13 +7,16 @@ and a campaign id where the file has one.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, NamedTuple, TextIO
+from typing import Any, BinaryIO, NamedTuple, TextIO
 
 from .errors import InvalidValue
+from .tokens import CAMPAIGN
 
 FORMATS = ("sendgrid", "mailchimp", "postmark", "mailgun", "plain")
 IMPORTED, COMPLAINED, BOUNCED = "imported", "complained", "bounced"
@@ -23,7 +26,16 @@ RANK = {IMPORTED: 1, BOUNCED: 2, COMPLAINED: 3}
 POSTMARK_REASONS = {"hardbounce": BOUNCED, "spamcomplaint": COMPLAINED, "manualsuppression": IMPORTED}
 # Mailchimp's unsubscribe reasons that are really spam reports
 _MAILCHIMP_COMPLAINT = ("spam", "abuse")
-MAX_CAMPAIGN = 64
+# byte order marks, longest first: UTF-32's begins with UTF-16's
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_SNIFF = 1024
+_CHUNK = 1 << 20
 
 
 class Row(NamedTuple):
@@ -82,7 +94,9 @@ def _cell(row: list[str], index: int | None) -> str:
 
 
 def _campaign(row: list[str], index: int | None) -> str | None:
-    return _cell(row, index)[:MAX_CAMPAIGN] or None
+    # a campaign is what the API takes as one; anything else (a NUL, a space) is left out
+    cell = _cell(row, index)
+    return cell if CAMPAIGN.match(cell) else None
 
 
 def _require(cols: dict[str, int], fmt: str, *names: str) -> None:
@@ -184,3 +198,84 @@ def _table(reader: Any, read: Reader) -> Iterator[Row]:
             continue
         email, reason, at, campaign = read(record)
         yield Row(reader.line_num, email, reason, at, campaign)
+
+
+def open_text(binary: BinaryIO, encoding: str | None = None) -> io.TextIOWrapper:
+    """Return a file of bytes as text, in the encoding named or the one it shows, checked first.
+
+    Without a name: the encoding its byte order mark names, UTF-16 where every other byte of
+    its start is NUL, else UTF-8. A file that can be read again is decoded through before any
+    row is read, so one that is not in that encoding is refused, naming the line, before a
+    row of it is imported.
+    """
+    head = _head(binary)
+    if encoding is not None:
+        try:
+            encoding = codecs.lookup(encoding).name
+        except LookupError:
+            raise InvalidValue(f"unknown encoding {encoding!r}") from None
+    else:
+        encoding = _sniff(head)
+    if binary.seekable():
+        start = binary.tell()
+        _check(binary, encoding)
+        binary.seek(start)
+    # newline="": the csv module reads \r\n, \n and \r line ends itself, also inside quotes
+    return io.TextIOWrapper(binary, encoding=encoding, newline="")
+
+
+def _head(binary: BinaryIO) -> bytes:
+    peek = getattr(binary, "peek", None)
+    if peek is not None:
+        return bytes(peek(_SNIFF)[:_SNIFF])
+    if binary.seekable():
+        start = binary.tell()
+        head = binary.read(_SNIFF)
+        binary.seek(start)
+        return head
+    return b""
+
+
+def _sniff(head: bytes) -> str:
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    pairs = len(head) // 2
+    if pairs:
+        even, odd = head[0 : 2 * pairs : 2], head[1 : 2 * pairs : 2]
+        if odd.count(0) == pairs and even.count(0) == 0:
+            return "utf-16-le"
+        if even.count(0) == pairs and odd.count(0) == 0:
+            return "utf-16-be"
+    return "utf-8"
+
+
+def _check(binary: BinaryIO, encoding: str) -> None:
+    decoder = codecs.getincrementaldecoder(encoding)()
+    lines = 1
+    while True:
+        chunk = binary.read(_CHUNK)
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as err:
+            raise InvalidValue(_not_in(encoding, lines, decoder, chunk, err)) from None
+        lines += text.count("\n") + text.count("\r") - text.count("\r\n")
+        if not chunk:
+            return
+
+
+def _not_in(
+    encoding: str, lines: int, decoder: codecs.IncrementalDecoder, chunk: bytes, err: Exception
+) -> str:
+    """Say where a file stops being in an encoding, and what to do."""
+    start = getattr(err, "start", 0)
+    # the line of the bad byte: count the line ends of the chunk before it
+    decoder.reset()
+    before = chunk[:start].decode(encoding, "replace")
+    lines += before.count("\n") + before.count("\r") - before.count("\r\n")
+    found = f"byte 0x{chunk[start]:02X}" if start < len(chunk) else "its last bytes"
+    name = "UTF-8" if encoding.startswith("utf-8") else encoding
+    return (
+        f"the file is not {name} (line {lines}, {found}): save it as UTF-8, "
+        "or name its encoding with --encoding (latin-1, cp1252...)"
+    )
