@@ -129,3 +129,87 @@ def test_an_address_with_a_slash_is_named_at_gunicorn_and_never_logged(service):
     assert status == 204
     log = running.log()
     assert SLASHED not in log and "a%2Fb" not in log, log[-2000:]
+
+
+FORWARDING = (
+    "X-Forwarded-For",
+    "Forwarded",
+    "X-Real-IP",
+    "X-Client-IP",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "CF-Connecting-IPv6",
+    "Fastly-Client-IP",
+    "X-Cluster-Client-IP",
+    "X-Original-Forwarded-For",
+    "Via",
+    "CDN-Loop",
+    "X-Azure-SocketIP",
+    "X-Amzn-Trace-Id",
+    "X-Envoy-External-Address",
+)
+
+
+def test_metrics_are_local_only_without_any_forwarding_header_at_gunicorn(service):
+    running, _, _ = service
+    assert request(running.base, "GET", "/metrics")[0] == 200
+    statuses = {
+        name: request(running.base, "GET", "/metrics", headers={name: "203.0.113.9"})[0]
+        for name in FORWARDING
+    }
+    refused = sum(status == 403 for status in statuses.values())
+    report(
+        "/metrics from a proxy on this host (forwarding headers)",
+        len(statuses),
+        refused,
+        0,
+        sum(status >= 500 for status in statuses.values()),
+        f"{len(statuses)} forwarding headers from 127.0.0.1: /metrics refused {refused}",
+    )
+    assert refused == len(statuses), statuses
+
+
+NOBODY = ("nobody", "example.net")
+# an address in every place and form a request can put it, at gunicorn
+LOGGED_PATHS = (
+    "/api/v1/subscribers/nobody%40example.net",
+    "/api/v1/subscribers/nobody%2540example.net",
+    "/api/v1/subscribers/nobody%2Btag%40example.net",
+    "/api/v1/subscribers/no%2Fbody%40example.net",
+    "/no/such/page?e=nobody%40example.net&f=nobody+x%40example.net",
+    "/no/such/page?e=nobody&#64;example.net",
+    "/healthz?e=nobody@example.net",
+)
+
+
+def test_no_form_of_an_address_reaches_the_log_at_debug(service):
+    running, key, _ = service
+    statuses = []
+    for path in LOGGED_PATHS:
+        headers = {
+            **bearer(key),
+            "Referer": f"https://mail.example{path}",
+            "User-Agent": "nobody@example.net",
+            "X-Request-ID": "nobody@example.net",
+        }
+        statuses.append(request(running.base, "GET", path, headers=headers)[0])
+    # requests gunicorn refuses itself, naming what it refused in its warning
+    for data in (
+        b"GET /nobody@example.net HTTP/1.1 extra\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: nobody@example.net\r\nBad Header nobody%40example.net: x\r\n\r\n",
+        b"GET /x?e=nobody%40example.net" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        b"NOBODY@EXAMPLE.NET /x HTTP/1.1\r\n\r\n",
+    ):
+        statuses.append(raw(running.base, data))
+    log = running.log().lower()
+    leaked = [part for part in NOBODY if part in log]
+    report(
+        "addresses in paths, queries, headers, bad requests (log at DEBUG)",
+        len(statuses),
+        sum(status is not None for status in statuses),
+        len(leaked),
+        sum(status is None or status >= 500 for status in statuses),
+        f"{len(statuses)} requests carrying an address in some form: the log holds {leaked or 'none of it'}",
+    )
+    assert leaked == [], [line for line in log.splitlines() if any(p in line for p in NOBODY)][:5]
+    assert all(status is not None and status < 500 for status in statuses), statuses
