@@ -29,8 +29,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 # Every pattern takes linear time on any text (tests/test_logs.py holds them to 64 KB of
 # adversarial text): none may scan a stretch again from each of its positions.
 _SEP = r" \t\n\r\f\v/?&=\"'<>(),;:"
-# before an @ a "/" is part of the address (``a/b@example.com``), after it a path's
-_SEP_LEFT = _SEP.replace("/", "")
+# before an @, / ? & = and ' are letters of a local part (RFC 5322's atext: a/b@, o'brien@,
+# mary=jo@), so a stretch there ends only at what no unquoted local part holds
+_SEP_LEFT = r" \t\n\r\f\v\"<>(),;:"
 # an @ as an address may be written in a log: plain, percent-encoded once or more (%40,
 # %2540), a look-alike (U+FF20, U+FE6B) raw or percent-encoded as UTF-8, an HTML entity,
 # an escape (\u0040, \x40, %u0040) or spelt (at) / [at]; spaced out or broken after

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -165,6 +166,8 @@ def adversarial_texts(size=65_536):
         "a request line": "GET /api/v1/subscribers/" + run[: size - 40] + "@x HTTP/1.1",
         "a header of commas": "Referer: " + ", " * (size // 2) + "x@y",
         "slashes with no @": "a/" * (size // 2),
+        "a query, then one @": "a=b&" * (size // 4) + "@",
+        "apostrophes, then one @": "o'" * (size // 2) + "@",
         "spaces before no @": " " * (size - 4) + " &#6",
         "quotes": '"' * size,
         "quoted runs": ('"' + "a" * 63 + '" ') * (size // 66),
@@ -258,3 +261,23 @@ def test_result_rows_never_reach_the_log_even_at_debug(app, session, capsys):
     out = capsys.readouterr().out
     assert "SELECT" in out  # the statement is there, at INFO, its parameters hidden
     assert ann.public_id not in out
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "o'brien.nobody@example.com",
+        "mary=nobody@example.com",
+        "who?nobody@example.com",
+        "tom&nobody@example.com",
+    ],
+)
+@pytest.mark.parametrize(
+    "shape", ["{a}", "('{a}',)", "[generated in 0.00s] ({a!r},)", "GET /api/v1/subscribers/{a} HTTP/1.1"]
+)
+def test_scrub_masks_a_local_part_holding_what_elsewhere_separates(address, shape):
+    # ' = ? & are letters of a local part (RFC 5322 atext): no part of one is left
+    scrubbed = logs.scrub(shape.format(a=address))
+    local = address.split("@")[0]
+    assert not [part for part in re.split(r"['=?&.]", local) if part in scrubbed], scrubbed
+    assert "example.com" not in scrubbed
