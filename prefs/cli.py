@@ -292,8 +292,8 @@ def import_command(file: Any, fmt: str, topic: str | None, dry_run: bool, encodi
     except UnicodeDecodeError as err:
         # a stream read once (standard input) is checked as it is read: what came before is in
         raise click.ClickException(
-            f"the file is not {text.encoding} ({err.reason}); the rows before it were imported: "
-            "save it as UTF-8, or name its encoding with --encoding"
+            f"the file is not {text.encoding} ({err.reason}); rows before it may be in already: "
+            "save it as UTF-8, or name its encoding with --encoding, and import it again"
         ) from None
     finally:
         text.detach()  # the file is click's to close

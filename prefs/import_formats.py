@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, BinaryIO, NamedTuple, TextIO
+from typing import BinaryIO, NamedTuple, TextIO
 
 from .errors import InvalidValue
 from .tokens import CAMPAIGN
@@ -168,7 +168,7 @@ def read_rows(stream: TextIO, fmt: str = "auto") -> tuple[str, Iterator[Row]]:
     """Return the file's format and an iterator over its rows, read lazily."""
     if fmt != "auto" and fmt not in FORMATS:
         raise InvalidValue(f"the format is auto or one of {', '.join(FORMATS)}, not {fmt!r}")
-    reader = csv.reader(stream)
+    reader = _Records(stream)
     first = next(reader, None)
     while first is not None and not any(cell.strip() for cell in first):
         first = next(reader, None)
@@ -182,22 +182,55 @@ def read_rows(stream: TextIO, fmt: str = "auto") -> tuple[str, Iterator[Row]]:
     return fmt, _table(reader, _READERS[fmt](cols))
 
 
-def _plain(first: list[str], reader: Any) -> Iterator[Row]:
+class _Records:
+    """The csv module's records, with a quoting error named by the line its record began on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.reader = csv.reader(stream)
+        self.line_num = 0
+        self.began = 1
+
+    def __iter__(self) -> _Records:
+        return self
+
+    def __next__(self) -> list[str]:
+        self.began = self.line_num + 1
+        try:
+            record = next(self.reader)
+        except csv.Error as err:
+            raise InvalidValue(self.broken(str(err))) from None
+        self.line_num = self.reader.line_num
+        return record
+
+    def broken(self, what: str) -> str:
+        return (
+            f"line {self.began}: {what}; is a quote left open? Fix the file and import it again "
+            "(rows before it may be in already; a second import adds only what is missing)"
+        )
+
+    def check_address(self, address: str) -> str:
+        """Refuse an address cell that runs on over lines: a quote left open swallowed them."""
+        if "\n" in address or "\r" in address:
+            raise InvalidValue(self.broken(f"an address runs on to line {self.line_num}"))
+        return address
+
+
+def _plain(first: list[str], reader: _Records) -> Iterator[Row]:
     line = reader.line_num
     if first and first[0].strip() and not first[0].lstrip().startswith("#"):
-        yield Row(line, ",".join(first).strip(), IMPORTED, None)
+        yield Row(line, reader.check_address(",".join(first).strip()), IMPORTED, None)
     for record in reader:
         text = ",".join(record).strip()
         if text and not text.startswith("#"):
-            yield Row(reader.line_num, text, IMPORTED, None)
+            yield Row(reader.line_num, reader.check_address(text), IMPORTED, None)
 
 
-def _table(reader: Any, read: Reader) -> Iterator[Row]:
+def _table(reader: _Records, read: Reader) -> Iterator[Row]:
     for record in reader:
         if not record or not any(record):
             continue
         email, reason, at, campaign = read(record)
-        yield Row(reader.line_num, email, reason, at, campaign)
+        yield Row(reader.line_num, reader.check_address(email), reason, at, campaign)
 
 
 def open_text(binary: BinaryIO, encoding: str | None = None) -> io.TextIOWrapper:

@@ -420,3 +420,28 @@ def test_nul_bytes_make_a_line_invalid_and_never_reach_the_database(runner, sess
     assert left(session, "ann@example.com")
     campaigns = session.scalars(select(Event.campaign)).all()
     assert all("\x00" not in (c or "") for c in campaigns), campaigns
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b"email,created\nann@example.com,1\n" + b"x" * 200_000 + b",1\nbob@example.com,2\n", "line 3"),
+        (
+            b'email,created\nann@example.com,1\n"bob@example.com,2\n' + b"carl@example.com,3\n" * 10_000,
+            "line 3",
+        ),
+        (b'email,created\nann@example.com,1\n"bob@example.com,2\n' + b"carl@example.com,3\n" * 10, "line 3"),
+        (b'ann@example.com\n"bob@example.com\ncarl@example.com\n', "line 2"),
+    ],
+    ids=["a cell over the limit", "an open quote to the end", "an open quote swallowing lines", "plain"],
+)
+def test_a_file_whose_quoting_is_broken_is_refused_in_one_line_naming_where(
+    runner, session, tmp_path, data, line
+):
+    path = tmp_path / "list.csv"
+    path.write_bytes(data)
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1, output
+    assert line in output, output
