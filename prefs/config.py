@@ -391,13 +391,18 @@ def _allowed_hosts(base_url: str, trusted: Any, demo: bool) -> frozenset[str]:
     return frozenset(n for n in names if n)
 
 
+_MAILTO_LOCAL = re.compile(r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*\Z")
+
+
 def _mailto(value: Any) -> str | None:
     if value in (None, ""):
         return None
     from .addresses import normalize_or_none
 
     address = normalize_or_none(str(value))
-    if address is None or "?" in address or address.startswith('"'):
+    # it is written into List-Unsubscribe as mailto:<address>?subject=...: a local part of
+    # what RFC 6068 leaves unescaped there (no ? # % & /, no quote, ASCII), as a mailbox is named
+    if address is None or not _MAILTO_LOCAL.match(address.rpartition("@")[0]) or not address.isascii():
         raise ConfigError("UNSUBSCRIBE_MAILTO", "must be a plain address such as unsubscribe@example.com")
     return address
 

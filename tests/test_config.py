@@ -249,3 +249,20 @@ def test_a_base_url_a_mail_header_or_a_link_could_not_carry_is_refused(make_app,
 )
 def test_a_base_url_is_kept_in_the_one_form_links_and_hosts_agree_on(make_app, value, stored):
     assert make_app(BASE_URL=value).config["BASE_URL"] == stored
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "un#sub@example.com",
+        "un%sub@example.com",
+        "ünsub@example.com",
+        "un&sub@example.com",
+        "un/sub@example.com",
+    ],
+)
+def test_an_unsubscribe_mailbox_a_mailto_link_could_not_carry_is_refused(make_app, value):
+    # it goes into List-Unsubscribe as mailto:<address>?subject=...: RFC 6068 reserves # % & / there
+    with pytest.raises(ConfigError) as err:
+        make_app(UNSUBSCRIBE_MAILTO=value)
+    assert "PREFS_UNSUBSCRIBE_MAILTO" in str(err.value) and "\n" not in str(err.value)
