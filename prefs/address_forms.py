@@ -84,12 +84,26 @@ def _stream(text: str) -> list[_Char]:
         if not changed:
             break
     folded: list[_Char] = []
-    for char in chars:
+    for char in _composed(chars):
         if char.text.isspace() or char.text in _INVISIBLE:
             continue
         for c in unicodedata.normalize("NFKC", _DOTS.get(char.text, char.text)).casefold():
             folded.append(_Char(_DOTS.get(c, c), char.start, char.end))
     return folded
+
+
+def _composed(chars: list[_Char]) -> list[_Char]:
+    """Compose a mark decoded on its own (``u&#x308;``) with the letter before it, as NFC would."""
+    result: list[_Char] = []
+    for char in chars:
+        if result and len(char.text) == 1 and unicodedata.combining(char.text):
+            before = result[-1]
+            joined = unicodedata.normalize("NFC", before.text + char.text)
+            if len(joined) == 1:
+                result[-1] = _Char(joined, before.start, char.end)
+                continue
+        result.append(char)
+    return result
 
 
 def _labels(domain: str) -> list[str]:

@@ -311,6 +311,18 @@ def test_completing_a_request_scrubs_the_address_in_whatever_form_the_note_wrote
     assert note.startswith("keep this | ") and note.endswith(" | and this"), note
 
 
+@pytest.mark.parametrize(
+    "form",
+    ["anna@B%C3%9Ccher.example.com", "anna@b&uuml;cher.example.com", "anna@bu&#x308;cher.example.com"],
+)
+def test_scrubbing_finds_a_unicode_domain_however_its_letters_were_encoded(session, form):
+    make_subscriber(session, "anna@xn--bcher-kva.example.com")
+    item = register.record_request(session, "access", ANNA, note=f"from {form}")
+    register.complete_request(session, item.id)
+    session.expire_all()
+    assert_no_form_of_anna(session.get(Request, item.id).note)
+
+
 def test_scrubbing_leaves_other_peoples_addresses_whole(session):
     make_subscriber(session, LEE)
     others = "joann.lee@example.com, ann.lee@example.com.au, ann.leet@example.com"
