@@ -34,6 +34,7 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
+_NOT_FILE_ENCODINGS = frozenset({"idna", "punycode", "undefined"})
 _SNIFF = 1024
 _CHUNK = 1 << 20
 
@@ -244,9 +245,13 @@ def open_text(binary: BinaryIO, encoding: str | None = None) -> io.TextIOWrapper
     head = _head(binary)
     if encoding is not None:
         try:
-            encoding = codecs.lookup(encoding).name
+            info = codecs.lookup(encoding)
         except LookupError:
             raise InvalidValue(f"unknown encoding {encoding!r}") from None
+        # rot13, base64, zlib...: codecs, but not of text; idna and punycode: of host names
+        if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_FILE_ENCODINGS:
+            raise InvalidValue(f"{encoding!r} is not an encoding text files are written in")
+        encoding = info.name
     else:
         encoding = _sniff(head)
     if binary.seekable():

@@ -445,3 +445,14 @@ def test_a_file_whose_quoting_is_broken_is_refused_in_one_line_naming_where(
     output = result.output.strip()
     assert output.startswith("Error:") and len(output.splitlines()) == 1, output
     assert line in output, output
+
+
+@pytest.mark.parametrize(
+    "encoding", ["rot13", "base64", "zlib", "hex", "no-such-encoding", "idna", "undefined"]
+)
+def test_an_encoding_that_is_not_a_text_encoding_is_refused_in_one_line(runner, session, tmp_path, encoding):
+    path = write(tmp_path, SENDGRID)
+    result = runner.invoke(args=["import", str(path), "--encoding", encoding])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1 and encoding in output, output
