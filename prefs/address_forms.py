@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from .addresses import mask
+from .addresses import DOTS_IGNORED, mask
 
 # runs of escapes, each decoded as UTF-8 bytes: %40, =40 (quoted-printable), \x40
 _BYTE_RUNS = re.compile(r"(?:%[0-9A-Fa-f]{2})+|(?:=[0-9A-Fa-f]{2})+|(?:\\x[0-9A-Fa-f]{2})+")
@@ -117,8 +117,8 @@ def _labels(domain: str) -> list[str]:
     return patterns
 
 
-# the domains whose mailboxes ignore the dots in a local part (as ``addresses.mailbox``)
-_DOTS_IGNORED = ("gmail.com", "googlemail.com")
+# the domains whose mailboxes ignore the dots in a local part, each written as any of them
+_DOTS_IGNORED = tuple(DOTS_IGNORED)
 
 
 def _pattern(address: str) -> re.Pattern[str]:

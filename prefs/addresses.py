@@ -106,7 +106,7 @@ def normalize_all(addresses: Iterable[str]) -> list[str | None]:
 
 
 # the domains whose mailboxes ignore the dots in a local part, and the name each goes by
-_DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
 
 
 def mailbox(address: str) -> str:
@@ -118,8 +118,8 @@ def mailbox(address: str) -> str:
     """
     local, _, domain = address.rpartition("@")
     local = local.split("+", 1)[0] or local
-    if domain in _DOTS_IGNORED:
-        local, domain = local.replace(".", "") or local, _DOTS_IGNORED[domain]
+    if domain in DOTS_IGNORED:
+        local, domain = local.replace(".", "") or local, DOTS_IGNORED[domain]
     return f"{local}@{domain}"
 
 
