@@ -12,8 +12,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
 from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
+from werkzeug.routing import PathConverter
 from werkzeug.wsgi import wrap_file
 
 from . import (
@@ -51,6 +53,20 @@ from .links import base_url, tokens
 from .web import json_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+class AddressConverter(PathConverter):
+    """The rest of the path, whatever it holds: an address may begin with "/" or hold "//"."""
+
+    regex = ".+"
+    part_isolating = False
+
+
+@bp.record_once
+def _converters(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters["address"] = AddressConverter
+
+
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -361,14 +377,19 @@ def inbound_mail() -> Response:
     return _json({"action": outcome.action, "scope": outcome.scope, "reason": outcome.reason})
 
 
-@bp.get("/subscribers/<email>")
+# an address may hold "/" (``a/b@example.com``): the rest of the path is the address, as
+# sent (%2F decoded), its slashes never merged (a redirect would put it in a Location)
+SUBJECT = "/subscribers/<address:email>"
+
+
+@bp.get(SUBJECT, merge_slashes=False)
 @requires("admin")
 def subject(email: str) -> Response:
     """Return everything held about an address (an access request)."""
     return _json(subjects.export_subject(session(), _address(email)))
 
 
-@bp.delete("/subscribers/<email>")
+@bp.delete(SUBJECT, merge_slashes=False)
 @requires("admin")
 def erase(email: str) -> Response:
     """Erase an address, keeping only a fingerprint that keeps it out of marketing."""

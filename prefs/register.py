@@ -16,7 +16,8 @@ from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from . import cursors, purge, subjects
-from .addresses import mask, normalize, scrub
+from .address_forms import scrub
+from .addresses import mask, normalize
 from .db import write_transaction
 from .errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
 from .ledger import Origin, ensure_subscriber, is_erased, record_opt_out

@@ -8,7 +8,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from . import purge
-from .addresses import scrub
+from .address_forms import scrub
 from .db import run_committed
 from .errors import UnknownSubscriber
 from .ledger import Origin, find_subscriber, history, insert_for, txid_for
