@@ -79,6 +79,9 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 # (gunicorn makes its own files there with mkstemp, so the shared folder is safe)
 SHM = "/dev/shm"  # noqa: S108
 worker_tmp_dir = SHM if os.path.isdir(SHM) else None
+# gunicorn's control socket (gunicornc: scale, reload, stop) listens by default in $HOME or
+# $XDG_RUNTIME_DIR; the service is run by signals (HUP, TERM), so no such channel is opened
+control_socket_disable = True
 accesslog = os.environ.get("PREFS_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("PREFS_LOG_LEVEL", "info").lower()

@@ -18,7 +18,7 @@ from .domain.addresses import normalize
 from .domain.changes import Origin
 from .domain.compliance import purge
 from .domain.compliance import requests as request_register
-from .domain.import_formats import FORMATS
+from .domain.import_formats import FORMATS, open_text
 from .domain.rules import TRANSACTIONAL
 from .errors import DomainError, UnknownSubscriber
 from .extensions import db, migrations, session
@@ -282,7 +282,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @click.command("import")
 @with_appcontext
-@click.argument("file", type=click.File("r", encoding="utf-8-sig", lazy=False))
+@click.argument("file", type=click.File("rb", lazy=False))
 @click.option(
     "--format",
     "fmt",
@@ -293,10 +293,25 @@ def _interrupt(signum: int, frame: Any) -> None:
 )
 @click.option("--topic", default=None, help="Opt out of this topic only (default: all marketing).")
 @click.option("--dry-run", is_flag=True, help="Count what would change, and change nothing.")
+@click.option(
+    "--encoding",
+    default=None,
+    help="The file's encoding, where it is not Unicode (default: its byte order mark, else UTF-8).",
+)
 @reports_errors
-def import_command(file: Any, fmt: str, topic: str | None, dry_run: bool) -> None:
+def import_command(file: Any, fmt: str, topic: str | None, dry_run: bool, encoding: str | None) -> None:
     """Import a suppression list exported from another service (source: import)."""
-    summary = imports.import_file(session(), file, fmt, topic, dry_run)
+    text = open_text(file, encoding)
+    try:
+        summary = imports.import_file(session(), text, fmt, topic, dry_run)
+    except UnicodeDecodeError as err:
+        # a stream read once (standard input) is checked as it is read: what came before is in
+        raise click.ClickException(
+            f"the file is not {text.encoding} ({err.reason}); rows before it may be in already: "
+            "save it as UTF-8, or name its encoding with --encoding, and import it again"
+        ) from None
+    finally:
+        text.detach()  # the file is click's to close
     verb = "would add" if dry_run else "added"
     click.echo(
         f"{summary.format}: read {summary.read}, {verb} {summary.added}, "

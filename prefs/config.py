@@ -291,24 +291,40 @@ def _require(config: dict[str, Any]) -> None:
             raise ConfigError(name, f"is not set: set it {why}")
 
 
+# links are built on the base URL as it is, into pages, plain-text mail and List-Unsubscribe
+# headers: its path holds only what none of them needs to escape (no space, quote, <>, comma)
+_URL_PATH = re.compile(r"(?:/(?:[A-Za-z0-9._~!$&*+;=:@-]|%[0-9A-Fa-f]{2})*)*\Z")
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
 def _base_url(value: Any) -> str | None:
     if value in (None, ""):
         return None
-    parts = urlsplit(str(value))
+    # an env file's line end or padding is no part of it; anything else unprintable is refused
+    text = str(value).strip()
+    parts = urlsplit(text)
     try:
-        parts.port  # noqa: B018 - a port that is no number raises here
+        port = parts.port
         host = hosts.url_host(parts)
     except ValueError:
-        host = None
+        port, host = None, None
     if (
-        parts.scheme not in ("http", "https")
+        any(c.isspace() or not c.isprintable() for c in text)
+        or parts.scheme not in ("http", "https")
         or host is None
+        or not (host.startswith("[") or all(_HOST_LABEL.match(label) for label in host.split(".")))
+        or port == 0
         or parts.username is not None
         or parts.query
         or parts.fragment
+        or "?" in text
+        or "#" in text
+        or not _URL_PATH.match(parts.path)
     ):
         raise ConfigError("BASE_URL", "must be an http(s) origin such as https://prefs.example.com")
-    return str(value).rstrip("/")
+    # one form: lower-case scheme and host, the host in ASCII (IDNA), no final slash
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
 def _allowed_hosts(base_url: str, trusted: Any, demo: bool) -> frozenset[str]:
@@ -333,13 +349,18 @@ def _allowed_hosts(base_url: str, trusted: Any, demo: bool) -> frozenset[str]:
     return frozenset(n for n in names if n)
 
 
+_MAILTO_LOCAL = re.compile(r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*\Z")
+
+
 def _mailto(value: Any) -> str | None:
     if value in (None, ""):
         return None
     from .domain.addresses import normalize_or_none
 
     address = normalize_or_none(str(value))
-    if address is None or "?" in address or address.startswith('"'):
+    # it is written into List-Unsubscribe as mailto:<address>?subject=...: a local part of
+    # what RFC 6068 leaves unescaped there (no ? # % & /, no quote, ASCII), as a mailbox is named
+    if address is None or not _MAILTO_LOCAL.match(address.rpartition("@")[0]) or not address.isascii():
         raise ConfigError("UNSUBSCRIBE_MAILTO", "must be a plain address such as unsubscribe@example.com")
     return address
 

@@ -718,3 +718,27 @@ def test_a_well_formed_cursor_is_only_a_position(client, keys, session):
     # [1, 2]: one microsecond after the year 1, request 2: everything due after it
     response = client.get("/api/v1/requests?cursor=WzEsMl0", headers=keys["admin"])
     assert response.status_code == 200 and len(response.json["items"]) == 1
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "a/b@example.com",
+        "/ann@example.com",
+        "ann/@example.com",
+        "a//b@example.com",
+        "a/./b@example.com",
+        "a?b#c%d@example.com",
+    ],
+)
+def test_any_valid_address_can_be_named_in_the_subject_routes(client, keys, session, email):
+    from urllib.parse import quote
+
+    make_subscriber(session, email)
+    path = "/api/v1/subscribers/" + quote(email, safe="")
+    response = client.get(path, headers=keys["admin"])
+    assert response.status_code == 200, response.status_code
+    assert response.json["subscriber"]["email"] == email
+    assert "Location" not in response.headers
+    assert client.delete(path, headers=keys["admin"]).status_code == 204
+    assert client.get(path, headers=keys["admin"]).status_code == 404

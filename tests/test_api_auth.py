@@ -16,8 +16,8 @@ ENDPOINTS = {
     ("GET", "/api/v1/changes"): "read",
     ("POST", "/api/v1/events"): "write",
     ("POST", "/api/v1/inbound"): "write",
-    ("GET", "/api/v1/subscribers/<email>"): "admin",
-    ("DELETE", "/api/v1/subscribers/<email>"): "admin",
+    ("GET", "/api/v1/subscribers/<address:email>"): "admin",
+    ("DELETE", "/api/v1/subscribers/<address:email>"): "admin",
     ("GET", "/api/v1/topics"): "admin",
     ("POST", "/api/v1/topics"): "admin",
     ("PATCH", "/api/v1/topics/<key>"): "admin",
@@ -40,7 +40,9 @@ def test_the_table_covers_every_api_endpoint(app):
 
 def call(client, method, rule, headers):
     path = (
-        rule.replace("<email>", "ann@example.com").replace("<key>", "news").replace("<int:request_id>", "1")
+        rule.replace("<address:email>", "ann@example.com")
+        .replace("<key>", "news")
+        .replace("<int:request_id>", "1")
     )
     return client.open(path, method=method, headers=headers, json={})
 

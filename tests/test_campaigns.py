@@ -1,15 +1,15 @@
 """Counting a campaign's allowed recipients, and ranking campaigns by unsubscribe rate."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
-from prefs.domain import campaigns, ledger
+from prefs.domain import campaigns, cursors, ledger
 from prefs.domain.changes import Origin
 from prefs.errors import InvalidValue, UnknownTopic
 from prefs.models import CampaignSend, utcnow
-from tests.factories import make_subscriber, make_topic
+from tests.factories import make_key, make_subscriber, make_topic
 
 
 def test_count_sent_adds_up_in_one_row(session):
@@ -80,3 +80,19 @@ def test_campaign_pages_hold_each_campaign_once_whatever_is_sent_meanwhile(sessi
     assert {f"c{i:02d}" for i in range(23)} <= set(seen)
     with pytest.raises(InvalidValue):
         campaigns.page(session, "WzEsMl0")  # [1, 2]: a number where a campaign's name belongs
+
+
+@pytest.mark.parametrize("name", ["\ud800", "a\udfff\ud800", "a\x00b", "", "x" * 201])
+def test_a_cursor_naming_a_campaign_no_database_can_store_is_refused(session, name):
+    cursor = cursors.encode(datetime(2026, 1, 1, tzinfo=UTC), name)
+    with pytest.raises(InvalidValue):
+        campaigns.page(session, cursor, 4)
+
+
+def test_the_overview_answers_a_cursor_with_a_lone_surrogate_with_a_400(client, session):
+    from base64 import b64encode
+
+    key = make_key(session, "admin")
+    auth = {"Authorization": "Basic " + b64encode(f"x:{key}".encode()).decode()}
+    cursor = cursors.encode(datetime(2026, 1, 1, tzinfo=UTC), "\ud800")
+    assert client.get(f"/admin/campaigns?after={cursor}", headers=auth).status_code == 400

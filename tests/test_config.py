@@ -212,3 +212,57 @@ def test_every_accent_colour_keeps_text_at_4_5_to_1(value):
 def test_the_contrast_ratio_matches_wcag():
     assert round(config.contrast("#000000", "#ffffff"), 2) == 21.0
     assert round(config.contrast("#767676", "#ffffff"), 2) == 4.54
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://prefs.example.com/\r\nBcc: all@example.com",
+        "https://prefs.example.com/a b",
+        "https://prefs.exa mple.com",
+        "https://prefs.example.com/\tx",
+        "https://prefs.example.com/>, <https://attacker.example",
+        'https://prefs.example.com/"onmouseover=x',
+        "https://prefs.example.com/<script>",
+        "https://prefs.example.com:0",
+        "https://-prefs.example.com",
+        "https://prefs_example.com",
+        "https://prefs.example.com/%zz",
+    ],
+)
+def test_a_base_url_a_mail_header_or_a_link_could_not_carry_is_refused(make_app, value):
+    # links built on it go into List-Unsubscribe headers and plain-text mail as they are
+    with pytest.raises(ConfigError) as err:
+        make_app(BASE_URL=value)
+    assert "PREFS_BASE_URL" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        (" https://prefs.example.com\r\n", "https://prefs.example.com"),
+        ("HTTPS://Prefs.Example.COM/", "https://prefs.example.com"),
+        ("https://bücher.example/prefs/", "https://xn--bcher-kva.example/prefs"),
+        ("https://prefs.example.com:8443/a%20b/", "https://prefs.example.com:8443/a%20b"),
+        ("http://[::1]:8000", "http://[::1]:8000"),
+    ],
+)
+def test_a_base_url_is_kept_in_the_one_form_links_and_hosts_agree_on(make_app, value, stored):
+    assert make_app(BASE_URL=value).config["BASE_URL"] == stored
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "un#sub@example.com",
+        "un%sub@example.com",
+        "ünsub@example.com",
+        "un&sub@example.com",
+        "un/sub@example.com",
+    ],
+)
+def test_an_unsubscribe_mailbox_a_mailto_link_could_not_carry_is_refused(make_app, value):
+    # it goes into List-Unsubscribe as mailto:<address>?subject=...: RFC 6068 reserves # % & / there
+    with pytest.raises(ConfigError) as err:
+        make_app(UNSUBSCRIBE_MAILTO=value)
+    assert "PREFS_UNSUBSCRIBE_MAILTO" in str(err.value) and "\n" not in str(err.value)

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from prefs.domain import exports, feeds, ledger
+from prefs.domain.addresses import normalize_or_none
 from prefs.domain.changes import Origin
 from prefs.errors import Busy, InvalidValue
 from prefs.models import Subscriber
@@ -161,6 +162,15 @@ def test_the_spreadsheet_form_guards_every_cell_a_spreadsheet_would_run(client, 
     cells = [cell for row in rows for cell in row.values()]
     assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
     assert client.get("/api/v1/suppressions?spreadsheet=maybe", headers=csv_accept).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "sign", ["\uff1d", "\ufe66", "\uff0b", "\ufe62", "\uff0d", "\ufe63", "\uff20", "\ufe6b"]
+)
+def test_a_spreadsheet_cell_guard_covers_the_full_width_and_small_formula_signs(sign):
+    # east-Asian spreadsheets read a full-width = as =; each of these is a valid address's first letter
+    assert normalize_or_none(sign + "cmd@example.com") is not None
+    assert exports.spreadsheet_cell(sign + "cmd@example.com") == "'" + sign + "cmd@example.com"
 
 
 def test_a_spreadsheet_cell_guard_covers_tab_and_carriage_return():

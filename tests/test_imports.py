@@ -335,3 +335,126 @@ def test_imported_times_are_stored_as_the_orm_stores_them(session, tmp_path):
         session.scalar(select(func.count()).select_from(Event).where(Event.created_at < datetime.now(UTC)))
         == 2
     )
+
+
+# encodings: a file is imported as written, or refused in one line before any row is
+
+
+def left(session, email):
+    """Tell whether an address is out of all marketing."""
+    return ledger.verdict_for(session, email, "news").allowed is False
+
+
+SPREADSHEET = "email,created\r\nann@example.com,1700000000\r\nbüro@example.com,1700000100\r\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SPREADSHEET.encode("utf-16"),
+        SPREADSHEET.encode("utf-16-le"),
+        SPREADSHEET.encode("utf-16-be"),
+        SPREADSHEET.encode("utf-32"),
+        SPREADSHEET.encode("utf-8-sig"),
+        SPREADSHEET.replace("\r\n", "\n", 1).replace("com,1700000100\r\n", "com,1700000100\r").encode(),
+        "ann@example.com\r\nbüro@example.com\r\n".encode("utf-16"),
+    ],
+    ids=["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-bom", "mixed-line-endings", "plain-utf-16"],
+)
+def test_the_command_imports_a_file_in_a_unicode_encoding(runner, session, tmp_path, data):
+    make_topic(session, "news")
+    path = tmp_path / "list.csv"
+    path.write_bytes(data)
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "added 2" in result.output and "invalid 0" in result.output, result.output
+    assert left(session, "ann@example.com") and left(session, "büro@example.com")
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
+def test_a_file_not_in_utf_8_is_refused_in_one_line_before_any_row_or_read_as_named(
+    runner, session, tmp_path, encoding
+):
+    make_topic(session, "news")
+    rows = "".join(f"user{i}@example.com,1700000000\n" for i in range(2500))
+    path = tmp_path / "list.csv"
+    path.write_bytes(("email,created\n" + rows + "büro@example.com,1700000100\n").encode(encoding))
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code != 0
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1, output
+    assert "UTF-8" in output and "line 2502" in output and "--encoding" in output, output
+    # nothing was imported: not the rows before the bad byte either
+    assert not left(session, "user0@example.com")
+    named = runner.invoke(args=["import", str(path), "--encoding", encoding])
+    assert named.exit_code == 0, (named.output, named.exception)
+    assert left(session, "user0@example.com") and left(session, "büro@example.com")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes(range(256)) * 4,
+        b"email,created\nann@example.com,1\n\xff\xfe\x00",
+        "email\n".encode("utf-16")[:-1],
+    ],
+    ids=["binary", "a stray byte at the end", "utf-16 cut in a character"],
+)
+def test_a_file_that_is_not_text_is_refused_in_one_line(runner, session, tmp_path, data):
+    path = tmp_path / "list.csv"
+    path.write_bytes(data)
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1, output
+
+
+def test_nul_bytes_make_a_line_invalid_and_never_reach_the_database(runner, session, tmp_path):
+    make_topic(session, "news")
+    path = tmp_path / "list.csv"
+    header = MAILCHIMP_UNSUBSCRIBED.splitlines()[0]
+    row = MAILCHIMP_UNSUBSCRIBED.splitlines()[1].replace("a1b2c3d4e5", "a1b2\x00c3d4")
+    bad = "b\x00ob@example.com" + row[len("ann@example.com") :]
+    path.write_text(f"{header}\n{row}\n{bad}\n\x00\x00\n", encoding="utf-8")
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "added 1" in result.output and "invalid addresses on lines 3" in result.output, result.output
+    assert left(session, "ann@example.com")
+    campaigns = session.scalars(select(Event.campaign)).all()
+    assert all("\x00" not in (c or "") for c in campaigns), campaigns
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b"email,created\nann@example.com,1\n" + b"x" * 200_000 + b",1\nbob@example.com,2\n", "line 3"),
+        (
+            b'email,created\nann@example.com,1\n"bob@example.com,2\n' + b"carl@example.com,3\n" * 10_000,
+            "line 3",
+        ),
+        (b'email,created\nann@example.com,1\n"bob@example.com,2\n' + b"carl@example.com,3\n" * 10, "line 3"),
+        (b'ann@example.com\n"bob@example.com\ncarl@example.com\n', "line 2"),
+    ],
+    ids=["a cell over the limit", "an open quote to the end", "an open quote swallowing lines", "plain"],
+)
+def test_a_file_whose_quoting_is_broken_is_refused_in_one_line_naming_where(
+    runner, session, tmp_path, data, line
+):
+    path = tmp_path / "list.csv"
+    path.write_bytes(data)
+    result = runner.invoke(args=["import", str(path)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1, output
+    assert line in output, output
+
+
+@pytest.mark.parametrize(
+    "encoding", ["rot13", "base64", "zlib", "hex", "no-such-encoding", "idna", "undefined"]
+)
+def test_an_encoding_that_is_not_a_text_encoding_is_refused_in_one_line(runner, session, tmp_path, encoding):
+    path = write(tmp_path, SENDGRID)
+    result = runner.invoke(args=["import", str(path), "--encoding", encoding])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    output = result.output.strip()
+    assert output.startswith("Error:") and len(output.splitlines()) == 1 and encoding in output, output

@@ -1,5 +1,7 @@
 """The API describes itself, and schemathesis holds it to the description."""
 
+import re
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +43,7 @@ def test_every_api_route_is_documented_with_its_scope(app, client):
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1/") or rule.endpoint == "api.openapi":
             continue
-        path = rule.rule.removeprefix("/api/v1").replace("<int:", "<").replace("<", "{").replace(">", "}")
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule.removeprefix("/api/v1"))
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             view = app.view_functions[rule.endpoint]
             assert documented[(path, method.lower())] == view.scope

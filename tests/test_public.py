@@ -545,3 +545,39 @@ def test_pages_have_no_script_and_set_lang(client, ann):
         assert "<script" not in page and " style=" not in page and "<style" not in page
         assert '<html lang="en">' in page
         assert '<link rel="stylesheet" href="/pages.css?v=' in page
+
+
+@pytest.mark.parametrize(
+    "other",
+    [("promotions", "c1"), ("news", "c2"), (None, "c1"), ("news", None)],
+    ids=["other-topic", "other-campaign", "no-topic", "no-campaign"],
+)
+def test_an_undo_form_works_only_on_the_link_whose_click_earned_it(client, session, ann, other):
+    token = unsubscribe_token(ann, "news", "c1")
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    response = client.post(f"/u/{unsubscribe_token(ann, *other)}", data=form)
+    assert response.status_code == 400
+    assert "could not undo" in response.get_data(as_text=True).lower()
+    assert not allowed(session, ANN, "news")
+    assert [e[0] for e in events(session, ann)] == ["unsubscribe"]
+    # the link that earned it still undoes its own click
+    assert client.post(f"/u/{token}", data=form).status_code == 200
+    assert allowed(session, ANN, "news")
+
+
+def test_an_undo_form_is_not_taken_on_another_mailing_of_the_same_campaign_and_topic(
+    app, client, session, ann
+):
+    import time
+
+    from prefs.domain.tokens import Tokens
+
+    token = unsubscribe_token(ann, "news", "c1")
+    # the same campaign and topic, mailed again a minute later: another link
+    later = Tokens(app.config["SECRET_KEYS"], clock=lambda: time.time() + 60).unsubscribe(
+        ann.public_id, "news", "c1"
+    )
+    assert later != token
+    form = undo_form(client.post(f"/u/{token}").get_data(as_text=True))
+    assert client.post(f"/u/{later}", data=form).status_code == 400
+    assert not allowed(session, ANN, "news")

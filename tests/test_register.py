@@ -270,3 +270,74 @@ def test_an_erasure_scrubs_every_form_from_the_other_requests_of_the_address(ses
     session.expire_all()
     assert_no_form_of_anna(session.get(DataRequest, other.id).note)
     assert "bücher" not in database_text(session).casefold()
+
+
+LEE = "ann.lee+crm@example.com"
+LEE_FORMS = (
+    "ANN.LEE+CRM@EXAMPLE.COM",
+    "ann.lee+crm%40example.com",
+    "ann.lee%2Bcrm%2540example.com",
+    "ann%2Elee%2Bcrm%40example%2Ecom",
+    '"ann.lee+crm"@example.com',
+    "ann.lee@example.com",
+    "ann.lee+other@example.com",
+    "ann.lee @ example.com",
+    "ann.lee+crm@\nexample.com",
+    "ann.lee+crm@exam\r\nple.com",
+    "ann.lee&#64;example.com",
+    "ann.lee&#x40;example.com",
+    "ann.lee&commat;example.com",
+    "ann.lee&amp;#64;example.com",
+    "ann.lee [at] example [dot] com",
+    "ann.lee(at)example.com",
+    "ann.lee at example dot com",
+    "ann.lee\\u0040example.com",
+    "ann.lee\uff20example\uff0ecom",
+    "\uff41\uff4e\uff4e.\uff4c\uff45\uff45@example.com",
+    "=?utf-8?q?ann.lee=40example.com?=",
+    "ann.\u200blee@example.com",
+    "mailto:ann.lee%40example.com?subject=x",
+)
+
+
+@pytest.mark.parametrize("form", LEE_FORMS)
+def test_completing_a_request_scrubs_the_address_in_whatever_form_the_note_wrote_it(session, form):
+    make_subscriber(session, LEE)
+    item = register.record_request(session, "access", LEE, note=f"keep this | {form} | and this")
+    register.complete_request(session, item.id)
+    session.expire_all()
+    note = session.get(DataRequest, item.id).note
+    folded = note.casefold()
+    assert "lee" not in folded and "\uff4c\uff45\uff45" not in folded, note
+    assert note.startswith("keep this | ") and note.endswith(" | and this"), note
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["anna@B%C3%9Ccher.example.com", "anna@b&uuml;cher.example.com", "anna@bu&#x308;cher.example.com"],
+)
+def test_scrubbing_finds_a_unicode_domain_however_its_letters_were_encoded(session, form):
+    make_subscriber(session, "anna@xn--bcher-kva.example.com")
+    item = register.record_request(session, "access", ANNA, note=f"from {form}")
+    register.complete_request(session, item.id)
+    session.expire_all()
+    assert_no_form_of_anna(session.get(DataRequest, item.id).note)
+
+
+def test_scrubbing_leaves_other_peoples_addresses_whole(session):
+    make_subscriber(session, LEE)
+    others = "joann.lee@example.com, ann.lee@example.com.au, ann.leet@example.com"
+    item = register.record_request(session, "access", LEE, note=f"{others}; {LEE}")
+    register.complete_request(session, item.id)
+    session.expire_all()
+    assert session.get(DataRequest, item.id).note == f"{others}; a***@example.com"
+
+
+def test_scrubbing_finds_a_gmail_address_with_its_dots_moved(session):
+    make_subscriber(session, "ann.lee@gmail.com")
+    item = register.record_request(
+        session, "access", "ann.lee@gmail.com", note="wrote from AnnLee@googlemail.com"
+    )
+    register.complete_request(session, item.id)
+    session.expire_all()
+    assert "lee" not in session.get(DataRequest, item.id).note.casefold()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import unicodedata
 from collections.abc import Iterable
 from functools import cache, lru_cache
 
@@ -109,7 +107,7 @@ def normalize_all(addresses: Iterable[str]) -> list[str | None]:
 
 
 # the domains whose mailboxes ignore the dots in a local part, and the name each goes by
-_DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+DOTS_IGNORED = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
 
 
 def mailbox(address: str) -> str:
@@ -121,8 +119,8 @@ def mailbox(address: str) -> str:
     """
     local, _, domain = address.rpartition("@")
     local = local.split("+", 1)[0] or local
-    if domain in _DOTS_IGNORED:
-        local, domain = local.replace(".", "") or local, _DOTS_IGNORED[domain]
+    if domain in DOTS_IGNORED:
+        local, domain = local.replace(".", "") or local, DOTS_IGNORED[domain]
     return f"{local}@{domain}"
 
 
@@ -130,20 +128,6 @@ def mask(address: str) -> str:
     """Show enough of an address for its owner to recognise it: ``a***@example.com``."""
     local, _, domain = address.partition("@")
     return (local[:1] or "*") + "***@" + domain
-
-
-def scrub(text: str, address: str) -> str:
-    """Return ``text`` with every written form of a normalized address replaced by its mask.
-
-    The forms: any case, the domain in punycode (as stored) or in Unicode, composed or not.
-    """
-    local, _, domain = address.rpartition("@")
-    domains = {domain}
-    with contextlib.suppress(UnicodeError):  # not a punycode domain: the stored form is the only one
-        domains.add(domain.encode("ascii").decode("idna"))
-    forms = sorted((re.escape(local) + "@" + re.escape(d) for d in domains), key=len, reverse=True)
-    # NFC first: "bu\u0308cher" and "bücher" are one domain
-    return re.sub("|".join(forms), mask(address), unicodedata.normalize("NFC", text), flags=re.IGNORECASE)
 
 
 def is_our_mailbox(address: str, mailbox: str) -> bool:

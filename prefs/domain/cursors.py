@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import InvalidValue
+from .text import storable
 
 # times travel as microseconds since year 1, so every storable time is a whole number >= 0
 _ORIGIN = datetime(1, 1, 1, tzinfo=UTC)
@@ -36,7 +37,8 @@ def decode(cursor: str, *kinds: type) -> tuple[Any, ...]:
 
 def _part(value: Any, kind: type) -> Any:
     if kind is str:
-        if isinstance(value, str) and 0 < len(value) <= 200:
+        # JSON may spell a NUL or a lone surrogate (\u0000, \ud800): neither names a stored row
+        if isinstance(value, str) and 0 < len(value) <= 200 and storable(value):
             return value
     elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         if kind is int:

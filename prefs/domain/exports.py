@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 import threading
+import unicodedata
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,8 +141,15 @@ _SPREADSHEET_FORMULA = frozenset("=+-@\t\r")
 
 
 def spreadsheet_cell(value: str) -> str:
-    """Return a cell a spreadsheet shows as text: a leading formula sign gets a ``'`` before it."""
-    return "'" + value if value[:1] in _SPREADSHEET_FORMULA else value
+    """Return a cell a spreadsheet shows as text: a leading formula sign gets a ``'`` before it.
+
+    A sign's full-width and small forms (U+FF1D, U+FE66...) count: east-Asian spreadsheets
+    read them as the sign itself.
+    """
+    first = value[:1]
+    if first in _SPREADSHEET_FORMULA or unicodedata.normalize("NFKC", first)[:1] in _SPREADSHEET_FORMULA:
+        return "'" + value
+    return value
 
 
 def spreadsheet_lines(batch: list[feeds.Suppression]) -> str:

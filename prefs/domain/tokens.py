@@ -9,6 +9,7 @@ host whose clock runs up to ``MAX_CLOCK_SKEW`` seconds ahead is good at once.
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from base64 import urlsafe_b64encode
@@ -16,7 +17,7 @@ from binascii import b2a_base64
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from hashlib import sha1
+from hashlib import blake2b, sha1
 from typing import NamedTuple
 
 from itsdangerous import BadSignature, TimestampSigner
@@ -33,11 +34,12 @@ CAMPAIGN = re.compile(r"[A-Za-z0-9._~-]{1,64}\Z")
 _PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{16,22}\Z")
 _TOPIC = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 # an undo form's reference: public id . event id . subscriber's version . topic . the prior
-# choice (version~source~microseconds since 1970), if any
+# choice (version~source~microseconds since 1970), if any . the digest of the link it was earned on
 _UNDO = re.compile(
     r"(?P<public_id>[A-Za-z0-9_-]{16,22})\.(?P<event>[1-9][0-9]{0,17})\.(?P<at_version>[0-9]{1,9})"
     r"\.(?P<topic>[a-z0-9_-]{0,64})"
-    r"\.(?:(?P<version>[0-9]{1,9})~(?P<source>[a-z-]{1,16})~(?P<at>-?[0-9]{1,18}))?\Z"
+    r"\.(?:(?P<version>[0-9]{1,9})~(?P<source>[a-z-]{1,16})~(?P<at>-?[0-9]{1,18}))?"
+    r"\.(?P<link>[A-Za-z0-9_-]{16})\Z"
 )
 MAX_TOKEN = 256
 # with a maximum age set, a link minted up to this many seconds ahead of this host's clock
@@ -72,6 +74,11 @@ class UndoToken:
     version: int  # the subscriber's version once the click was recorded
     topic: str | None  # None: the click left all marketing
     prior: PriorChoice | None = None
+
+
+def _link_digest(link: str) -> str:
+    """Name a link in an undo reference: 12 bytes of its token's hash, URL-safe."""
+    return urlsafe_b64encode(blake2b(link.encode("utf-8", "surrogatepass"), digest_size=12).digest()).decode()
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -219,18 +226,25 @@ class Tokens:
         except InvalidToken:
             return self.read_unsubscribe(token).public_id
 
-    def undo(self, ref: UndoToken) -> str:
-        """Return the signed reference an undo form carries: no address, only ids and versions."""
+    def undo(self, ref: UndoToken, link: str) -> str:
+        """Return the signed reference an undo form carries: no address, only ids and versions.
+
+        It names the link whose click earned it: only that link's page takes it back.
+        """
         prior = ""
         if ref.prior is not None:
             micros = (ref.prior.updated_at - _EPOCH) // timedelta(microseconds=1)
             prior = f"{ref.prior.version}~{ref.prior.source}~{micros}"
-        return self._undo.sign(f"{ref.public_id}.{ref.event_id}.{ref.version}.{ref.topic or ''}.{prior}")
+        body = f"{ref.public_id}.{ref.event_id}.{ref.version}.{ref.topic or ''}.{prior}.{_link_digest(link)}"
+        return self._undo.sign(body)
 
-    def read_undo(self, token: str) -> UndoToken:
-        """Return what an undo form's reference names, or raise ``InvalidToken``."""
+    def read_undo(self, token: str, link: str) -> UndoToken:
+        """Return what an undo form's reference names, or raise ``InvalidToken``.
+
+        ``link`` is the token of the link it is posted to, which must be the one that earned it.
+        """
         found = _UNDO.match(self._undo.unsign(token, self.max_age))
-        if found is None:
+        if found is None or not hmac.compare_digest(found["link"], _link_digest(link)):
             raise InvalidToken("the link is not valid")
         prior = None
         if found["version"] is not None:

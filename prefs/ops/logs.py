@@ -31,14 +31,28 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 # Every pattern takes linear time on any text (tests/test_logs.py holds them to 64 KB of
 # adversarial text): none may scan a stretch again from each of its positions.
 _SEP = r" \t\n\r\f\v/?&=\"'<>(),;:"
+# before an @, / ? & = and ' are letters of a local part (RFC 5322's atext: a/b@, o'brien@,
+# mary=jo@), so a stretch there ends only at what no unquoted local part holds
+_SEP_LEFT = r" \t\n\r\f\v\"<>(),;:"
 # an @ as an address may be written in a log: plain, percent-encoded once or more (%40,
-# %2540), or a look-alike (U+FF20, U+FE6B) raw or percent-encoded as UTF-8
-_AT = r"(?:@|\uff20|\ufe6b|%(?:25)*(?:40|[eE][fF]%(?:25)*(?:[bB][cC]%(?:25)*[aA]0|[bB]9%(?:25)*[aA][bB])))"
-_AT_START = re.compile(r"[@\uff20\ufe6b%]")
+# %2540), a look-alike (U+FF20, U+FE6B) raw or percent-encoded as UTF-8, an HTML entity,
+# an escape (\u0040, \x40, %u0040) or spelt (at) / [at]; spaced out or broken after
+# an HTML entity's &, # and ; may themselves be percent-encoded
+_AMP, _HASH, _SEMI = r"(?:&|%(?:25)*26)", r"(?:#|%(?:25)*23)", r"(?:;|%(?:25)*3[bB])"
+_AT_SIGN = (
+    r"@|\uff20|\ufe6b"
+    r"|%(?:25)*(?:40|[eE][fF]%(?:25)*(?:[bB][cC]%(?:25)*[aA]0|[bB]9%(?:25)*[aA][bB]))"
+    rf"|{_AMP}(?:{_HASH}0{{0,4}}64|{_HASH}[xX]0{{0,4}}40|commat){_SEMI}?|[\\%][uU]0040|\\[xX]40"
+    r"|\([aA][tT]\)|\[[aA][tT]\]|\{[aA][tT]\}"
+)
+_AT = rf"(?:[ \t]{{0,3}}(?:{_AT_SIGN})[ \t\r\n]{{0,3}})"
+# a text with no @ in any form is left as it is, after one scan
+_AT_START = re.compile(_AT_SIGN)
 # a stretch between separators that holds an @ (either side may be empty: a message cut
-# short can split an address in two). The look-behind starts a match only where a stretch
-# starts, so a stretch with no @ is scanned once, not once from each of its characters.
-_EMAIL = re.compile(rf"(?<![^{_SEP}])[^{_SEP}]*?{_AT}[^{_SEP}]*")
+# short can split an address in two), or a quoted local part before one. The look-behind
+# starts a match only where a stretch starts, so a stretch with no @ is scanned once, not
+# once from each of its characters; a quoted part is at most 64 characters.
+_EMAIL = re.compile(rf'(?:"[^"\r\n]{{0,64}}"|(?<![^{_SEP_LEFT}])[^{_SEP_LEFT}]*?){_AT}[^{_SEP}]*')
 # a link's token after /u/ or /p/, slashes plain or percent-encoded
 _TOKEN_PATH = re.compile(r"((?:/|%(?:25)*2[fF])[upUP](?:/|%(?:25)*2[fF]))[^\s/?\"']+")
 # a token anywhere else: its signature, 27 characters of base64 after a dot, ends it

@@ -107,19 +107,40 @@ class _Default(Collector):
         yield from REGISTRY.collect()
 
 
+# a header any proxy, CDN or load balancer adds for the client behind it: a word of its name
+_PROXY_WORDS = frozenset(
+    {
+        "FORWARDED",
+        "FORWARD",
+        "VIA",
+        "CLIENT",
+        "REAL",
+        "ORIGINAL",
+        "ORIGINATING",
+        "REMOTE",
+        "PROXY",
+        "CDN",
+        "HOP",
+    }
+    | {"IP", "IPV4", "IPV6", "ADDR", "ADDRESS", "CLIENTIP", "SOCKETIP", "REWRITE", "EDGESCAPE"}
+)
+# or a vendor's prefix (Cloudflare, Fastly, Akamai, CloudFront, AWS, Azure, Envoy, Vercel,
+# Netlify, Google Cloud, Fly), or a front end's timing header
+_PROXY_PREFIXES = (
+    "CF_", "FASTLY_", "AKAMAI_", "X_AKAMAI_", "X_AMZ_", "X_AMZN_", "X_AZURE_", "X_ENVOY_",
+    "X_VERCEL_", "X_NF_", "X_CLOUD_", "X_GOOG_", "FLY_", "X_REQUEST_START", "X_QUEUE_START",
+)  # fmt: skip
+
+
 def forwarded(environ: dict[str, object]) -> bool:
     """Tell whether a request carries any header a proxy adds for the client behind it."""
     for key in environ:
         if not key.startswith("HTTP_"):
             continue
         name = key[5:]
-        if (
-            name == "VIA"
-            or "FORWARD" in name
-            or "CLIENT" in name
-            or name.endswith(("_IP", "_ADDR", "_ADDRESS"))
-            or name.startswith(("X_REAL_", "X_ORIGINAL_", "X_ORIGINATING_", "X_REMOTE_"))
-        ):
+        if name.startswith(_PROXY_PREFIXES) or name.endswith("IP") or "FORWARD" in name or "CLIENT" in name:
+            return True
+        if not _PROXY_WORDS.isdisjoint(name.split("_")):
             return True
     return False
 

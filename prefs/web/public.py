@@ -115,23 +115,23 @@ def unsubscribe(token: str) -> ResponseReturnValue:
         # GET, HEAD: only ask; scanners fetch every link
         return render_template("unsubscribe.html", **page)
     if request.form.get("action") == "undo":
-        return _undo(link.public_id, link.campaign, page)
+        return _undo(token, link.public_id, link.campaign, page)
     if request.form.get("scope") == "all":
         topic = page["topic"] = None
     click = undo.record_click(
         session(), link.public_id, topic.key if topic else None, _origin("page", link.campaign)
     )
     # undo brings back what this click took away, never a choice made before it
-    page["undo"] = None if click.undo is None else links.tokens().undo(click.undo)
+    page["undo"] = None if click.undo is None else links.tokens().undo(click.undo, token)
     page["stopped"] = click.undo is not None or (topic is None and click.changed)
     page["others"] = [t for t, on in _topic_rows(subscriber) if on and t.key != topic.key] if topic else []
     return render_template("unsubscribed.html", **page)
 
 
-def _undo(public_id: str, campaign: str | None, page: dict[str, Any]) -> ResponseReturnValue:
-    """Revert the click the posted undo form names, if it is this link's and nothing came after."""
+def _undo(token: str, public_id: str, campaign: str | None, page: dict[str, Any]) -> ResponseReturnValue:
+    """Revert the click the posted undo form names, if this link's click earned it and nothing came after."""
     try:
-        ref = links.tokens().read_undo(request.form.get("undo", ""))
+        ref = links.tokens().read_undo(request.form.get("undo", ""), token)
     except InvalidToken:
         return _undo_refused(400)
     if ref.public_id != public_id:

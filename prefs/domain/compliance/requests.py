@@ -19,7 +19,8 @@ from ...errors import Conflict, InvalidValue, UnknownRequest, UnknownSubscriber
 from ...models import DataRequest, utcnow
 from ...store import write_transaction
 from .. import cursors
-from ..addresses import mask, normalize, scrub
+from ..address_forms import scrub
+from ..addresses import mask, normalize
 from ..changes import Origin
 from ..ledger import ensure_subscriber, is_erased, record_opt_out
 from ..privacy import address_fingerprint, fingerprint_key

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from ...errors import UnknownSubscriber
 from ...models import DataRequest, ErasedAddress, Event, Preference, Subscriber, Topic, iso_time, utcnow
 from ...store import run_committed
-from ..addresses import scrub
+from ..address_forms import scrub
 from ..changes import Origin
 from ..ledger import find_subscriber, history, insert_for, txid_for
 from ..privacy import address_fingerprint, fingerprint_key

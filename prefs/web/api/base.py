@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
 from flask_limiter import RateLimitExceeded
 from marshmallow import Schema, ValidationError
+from werkzeug.routing import PathConverter
 
 from ...domain import inbound
 from ...domain import keys as api_keys
@@ -31,6 +33,18 @@ from ...extensions import limiter, session
 from ..responses import json_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+class AddressConverter(PathConverter):
+    """The rest of the path, whatever it holds: an address may begin with "/" or hold "//"."""
+
+    regex = ".+"
+    part_isolating = False
+
+
+@bp.record_once
+def _converters(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters["address"] = AddressConverter
 
 
 log = logging.getLogger(__name__)

@@ -21,15 +21,19 @@ from ..responses import json_error
 from . import schemas as s
 from .base import bp, json_body, json_response, query, requires
 
+# an address may hold "/" (``a/b@example.com``): the rest of the path is the address, as
+# sent (%2F decoded), its slashes never merged (a redirect would put it in a Location)
+SUBJECT = "/subscribers/<address:email>"
 
-@bp.get("/subscribers/<email>")
+
+@bp.get(SUBJECT, merge_slashes=False)
 @requires("admin")
 def subject(email: str) -> Response:
     """Return everything held about an address (an access request)."""
     return json_response(subjects.export_subject(session(), _address(email)))
 
 
-@bp.delete("/subscribers/<email>")
+@bp.delete(SUBJECT, merge_slashes=False)
 @requires("admin")
 def erase(email: str) -> Response:
     """Erase an address, keeping only a fingerprint that keeps it out of marketing."""
