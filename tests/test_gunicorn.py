@@ -33,8 +33,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def get(url, headers=None):
-    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310
+def get(url, headers=None, data=None):
+    request = urllib.request.Request(url, data=data, headers=headers or {})  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             return response.status, response.read().decode()
@@ -97,6 +97,8 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
     for _ in range(20):
         assert get(base + "/healthz") == (200, '{"status":"ok"}\n')
     get(f"{base}/u/{unsubscribe}", headers={"X-Request-ID": "one-u"})
+    one_click = {"X-Request-ID": "rid-oc", "Content-Type": "application/x-www-form-urlencoded"}
+    assert get(f"{base}/u/{unsubscribe}", one_click, b"List-Unsubscribe=One-Click")[0] == 200
     get(
         f"{base}/p/{preferences}?lang=de",
         headers={"Referer": f"https://mail.example/u/{unsubscribe}", "X-Request-ID": "one-p"},
@@ -135,7 +137,7 @@ def test_gunicorn_serves_masks_tokens_and_sums_metrics(served):
     ):
         assert secret not in log
     # one access line per request, in the one JSON format: the app's, not gunicorn's as well
-    for rid in ("one-u", "one-p", "one-api", "one-404"):
+    for rid in ("one-u", "rid-oc", "one-p", "one-api", "one-404"):
         assert log.count(rid) == 1, (rid, [line for line in log.splitlines() if rid in line])
     assert [line for line in log.splitlines() if line.strip() and not line.startswith("{")] == []
 

@@ -199,6 +199,7 @@ class FastPath:
             answer = one_click.page(500, lang)
         rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
         monitoring.observe(ROUTE, "POST", answer.status, time.perf_counter() - started, rid)
+        environ[monitoring.LOGGED] = True  # gunicorn writes no second access line
         start_response(f"{answer.status} {REASONS[answer.status]}", [*answer.headers, ("X-Request-ID", rid)])
         return [answer.body]
 
