@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from tests.conftest import SERVER_URL, drop_postgresql_database, fresh_postgresql_database
 from tests.reliability import figures
@@ -31,6 +32,12 @@ def service_database(tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'service.sqlite3'}"
         return
     url = fresh_postgresql_database(SERVER_URL, "prefs_rel")
+    # the shared server is never stopped or crashed here (those tests run clusters of their
+    # own, durable): its commits need not wait for the disk
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f'ALTER DATABASE "{make_url(url).database}" SET synchronous_commit = off'))
+    engine.dispose()
     try:
         yield url
     finally:

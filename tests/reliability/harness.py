@@ -26,6 +26,7 @@ from prefs import create_app
 from prefs.domain import ledger, privacy, topics
 from prefs.extensions import db
 from prefs.models import Subscriber
+from prefs.store import tallies
 from tests.conftest import TEST_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,11 @@ def seed(database_url: str, instance: Path, addresses: Iterable[str], topic_keys
                 for a in dict.fromkeys(addresses)
             ]
             if rows:
-                session.execute(insert(Subscriber), rows)
+                # a few statements of many rows, counted a statement at a time (on PostgreSQL a
+                # row's trigger costs more than the row)
+                tallies.bulk(session)
+                for start in range(0, len(rows), 5000):
+                    session.execute(insert(Subscriber).values(rows[start : start + 5000]))
                 session.commit()
             from prefs.domain import keys
 
