@@ -246,3 +246,16 @@ def test_gunicorn_writes_an_access_line_only_for_a_request_the_app_never_saw(mon
     (error,) = [line for line in lines if line["logger"] == "gunicorn.error"]
     for secret in ("ann@", "abc.def", "203.0.113.9"):
         assert secret not in error["message"], error
+
+
+def test_the_worker_serves_an_app_without_prefs_settings():
+    # the benchmarks' floor is a bare Flask app under the same configuration: no stall bound to arm
+    from flask import Flask
+
+    from prefs.ops.gunicorn_worker import ThreadWorker
+
+    worker = ThreadWorker.__new__(ThreadWorker)
+    worker.wsgi = Flask("bare")
+    worker.app = SimpleNamespace(wsgi=lambda: worker.wsgi)
+    ThreadWorker.load_wsgi(worker)
+    assert worker.wsgi.name == "bare"

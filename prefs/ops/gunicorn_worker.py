@@ -22,7 +22,7 @@ class ThreadWorker(_GThread):  # type: ignore[misc]
         super().load_wsgi()
         # a request's statements are bounded in time; a command's (a recount) may run longer
         settings = getattr(self.wsgi, "config", None)
-        if settings is not None:
+        if settings is not None and "DB_STALL_MS" in settings:  # prefs's app, not another
             from prefs.store import stalls
 
             stalls.arm(settings["DB_STALL_MS"], settings["DB_BUSY_TIMEOUT_MS"])
