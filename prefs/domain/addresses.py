@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import cache, lru_cache
+from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
-from publicsuffixlist import PublicSuffixList
 
 from ..errors import InvalidAddress
 
@@ -141,7 +141,10 @@ def is_our_mailbox(address: str, mailbox: str) -> bool:
 
 
 @cache
-def _suffixes() -> PublicSuffixList:
+def _suffixes() -> Any:
+    # imported on first use, by the mail that needs it: not a cost of every web worker
+    from publicsuffixlist import PublicSuffixList
+
     # the list the package ships, read once; a TLD missing from it is a suffix by itself
     return PublicSuffixList(accept_unknown=True)
 

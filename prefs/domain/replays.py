@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 import time
 
-from dkim.util import InvalidTagValueList, parse_tag_value
-
 from ..errors import InvalidMessage
 from .addresses import is_our_mailbox
 from .mailreader import Message, addresses
@@ -25,6 +23,10 @@ CLOCK_SKEW = 300
 
 def signature_tags(value: str) -> dict[bytes, bytes] | None:
     """Return the tags of a DKIM-Signature field's value, or None when it cannot be read."""
+    # dkimpy (and the DNS and crypto it brings) is imported by the mail that needs it, not by
+    # every web worker
+    from dkim.util import InvalidTagValueList, parse_tag_value
+
     try:
         return dict(parse_tag_value(value.encode("utf-8", "replace")))
     except (InvalidTagValueList, ValueError):

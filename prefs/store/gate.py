@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
-from . import stalls
-
 WRITE = "prefs_write"
 
 
@@ -97,6 +95,8 @@ def configure_engine(engine: Engine, busy_timeout_ms: int) -> None:
     """Set SQLite's pragmas on every connection and begin writes with BEGIN IMMEDIATE."""
     _busy_timeouts[engine] = busy_timeout_ms
     if engine.dialect.name != "sqlite":
+        from . import stalls  # psycopg's, imported only where it is the driver
+
         stalls.watch(engine)
         return
     if engine.url.database and engine.url.database != ":memory:":

@@ -24,12 +24,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, render_template
+from flask import Flask, current_app
 from flask_babel import force_locale
 from limits import RateLimitItem, parse_many
 from limits.strategies import FixedWindowRateLimiter
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.test import EnvironBuilder
 
 from ..domain import ledger, privacy
 from ..domain.changes import Origin
@@ -157,15 +158,33 @@ class OneClick:
 
 
 def _render(app: Flask, status: int, lang: str) -> bytes:
-    """Render a one-click page: the same for every link, so it carries no token and no switch."""
-    with app.test_request_context(base_url=app.config["BASE_URL"]), force_locale(lang):
-        plain: dict[str, Any] = {"languages": [], "chosen_lang": None}
+    """Render a one-click page: the same for every link, so it carries no token and no switch.
+
+    Rendered from the template alone, without the pages' context processor, whose language
+    switch would load every language's locale data into each worker at start.
+    """
+    from .public import stylesheet_url
+
+    # a request of its own for url_for and the language (werkzeug's builder: flask.testing would
+    # bring click's test runner, and pdb, into every worker)
+    environ = EnvironBuilder(base_url=app.config["BASE_URL"]).get_environ()
+    with app.request_context(environ), force_locale(lang):
+        page: dict[str, Any] = {
+            "brand_name": app.config["BRAND_NAME"],
+            "stylesheet_url": stylesheet_url(),
+            "lang": lang,
+            "chosen_lang": None,
+            "languages": [],
+        }
         if status == 200:
-            return render_template("one_click.html", **plain).encode()
-        if status == 400:
-            return render_template("invalid_link.html", **plain).encode()
-        title, message = i18n.error_text(status) or (REASONS[status], "")
-        return render_template("error.html", status=status, title=title, message=message, **plain).encode()
+            name = "one_click.html"
+        elif status == 400:
+            name = "invalid_link.html"
+        else:
+            name = "error.html"
+            page["status"] = status
+            page["title"], page["message"] = i18n.error_text(status) or (REASONS[status], "")
+        return app.jinja_env.get_template(name).render(page).encode()
 
 
 def answerer() -> OneClick:

@@ -264,6 +264,12 @@ def stylesheet() -> ResponseReturnValue:
     return response
 
 
+def stylesheet_url() -> str:
+    """Return the path of the pages' stylesheet, with its version, under this request's root."""
+    paths = current_app.url_map.bind("localhost", script_name=request.script_root or None)
+    return paths.build("public.stylesheet", {"v": _stylesheet()[1]})
+
+
 @bp.app_context_processor
 def page_context() -> dict[str, Any]:
     """Give every page the brand, the stylesheet and the language switch."""
@@ -280,7 +286,7 @@ def page_context() -> dict[str, Any]:
     ]
     return {
         "brand_name": _config("BRAND_NAME"),
-        "stylesheet_url": paths.build("public.stylesheet", {"v": _stylesheet()[1]}),
+        "stylesheet_url": stylesheet_url(),
         "lang": i18n.current_language(),
         "chosen_lang": i18n.chosen_language(),
         "languages": languages,
